@@ -1,0 +1,76 @@
+"""Plain records that flow from the sampler to the store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """What identifies a GPU or MIG instance."""
+
+    uuid: str
+    index: int
+    name: str
+    memory_total: int | None  # bytes
+    parent_uuid: str | None = None  # set for a MIG instance
+    mig_slot: int | None = None
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """Who a process is, from /proc; (pid, start_ms) is unique across PID reuse."""
+
+    pid: int
+    start_ms: int
+    uid: int | None
+    username: str
+    comm: str
+    cgroup: str
+    unit: str
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    """One process on one GPU during one tick."""
+
+    process: ProcessInfo
+    kind: int  # schema.KIND_* bit flags
+    mem_mib: int | None
+    sm_util: int | None  # percent over the interval
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    """One GPU during one tick; values are None when unknown."""
+
+    gpu: GpuInfo
+    status: int = 0  # schema.STATUS_*
+    util_permille: int | None = None
+    coverage_permille: int | None = None
+    mem_used_mib: int | None = None
+    power_mw: int | None = None
+    energy_mj: int | None = None
+    procs: tuple[ProcSample, ...] = ()
+    error: str = ""  # what went wrong when status != OK
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something worth showing in the report's data-quality section."""
+
+    ts_ms: int
+    kind: str
+    detail: str = ""
+    gpu_uuid: str | None = None
+    end_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Everything one loop iteration observed."""
+
+    ts_ms: int
+    duration_ms: int
+    gpus: tuple[GpuSample, ...]
+    events: tuple[Event, ...] = field(default_factory=tuple)

@@ -1,0 +1,247 @@
+"""The gua database schema: DDL, version and migrations, in one place.
+
+The reporter (gua_report) reads exactly these tables; SCHEMA.md beside this
+file is the human contract and tests/test_contract.py holds both sides to it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+# PRAGMA user_version. Bump it and add a step to MIGRATIONS for every change.
+SCHEMA_VERSION = 1
+
+# Written into meta so the reporter can tell a gua DB from any other SQLite file.
+APPLICATION = "gua"
+
+# Rollups are classified with these defaults; the reporter uses rollups only
+# when its own thresholds equal them (recorded in meta at creation).
+ROLLUP_ACTIVE_PERMILLE = 100  # 10 % SM utilization
+ROLLUP_HELD_BYTES = 100_000_000  # 100 MB held by compute processes
+
+# gpu_sample.status values.
+STATUS_OK = 0
+STATUS_ERROR = 1  # an NVML call failed for this GPU in this tick
+STATUS_LOST = 2  # NVML_ERROR_GPU_IS_LOST (e.g. Xid 79)
+
+# proc_sample.kind bit flags: which NVML list(s) the pid came from.
+KIND_COMPUTE = 1
+KIND_GRAPHICS = 2
+
+_V1 = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- One row per collector process lifetime; a restart starts a new run.
+CREATE TABLE run (
+    run_id      INTEGER PRIMARY KEY,
+    started_ms  INTEGER NOT NULL,          -- wall clock, UTC epoch ms
+    stopped_ms  INTEGER,                   -- NULL: still running or killed
+    interval_ms INTEGER NOT NULL,
+    backend     TEXT NOT NULL,             -- 'nvml' or 'simulate:SCENARIO'
+    hostname    TEXT NOT NULL,
+    version     TEXT NOT NULL
+);
+
+-- Physical GPUs and MIG instances, keyed by UUID (NVML index order is not
+-- stable across reboots). A MIG instance has parent_id set.
+CREATE TABLE gpu (
+    gpu_id       INTEGER PRIMARY KEY,
+    uuid         TEXT NOT NULL UNIQUE,
+    gpu_index    INTEGER NOT NULL,         -- last NVML index seen
+    name         TEXT NOT NULL,
+    memory_total INTEGER,                  -- bytes; NULL when unknown
+    parent_id    INTEGER REFERENCES gpu(gpu_id),
+    mig_slot     INTEGER                   -- MIG device index within parent
+);
+
+-- Who: a uid and the name it resolved to when first seen.
+CREATE TABLE account (
+    account_id INTEGER PRIMARY KEY,
+    uid        INTEGER,                    -- NULL when /proc could not tell
+    username   TEXT NOT NULL,              -- 'uid:N' when not in passwd
+    UNIQUE (uid, username)
+);
+
+-- A process is a (pid, start time) pair, so a reused pid is a new row.
+CREATE TABLE process (
+    proc_id    INTEGER PRIMARY KEY,
+    pid        INTEGER NOT NULL,
+    start_ms   INTEGER NOT NULL,           -- process start, UTC epoch ms; 0 unknown
+    account_id INTEGER NOT NULL REFERENCES account(account_id),
+    comm       TEXT NOT NULL,
+    cgroup     TEXT NOT NULL,              -- unified-hierarchy path, '' unknown
+    unit       TEXT NOT NULL,              -- attribution from cgroup, '' none
+    UNIQUE (pid, start_ms)
+);
+
+-- One row per tick of the collector loop.
+CREATE TABLE tick (
+    tick_id     INTEGER PRIMARY KEY,
+    run_id      INTEGER NOT NULL REFERENCES run(run_id),
+    ts_ms       INTEGER NOT NULL,          -- end of the tick's interval, UTC epoch ms
+    duration_ms INTEGER NOT NULL           -- measured interval length; 0 = first tick of a run
+);
+-- Every report starts with a time range on ticks.
+CREATE INDEX tick_ts ON tick (ts_ms);
+
+-- One row per GPU (or MIG instance) per tick.
+CREATE TABLE gpu_sample (
+    tick_id       INTEGER NOT NULL,
+    gpu_id        INTEGER NOT NULL,
+    status        INTEGER NOT NULL,        -- 0 ok, 1 NVML error, 2 GPU lost
+    util_permille INTEGER,                 -- mean SM util over the interval, 0..1000; NULL unknown
+    coverage_permille INTEGER,             -- share of the interval the util samples covered
+    mem_used_mib  INTEGER,                 -- device memory used; NULL unknown
+    power_mw      INTEGER,                 -- instantaneous board power; NULL unknown
+    energy_mj     INTEGER,                 -- energy over the interval; NULL unsupported
+    PRIMARY KEY (tick_id, gpu_id)
+) WITHOUT ROWID;
+
+-- One row per process per GPU per tick (a pid is counted once per GPU).
+CREATE TABLE proc_sample (
+    tick_id  INTEGER NOT NULL,
+    gpu_id   INTEGER NOT NULL,
+    proc_id  INTEGER NOT NULL,
+    kind     INTEGER NOT NULL,             -- 1 compute, 2 graphics, 3 both
+    mem_mib  INTEGER,                      -- NULL: NVML could not report it
+    sm_util  INTEGER,                      -- percent over the interval; NULL unknown (MIG)
+    PRIMARY KEY (tick_id, gpu_id, proc_id)
+) WITHOUT ROWID;
+
+-- Things that happened: start, stop, nvml_error, gpu_lost, init_failed,
+-- db_error, gap. gpu_id is set when the event concerns one GPU; a gap
+-- spans ts_ms..end_ms.
+CREATE TABLE event (
+    event_id INTEGER PRIMARY KEY,
+    ts_ms    INTEGER NOT NULL,
+    run_id   INTEGER,
+    kind     TEXT NOT NULL,
+    end_ms   INTEGER,                      -- set for spans (gaps)
+    gpu_id   INTEGER,
+    detail   TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX event_ts ON event (ts_ms);
+
+-- Hourly rollups, written by the collector once an hour is complete, with
+-- the ROLLUP_* thresholds recorded in meta. An hour is keyed by the UTC hour
+-- (ts_ms // 3600000) of each tick's ts_ms. *_ms columns sum tick durations.
+CREATE TABLE hour_gpu (
+    hour        INTEGER NOT NULL,
+    gpu_id      INTEGER NOT NULL,
+    ticks       INTEGER NOT NULL,
+    total_ms    INTEGER NOT NULL,          -- all ticks, any status
+    active_ms   INTEGER NOT NULL,
+    held_ms     INTEGER NOT NULL,          -- idle-held
+    idle_ms     INTEGER NOT NULL,          -- truly idle
+    unknown_ms  INTEGER NOT NULL,          -- error, lost, or util unknown
+    coverage_pm_ms INTEGER NOT NULL,       -- sum(duration_ms * coverage_permille), NULLs as 0
+    energy_active_mj INTEGER,
+    energy_held_mj   INTEGER,
+    energy_idle_mj   INTEGER,
+    PRIMARY KEY (hour, gpu_id)
+) WITHOUT ROWID;
+
+CREATE TABLE hour_account (
+    hour        INTEGER NOT NULL,
+    gpu_id      INTEGER NOT NULL,
+    account_id  INTEGER NOT NULL,
+    held_ms     INTEGER NOT NULL,          -- ticks the account held the GPU
+    idle_held_ms INTEGER NOT NULL,         -- ... with its own SM below threshold
+    mem_mib_ms  INTEGER NOT NULL,          -- sum(mem_mib * duration)
+    unknown_mem_ms INTEGER NOT NULL,       -- ticks held with memory NULL
+    PRIMARY KEY (hour, gpu_id, account_id)
+) WITHOUT ROWID;
+
+CREATE TABLE hour_unit (
+    hour        INTEGER NOT NULL,
+    gpu_id      INTEGER NOT NULL,
+    account_id  INTEGER NOT NULL,
+    unit        TEXT NOT NULL,
+    held_ms     INTEGER NOT NULL,
+    idle_held_ms INTEGER NOT NULL,
+    mem_mib_ms  INTEGER NOT NULL,
+    unknown_mem_ms INTEGER NOT NULL,
+    PRIMARY KEY (hour, gpu_id, account_id, unit)
+) WITHOUT ROWID;
+"""
+
+# MIGRATIONS[n] takes a database at version n to n + 1.
+MIGRATIONS: dict[int, str] = {0: _V1}
+
+
+class SchemaError(Exception):
+    """The file is not a gua database this code can use."""
+
+
+class NewerSchemaError(SchemaError):
+    """The database was written by a newer gua."""
+
+
+def read_version(conn: sqlite3.Connection) -> int:
+    """Return PRAGMA user_version."""
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def is_gua(conn: sqlite3.Connection) -> bool:
+    """True when the meta table names this application."""
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'application'").fetchone()
+    except sqlite3.DatabaseError:
+        return False
+    return row is not None and row[0] == APPLICATION
+
+
+def ensure_schema(conn: sqlite3.Connection, created_ms: int) -> int:
+    """Create or migrate the schema in one transaction; return the version now in force.
+
+    Raises NewerSchemaError for a newer database and SchemaError for a
+    non-empty database that is not gua's.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = read_version(conn)
+        if version > SCHEMA_VERSION:
+            raise NewerSchemaError(
+                f"database schema version {version} is newer than this collector's {SCHEMA_VERSION}"
+            )
+        if version == 0:
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if tables:
+                raise SchemaError("database has tables but is not a gua database")
+        elif not is_gua(conn):
+            raise SchemaError("database has a user_version but is not a gua database")
+        for step in range(version, SCHEMA_VERSION):
+            # executescript would COMMIT; run statements one by one instead.
+            for statement in _statements(MIGRATIONS[step]):
+                conn.execute(statement)
+        if version == 0:
+            conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [
+                    ("application", APPLICATION),
+                    ("created_ms", str(created_ms)),
+                    ("rollup_active_permille", str(ROLLUP_ACTIVE_PERMILLE)),
+                    ("rollup_held_bytes", str(ROLLUP_HELD_BYTES)),
+                ],
+            )
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return SCHEMA_VERSION
+
+
+def _statements(script: str) -> list[str]:
+    """Split a DDL script into complete statements."""
+    out: list[str] = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    return [s for s in out if s]
