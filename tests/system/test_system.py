@@ -34,7 +34,8 @@ import rootfs
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
-DIST = REPO / "dist"
+# GUA_SYSTEST_DIST: take the .debs from another folder (never built there).
+DIST = Path(os.environ.get("GUA_SYSTEST_DIST") or REPO / "dist")
 UNIT = "gua-collector.service"
 DB = "/var/lib/gua/gua.db"
 CONF = "/etc/gua/gua-collector.conf"
@@ -63,18 +64,20 @@ def _duration(request: pytest.FixtureRequest) -> Iterator[None]:
     """Print how long the whole system test took (module setup to teardown)."""
     started = time.monotonic()
     yield
-    line = f"[gua-systest] total system test duration: {time.monotonic() - started:.1f} s"
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("")
-        reporter.write_line(line)
-    else:
-        print(line)
+    _log(request, f"[gua-systest] total system test duration: "
+                  f"{time.monotonic() - started:.1f} s")
 
 
 def _log(request: pytest.FixtureRequest, line: str) -> None:
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
+    """Write a progress line to the terminal, past pytest's output capture."""
+    plugins = request.config.pluginmanager
+    reporter = plugins.get_plugin("terminalreporter")
+    capture = plugins.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.ensure_newline()
         reporter.write_line(line)
 
 
@@ -102,7 +105,8 @@ def debs(host_ready: None, request: pytest.FixtureRequest) -> list[Path]:
         return found[-1] if found else None
 
     wanted = ("gua-collector", "gua-report")
-    if os.environ.get("GUA_SYSTEST_REBUILD") or not all(newest(n) for n in wanted):
+    rebuild = os.environ.get("GUA_SYSTEST_REBUILD") and "GUA_SYSTEST_DIST" not in os.environ
+    if rebuild or not all(newest(n) for n in wanted):
         script = REPO / "packaging" / "build.sh"
         if not script.exists():
             pytest.fail(f"{script} is missing and dist/ has no gua .debs; "
