@@ -118,10 +118,14 @@ def debs(host_ready: None, request: pytest.FixtureRequest) -> list[Path]:
         started = time.monotonic()
         result = subprocess.run(["bash", str(script)], cwd=REPO,
                                 capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, (
+        # Exit 3 means built but lintian complained: the packaging test's
+        # business, not a reason to skip running the packages here.
+        assert result.returncode in (0, 3), (
             f"packaging/build.sh failed (exit {result.returncode}):\n"
             f"{(result.stdout + result.stderr)[-4000:]}")
-        _log(request, f"[gua-systest] packages built in {time.monotonic() - started:.1f} s")
+        _log(request, f"[gua-systest] packages built in {time.monotonic() - started:.1f} s"
+                      + (" (lintian complained: see dist/lintian.txt)"
+                         if result.returncode == 3 else ""))
     paths = [newest(n) for n in wanted]
     assert all(paths), f"packaging/build.sh did not produce {wanted} in {DIST}: " \
         f"{sorted(p.name for p in DIST.glob('*'))}"
