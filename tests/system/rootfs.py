@@ -198,6 +198,29 @@ def fresh_copy(cached: Path, parent: Path | None = None) -> Path:
     return target
 
 
+def remove_stale_copies() -> list[Path]:
+    """Delete run-* copies an aborted earlier run left behind.
+
+    A copy that some process still has as its root (a container another run
+    is using right now) is kept. Returns the removed paths.
+    """
+    if not CACHE_DIR.is_dir():
+        return []
+    in_use: set[Path] = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            in_use.add(Path(os.readlink(f"/proc/{pid}/root")))
+        except OSError:
+            continue
+    removed = []
+    for copy in CACHE_DIR.glob("run-*"):
+        if not copy.is_dir() or any(p == copy or copy in p.parents for p in in_use):
+            continue
+        shutil.rmtree(copy, ignore_errors=True)
+        removed.append(copy)
+    return removed
+
+
 def remove_copy(root: Path) -> None:
     """Delete a per-run copy; refuses to touch anything but a run-* dir."""
     if root.name.startswith("run-") and root.parent == CACHE_DIR:

@@ -17,6 +17,7 @@ each leaves the collector running except the last ones, which stop it.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -34,7 +35,7 @@ import rootfs
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
-# GUA_SYSTEST_DIST: take the .debs from another folder (never built there).
+# GUA_SYSTEST_DIST: take (or build) the .debs in another folder than dist/.
 DIST = Path(os.environ.get("GUA_SYSTEST_DIST") or REPO / "dist")
 UNIT = "gua-collector.service"
 DB = "/var/lib/gua/gua.db"
@@ -105,8 +106,7 @@ def debs(host_ready: None, request: pytest.FixtureRequest) -> list[Path]:
         return found[-1] if found else None
 
     wanted = ("gua-collector", "gua-report")
-    rebuild = os.environ.get("GUA_SYSTEST_REBUILD") and "GUA_SYSTEST_DIST" not in os.environ
-    if rebuild or not all(newest(n) for n in wanted):
+    if os.environ.get("GUA_SYSTEST_REBUILD") or not all(newest(n) for n in wanted):
         script = REPO / "packaging" / "build.sh"
         if not script.exists():
             pytest.fail(f"{script} is missing and dist/ has no gua .debs; "
@@ -117,6 +117,7 @@ def debs(host_ready: None, request: pytest.FixtureRequest) -> list[Path]:
         _log(request, f"[gua-systest] building packages: {script}")
         started = time.monotonic()
         result = subprocess.run(["bash", str(script)], cwd=REPO,
+                                env=dict(os.environ, GUA_DIST=str(DIST)),
                                 capture_output=True, text=True, timeout=600)
         # Exit 3 means built but lintian complained: the packaging test's
         # business, not a reason to skip running the packages here.
@@ -141,8 +142,13 @@ def container(host_ready: None, debs: list[Path],
         cached = rootfs.cached_root(extra, log=lambda s: _log(request, s))
     except rootfs.RootfsUnavailable as exc:
         pytest.skip(f"cannot build the Debian root: {exc}")
+    for stale in rootfs.remove_stale_copies():
+        _log(request, f"[gua-systest] removed {stale} left by an aborted run")
     root = rootfs.fresh_copy(cached)
     box = nspawn.Container(root, root.with_name(root.name + ".console.log"))
+    # Belt and braces: should pytest die without running finalizers (e.g.
+    # a second Ctrl-C), the interpreter's exit still powers the container off.
+    atexit.register(box.shutdown)
     try:
         try:
             started = time.monotonic()
@@ -154,6 +160,7 @@ def container(host_ready: None, debs: list[Path],
         yield box
     finally:
         box.shutdown()
+        atexit.unregister(box.shutdown)
         rootfs.remove_copy(root)
         box.log_path.unlink(missing_ok=True)
 
@@ -192,7 +199,7 @@ out = {{
     "integrity": [r[0] for r in con.execute("PRAGMA integrity_check")],
     "user_version": con.execute("PRAGMA user_version").fetchone()[0],
     "ticks": con.execute("SELECT count(*) FROM tick").fetchone()[0],
-    "gpus": con.execute("SELECT count(*) FROM gpu").fetchone()[0],
+    "gpus": con.execute("SELECT count(*) FROM gpu WHERE parent_id IS NULL").fetchone()[0],
     "runs": con.execute("SELECT run_id, backend, stopped_ms FROM run ORDER BY run_id").fetchall(),
 }}
 print(json.dumps(out))
@@ -292,6 +299,23 @@ def test_state_directory_and_db_permissions(installed: nspawn.Container) -> None
     lines = out.splitlines()
     assert lines[0].startswith("750 gua gua"), f"state dir: {lines[0]}"
     assert lines[1].startswith("640 gua gua"), f"database: {lines[1]}"
+
+
+def test_second_collector_refuses_to_start(installed: nspawn.Container) -> None:
+    """One writer: a second gua-collector on the same DB exits with an error
+    instead of double-counting (it holds a lock next to the DB)."""
+    box = installed
+    result = box.run(["timeout", "20", "runuser", "-u", "gua", "--", "gua-collector",
+                      "--backend", "simulate:lab", "--interval", "1s"], timeout=30)
+    assert result.returncode not in (0, 124), (
+        f"a second gua-collector on {DB} did not refuse to start "
+        f"(exit {result.returncode}; 124 = still running after 20 s):\n"
+        f"{result.stderr[-2000:]}")
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip(), "the second collector exited without saying why"
+    state = service_state(box)
+    assert (state["SubState"], state["NRestarts"]) == ("running", "0"), (
+        f"the service suffered from the second collector: {state}")
 
 
 def test_report_as_gua_group_member(installed: nspawn.Container) -> None:
