@@ -1,0 +1,226 @@
+"""gua-collector command line: options, config file, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import os
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from . import __version__
+from .backend import Backend
+from .clock import Clock, RealClock, SimClock
+from .durations import parse_duration_ms
+from .notify import SystemdNotifier, watchdog_interval_s
+from .service import Log, Service, Settings, install_signal_handlers
+from .simulate import SimBackend, check_scenario
+from .store import Store, StoreError
+
+DEFAULT_CONFIG = "/etc/gua/gua-collector.conf"
+DEFAULTS = {
+    "db": "/var/lib/gua/gua.db",
+    "interval": "10s",
+    "retention": "90d",
+    "backend": "nvml",
+}
+
+# Exit codes, one per problem (documented in gua-collector(8)).
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_DB_PATH = 3
+EXIT_PERMISSION = 4
+EXIT_NOT_GUA = 5
+EXIT_NEWER = 6
+EXIT_CORRUPT = 7
+EXIT_LOCKED = 8
+STORE_EXIT = {
+    "path": EXIT_DB_PATH,
+    "permission": EXIT_PERMISSION,
+    "not_sqlite": EXIT_NOT_GUA,
+    "not_gua": EXIT_NOT_GUA,
+    "newer": EXIT_NEWER,
+    "corrupt": EXIT_CORRUPT,
+    "locked": EXIT_LOCKED,
+}
+
+EPILOG = """\
+exit status: 0 stopped cleanly, 2 bad option or config, 3 database directory
+missing, 4 permission denied, 5 not a gua database, 6 database schema newer
+than this collector, 7 corrupt database, 8 another collector holds the
+database, 1 internal error.
+"""
+
+
+class UsageError(Exception):
+    """A bad option or config value."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Validated options."""
+
+    db: str
+    interval_ms: int
+    retention_ms: int
+    backend: str  # 'nvml' or 'simulate:SCENARIO'
+    ticks: int | None
+    start_ms: int | None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="gua-collector",
+        description="Record NVML GPU telemetry into SQLite for gua-report. Runs in the foreground; "
+        "systemd (gua-collector.service) is its lifecycle.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help=f"INI file with a [collector] section (default {DEFAULT_CONFIG} if present)")
+    parser.add_argument("--db", help=f"database file (default {DEFAULTS['db']})")
+    parser.add_argument("--interval", help="time between ticks, e.g. 10s, 1m (default 10s)")
+    parser.add_argument("--retention", help="keep raw samples this long, e.g. 90d (default 90d)")
+    parser.add_argument("--backend", help="nvml (default) or simulate[:SCENARIO] (lab, lab8, mig, faults, hang)")
+    parser.add_argument(
+        "--ticks", type=int, help="stop after N ticks; with a simulated backend, on a simulated clock (fast-forward)"
+    )
+    parser.add_argument("--start", help="simulated clock start (ISO date/time, UTC unless given); default: ends now")
+    parser.add_argument("--version", action="version", version=f"gua-collector {__version__}")
+    return parser
+
+
+def parse_options(argv: list[str]) -> Options:
+    """Merge defaults, config file and flags; raise UsageError on anything invalid."""
+    args = build_parser().parse_args(argv)
+    values = dict(DEFAULTS)
+    values.update(_read_config(args.config))
+    for key in DEFAULTS:
+        flag = getattr(args, key)
+        if flag is not None:
+            values[key] = flag
+    try:
+        interval_ms = parse_duration_ms(values["interval"])
+        retention_ms = parse_duration_ms(values["retention"])
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if interval_ms < 1000:
+        raise UsageError(f"interval must be at least 1s, got {values['interval']!r}")
+    if retention_ms < interval_ms:
+        raise UsageError("retention must be longer than the interval")
+    backend = values["backend"].strip()
+    if backend == "simulate":
+        backend = "simulate:lab"
+    if backend.startswith("simulate:"):
+        try:
+            check_scenario(backend.split(":", 1)[1])
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    elif backend != "nvml":
+        raise UsageError(f"unknown backend {backend!r} (use nvml or simulate[:SCENARIO])")
+    if args.ticks is not None and args.ticks < 1:
+        raise UsageError("--ticks must be at least 1")
+    start_ms = _parse_start(args.start) if args.start else None
+    if start_ms is not None and not (backend.startswith("simulate:") and args.ticks):
+        raise UsageError("--start needs a simulated backend and --ticks")
+    return Options(values["db"], interval_ms, retention_ms, backend, args.ticks, start_ms)
+
+
+def _read_config(path: str | None) -> dict[str, str]:
+    if path is None:
+        if not os.path.exists(DEFAULT_CONFIG):
+            return {}
+        path = DEFAULT_CONFIG
+    parser = configparser.ConfigParser()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as error:
+        raise UsageError(f"cannot read config {path}: {error.strerror}") from None
+    except configparser.Error as error:
+        raise UsageError(f"config {path}: {str(error).splitlines()[0]}") from None
+    if not parser.has_section("collector"):
+        return {}
+    section = dict(parser.items("collector"))
+    unknown = sorted(set(section) - set(DEFAULTS))
+    if unknown:
+        raise UsageError(f"config {path}: unknown key {unknown[0]!r} in [collector]")
+    return section
+
+
+def _parse_start(text: str) -> int:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--start: not an ISO date/time: {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return int(when.timestamp() * 1000)
+
+
+def make_backend(options: Options, clock: Clock) -> Backend:
+    if options.backend.startswith("simulate:"):
+        return SimBackend(options.backend.split(":", 1)[1], clock)
+    from .nvml_backend import NvmlBackend
+
+    return NvmlBackend()
+
+
+def main(argv: list[str] | None = None) -> int:
+    log = Log()
+    try:
+        options = parse_options(sys.argv[1:] if argv is None else argv)
+    except UsageError as error:
+        print(f"gua-collector: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    fast_forward = options.backend.startswith("simulate:") and options.ticks is not None
+    if fast_forward:
+        start = options.start_ms
+        if start is None:
+            start = RealClock().wall_ms() - (options.ticks or 0) * options.interval_ms
+        clock: Clock = SimClock(start)
+    else:
+        clock = RealClock()
+    try:
+        store = Store.open(options.db, now_ms=clock.wall_ms())
+    except StoreError as error:
+        print(f"gua-collector: error: {error}", file=sys.stderr)
+        return STORE_EXIT[error.kind]
+    notifier = SystemdNotifier()
+    stop = threading.Event()
+    install_signal_handlers(stop, notifier.send)
+    service = Service(
+        Settings(
+            interval_s=options.interval_ms / 1000,
+            retention_ms=options.retention_ms,
+            ticks=options.ticks,
+            hostname=socket.gethostname(),
+            version=__version__,
+        ),
+        store,
+        make_backend(options, clock),
+        clock,
+        notifier,
+        log,
+        stop,
+        None if fast_forward else watchdog_interval_s(os.environ),
+    )
+    try:
+        return service.run()
+    except Exception as error:  # a bug: one line for the journal, and a non-zero exit for Restart=
+        log.error(f"internal error: {type(error).__name__}: {error}")
+        return EXIT_INTERNAL
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

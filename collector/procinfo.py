@@ -1,0 +1,144 @@
+"""Who a GPU process is, from /proc: uid, user name, command, cgroup, start time."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+from collections.abc import Callable
+
+from .records import ProcessInfo
+
+_SLURM_JOB = re.compile(r"/job_(\d+)(?:/|$)")
+_CONTAINER = (
+    (re.compile(r"docker-([0-9a-f]{12,64})\.scope"), "docker"),
+    (re.compile(r"/docker/([0-9a-f]{12,64})"), "docker"),
+    (re.compile(r"libpod-([0-9a-f]{12,64})\.scope"), "podman"),
+    (re.compile(r"cri-containerd-([0-9a-f]{12,64})\.scope"), "containerd"),
+    (re.compile(r"crio-([0-9a-f]{12,64})\.scope"), "crio"),
+    (re.compile(r"/kubepods[^ ]*/([0-9a-f]{64})(?:/|$)"), "kubepods"),
+)
+_SYSTEM_UNIT = re.compile(r"^/system\.slice/(?:[^/]+\.slice/)*([^/]+\.service)(?:/|$)")
+
+
+def unit_from_cgroup(path: str) -> str:
+    """Attribute a cgroup path to a Slurm job, a container or a system unit; '' for none."""
+    job = _SLURM_JOB.search(path)
+    if job and "slurm" in path:
+        return f"slurm:job_{job.group(1)}"
+    for pattern, runtime in _CONTAINER:
+        match = pattern.search(path)
+        if match:
+            return f"container:{runtime}/{match.group(1)[:12]}"
+    unit = _SYSTEM_UNIT.match(path)
+    if unit:
+        return f"unit:{unit.group(1)}"
+    return ""
+
+
+def parse_cgroup_file(text: str) -> str:
+    """The unified-hierarchy path from /proc/PID/cgroup, else the systemd v1 one."""
+    fallback = ""
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hier, controllers, path = parts
+        if hier == "0" and controllers == "":
+            return path
+        if controllers == "name=systemd" or (not fallback and path not in ("", "/")):
+            fallback = path
+    return fallback
+
+
+def parse_stat_starttime(text: str) -> int:
+    """Field 22 of /proc/PID/stat (clock ticks after boot); comm may hold spaces and ')'."""
+    rest = text[text.rindex(")") + 2 :].split()
+    return int(rest[19])
+
+
+def parse_real_uid(status_text: str) -> int | None:
+    """The real uid from /proc/PID/status."""
+    for line in status_text.splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    return None
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return handle.read()
+
+
+def boot_time_ms(proc_root: str = "/proc") -> int:
+    """Boot time in UTC epoch ms, from the btime line of /proc/stat."""
+    for line in _read(f"{proc_root}/stat").splitlines():
+        if line.startswith("btime "):
+            return int(line.split()[1]) * 1000
+    raise OSError("no btime in /proc/stat")
+
+
+class ProcReader:
+    """Looks processes up in /proc, remembering who each (pid, start) was."""
+
+    def __init__(
+        self,
+        proc_root: str = "/proc",
+        username_of: Callable[[int], str] | None = None,
+    ) -> None:
+        self._root = proc_root
+        self._boot_ms = boot_time_ms(proc_root)
+        self._ticks_per_s = os.sysconf("SC_CLK_TCK")
+        self._username_of = username_of or _passwd_name
+        self._names: dict[int, str] = {}
+        self._known: dict[tuple[int, int], ProcessInfo] = {}
+
+    def lookup(self, pid: int) -> ProcessInfo | None:
+        """ProcessInfo for a live pid, or None when it is gone or unreadable."""
+        base = f"{self._root}/{pid}"
+        try:
+            start_ticks = parse_stat_starttime(_read(f"{base}/stat"))
+        except (OSError, ValueError, IndexError):
+            return None
+        start_ms = self._boot_ms + start_ticks * 1000 // self._ticks_per_s
+        key = (pid, start_ms)
+        known = self._known.get(key)
+        if known is not None:
+            return known
+        try:
+            uid = parse_real_uid(_read(f"{base}/status"))
+            comm = _read(f"{base}/comm").strip()
+            cgroup = parse_cgroup_file(_read(f"{base}/cgroup"))
+        except (OSError, ValueError):
+            return None
+        info = ProcessInfo(
+            pid=pid,
+            start_ms=start_ms,
+            uid=uid,
+            username=self._name(uid),
+            comm=comm,
+            cgroup=cgroup,
+            unit=unit_from_cgroup(cgroup),
+        )
+        self._known[key] = info
+        return info
+
+    def retain(self, live: set[tuple[int, int]]) -> None:
+        """Drop cached processes that are no longer on any GPU, so the cache stays small."""
+        for key in list(self._known):
+            if key not in live:
+                del self._known[key]
+
+    def _name(self, uid: int | None) -> str:
+        if uid is None:
+            return "unknown"
+        if uid not in self._names:
+            self._names[uid] = self._username_of(uid)
+        return self._names[uid]
+
+
+def _passwd_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid:{uid}"

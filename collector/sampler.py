@@ -1,0 +1,243 @@
+"""Turn raw backend reads into one Tick: interval averages, merged process lists, identities."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from statistics import median
+
+from . import schema
+from .backend import Backend, Cursor, DeviceError, RawDevice, RawProcess
+from .records import Event, GpuInfo, GpuSample, ProcSample, Tick
+
+MIB = 1024 * 1024
+# Until a device shows its own cadence, assume the driver's usual 1/6 s.
+DEFAULT_SAMPLE_PERIOD_US = 166_667
+
+
+@dataclass
+class UtilAccumulator:
+    """Device SM-utilization samples gathered since the last tick."""
+
+    total: int = 0
+    count: int = 0
+    period_us: int = DEFAULT_SAMPLE_PERIOD_US
+
+    def add(self, samples: list[tuple[int, int]]) -> None:
+        """Add (timestamp_us, percent) samples; learn the sampling period from their spacing."""
+        values = [(ts, v) for ts, v in samples if 0 <= v <= 100]
+        if len(values) >= 2:
+            stamps = sorted(ts for ts, _ in values)
+            gaps = [b - a for a, b in zip(stamps, stamps[1:]) if b > a]
+            if gaps:
+                self.period_us = int(median(gaps))
+        self.total += sum(v for _, v in values)
+        self.count += len(values)
+
+    def take(self, duration_ms: int) -> tuple[int | None, int | None]:
+        """(mean util in permille, coverage in permille) over the interval; then reset."""
+        util = round(self.total * 10 / self.count) if self.count else None
+        if duration_ms <= 0:
+            coverage = None
+        else:
+            covered_ms = self.count * self.period_us / 1000
+            coverage = min(1000, round(covered_ms * 1000 / duration_ms))
+        self.total = 0
+        self.count = 0
+        return util, coverage
+
+
+@dataclass
+class ProcUtilAccumulator:
+    """Per-process SM samples since the last tick; a pid with none had 0 %."""
+
+    sums: dict[int, list[int]] = field(default_factory=dict)
+
+    def add(self, samples: list[tuple[int, int, int]]) -> None:
+        for pid, _ts, sm in samples:
+            if 0 <= sm <= 100:
+                entry = self.sums.setdefault(pid, [0, 0])
+                entry[0] += sm
+                entry[1] += 1
+
+    def take(self, pids: list[int]) -> dict[int, int]:
+        """Mean SM percent per running pid; then reset."""
+        out = {}
+        for pid in pids:
+            total, count = self.sums.get(pid, (0, 0))
+            out[pid] = round(total / count) if count else 0
+        self.sums.clear()
+        return out
+
+
+@dataclass
+class DeviceState:
+    """What the sampler remembers about one device between polls."""
+
+    info: GpuInfo | None = None
+    cursor: Cursor = field(default_factory=Cursor)
+    util: UtilAccumulator = field(default_factory=UtilAccumulator)
+    proc_util: ProcUtilAccumulator = field(default_factory=ProcUtilAccumulator)
+    util_supported: bool = True
+    proc_util_supported: bool = True
+    energy_mj: int | None = None
+    failing: str = ""  # last error text, to log a failure once, not every tick
+
+    def absorb(self, raw: RawDevice) -> None:
+        """Fold a read's sample buffers in and move the cursor past them."""
+        util_us, proc_us = self.cursor.util_us, self.cursor.process_us
+        self.util_supported = raw.util_samples is not None
+        if raw.util_samples:
+            self.util.add([(ts, v) for ts, v in raw.util_samples if ts > util_us])
+            util_us = max(util_us, max(ts for ts, _ in raw.util_samples))
+        self.proc_util_supported = raw.process_util is not None
+        if raw.process_util:
+            self.proc_util.add([s for s in raw.process_util if s[1] > proc_us])
+            proc_us = max(proc_us, max(s[1] for s in raw.process_util))
+        self.cursor = Cursor(util_us, proc_us)
+
+    def energy_delta(self, counter: int | None) -> int | None:
+        """Energy since the previous tick; None at the first read or after a counter reset."""
+        previous, self.energy_mj = self.energy_mj, counter
+        if counter is None or previous is None or counter < previous:
+            return None
+        return counter - previous
+
+
+def merge_processes(procs: list[RawProcess], memory_total: int | None) -> dict[int, tuple[int, int | None]]:
+    """pid -> (kind bits, used bytes), one entry per pid across compute and graphics lists.
+
+    Entries whose memory exceeds the card (a driver struct mismatch gives
+    garbage) are dropped; a pid in both lists keeps the larger known value.
+    """
+    merged: dict[int, tuple[int, int | None]] = {}
+    for proc in procs:
+        if proc.pid <= 0:
+            continue
+        if proc.used_bytes is not None and memory_total and proc.used_bytes > memory_total:
+            continue
+        kind, used = merged.get(proc.pid, (0, None))
+        if proc.used_bytes is not None:
+            used = proc.used_bytes if used is None else max(used, proc.used_bytes)
+        merged[proc.pid] = (kind | proc.kind, used)
+    return merged
+
+
+class Sampler:
+    """Reads every device through a backend and builds Tick records."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._lookup = backend.processes()
+        self._devices: dict[str, DeviceState] = {}  # by "index" or "uuid" key
+
+    def poll(self) -> None:
+        """Drain the driver's short sample buffers between ticks so coverage stays whole."""
+        for index in range(self._device_count()):
+            state = self._state(f"#{index}")
+            try:
+                raw = self._backend.read_device(index, state.cursor, full=False)
+            except DeviceError:
+                continue  # the tick records it
+            state.absorb(raw)
+            for mig in raw.mig_devices:
+                self._state(mig.uuid).absorb(mig)
+
+    def tick(self, ts_ms: int, duration_ms: int) -> Tick:
+        """Read every device fully and return what this interval observed."""
+        samples: list[GpuSample] = []
+        events: list[Event] = []
+        live: set[tuple[int, int]] = set()
+        for index in range(self._device_count(events, ts_ms)):
+            state = self._state(f"#{index}")
+            try:
+                raw = self._backend.read_device(index, state.cursor, full=True)
+            except DeviceError as error:
+                failed = self._failed(state, error, ts_ms, events, index)
+                if failed is not None:
+                    samples.append(failed)
+                continue
+            if state.failing:
+                events.append(Event(ts_ms, "nvml_recovered", state.failing, raw.uuid))
+                state.failing = ""
+            state.absorb(raw)
+            samples.append(self._sample(raw, state, duration_ms, live))
+            for mig in raw.mig_devices:
+                mig_state = self._state(mig.uuid)
+                mig_state.absorb(mig)
+                samples.append(self._sample(mig, mig_state, duration_ms, live))
+        self._lookup.retain(live)
+        return Tick(ts_ms=ts_ms, duration_ms=duration_ms, gpus=tuple(samples), events=tuple(events))
+
+    def _device_count(self, events: list[Event] | None = None, ts_ms: int = 0) -> int:
+        try:
+            return self._backend.device_count()
+        except DeviceError as error:
+            if events is not None:
+                events.append(Event(ts_ms, "nvml_error", f"device count: {error}"))
+            return 0
+
+    def _state(self, key: str) -> DeviceState:
+        return self._devices.setdefault(key, DeviceState())
+
+    def _failed(
+        self, state: DeviceState, error: DeviceError, ts_ms: int, events: list[Event], index: int
+    ) -> GpuSample | None:
+        """Record a device error; the tick goes on with the other devices."""
+        kind = "gpu_lost" if error.lost else "nvml_error"
+        text = str(error)
+        # A lost GPU stays lost: one event when it goes, not one per tick.
+        if not (error.lost and state.failing == text):
+            uuid = state.info.uuid if state.info else None
+            detail = text if state.info else f"GPU index {index}: {text}"
+            events.append(Event(ts_ms, kind, detail, uuid))
+        state.failing = text
+        state.util.take(0)
+        state.proc_util.take([])
+        state.energy_mj = None
+        if state.info is None:
+            return None  # never identified: no UUID to file a sample under
+        status = schema.STATUS_LOST if error.lost else schema.STATUS_ERROR
+        return GpuSample(gpu=state.info, status=status, error=text)
+
+    def _sample(self, raw: RawDevice, state: DeviceState, duration_ms: int, live: set[tuple[int, int]]) -> GpuSample:
+        info = GpuInfo(
+            uuid=raw.uuid,
+            index=raw.index,
+            name=raw.name,
+            memory_total=raw.memory_total,
+            parent_uuid=raw.parent_uuid,
+            mig_slot=raw.mig_slot,
+        )
+        state.info = info
+        util, coverage = state.util.take(duration_ms)
+        if not state.util_supported:
+            util, coverage = None, None
+        merged = merge_processes(raw.processes, raw.memory_total)
+        procs: list[ProcSample] = []
+        known = {}
+        for pid in merged:
+            who = self._lookup.lookup(pid)
+            if who is not None:  # not a live process: a stale or garbage entry
+                known[pid] = who
+        sm = state.proc_util.take(list(known))
+        for pid, who in known.items():
+            kind, used = merged[pid]
+            live.add((who.pid, who.start_ms))
+            procs.append(
+                ProcSample(
+                    process=who,
+                    kind=kind,
+                    mem_mib=None if used is None else round(used / MIB),
+                    sm_util=sm[pid] if state.proc_util_supported else None,
+                )
+            )
+        return GpuSample(
+            gpu=info,
+            status=schema.STATUS_OK,
+            util_permille=util,
+            coverage_permille=coverage,
+            mem_used_mib=None if raw.memory_used is None else round(raw.memory_used / MIB),
+            power_mw=raw.power_mw,
+            energy_mj=state.energy_delta(raw.energy_mj),
+            procs=tuple(procs),
+        )

@@ -1,0 +1,324 @@
+"""A deterministic simulated NVML: scenarios of users, workloads and faults.
+
+It hands the sampler the same raw shapes as the real backend, so the demo,
+the tests and the systemd system test run the collector's real code path.
+Every value is a pure function of simulated wall time, except counters
+(energy) that integrate it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import schema
+from .backend import Cursor, DeviceError, RawDevice, RawProcess
+from .clock import Clock
+from .procinfo import unit_from_cgroup
+from .records import ProcessInfo
+
+MIB = 1024 * 1024
+GIB_MIB = 1024
+SAMPLE_PERIOD_MS = 2000  # the real driver samples every ~1/6 s; 2 s keeps fast-forward fast
+BUFFER_MS = 14_000  # the driver keeps only ~14 s of samples
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+WEEK_MS = 7 * DAY_MS
+# 1970-01-01 was a Thursday: shift so that week offset 0 is a Monday 00:00 UTC.
+MONDAY_SHIFT_MS = 3 * DAY_MS
+
+USERS = {"alice": 1001, "bob": 1002, "carol": 1003, "root": 0}
+
+
+@dataclass(frozen=True)
+class SimProc:
+    """A simulated process on a GPU at one instant."""
+
+    pid: int
+    start_ms: int
+    user: str
+    comm: str
+    cgroup: str
+    mem_mib: int | None
+    sm: int
+    kind: int = schema.KIND_COMPUTE
+
+
+# A GPU's workload: simulated wall time (ms) -> (device util %, processes).
+Workload = Callable[[int], tuple[int, tuple[SimProc, ...]]]
+
+
+@dataclass(frozen=True)
+class SimGpu:
+    """One simulated card."""
+
+    uuid: str
+    name: str
+    memory_mib: int
+    workload: Workload
+    mig: tuple["SimGpu", ...] = ()
+
+
+def _week_ms(t_ms: int) -> int:
+    return (t_ms + MONDAY_SHIFT_MS) % WEEK_MS
+
+
+_SESSIONS = {user: f"/user.slice/user-{uid}.slice/session-{uid % 97}.scope" for user, uid in USERS.items()}
+
+
+def _session_cgroup(user: str) -> str:
+    return _SESSIONS[user]
+
+
+def alice_training(offset_h: int = 0, pid_base: int = 20_000) -> Workload:
+    """Weekdays: a 9 h training run from 08:00 UTC, then the finished job keeps its memory until 23:00."""
+
+    def workload(t_ms: int) -> tuple[int, tuple[SimProc, ...]]:
+        week = _week_ms(t_ms - offset_h * HOUR_MS)
+        day, in_day = divmod(week, DAY_MS)
+        if day >= 5 or not 8 * HOUR_MS <= in_day < 23 * HOUR_MS:
+            return 0, ()
+        run_start = t_ms - (in_day - 8 * HOUR_MS)
+        pid = pid_base + (run_start // DAY_MS) % 9000
+        proc = SimProc(pid, run_start, "alice", "python", _session_cgroup("alice"), 30 * GIB_MIB, 0)
+        if in_day < 17 * HOUR_MS:
+            util = 88 + (t_ms // 60_000) % 11  # 88..98 %, varying by minute
+            return util, (SimProc(**{**proc.__dict__, "sm": util}),)
+        return 0, (proc,)
+
+    return workload
+
+
+def bob_notebook(mem_gib: int = 8, pid: int = 30_001, bursts: bool = True) -> Workload:
+    """A Jupyter kernel that holds memory all week; 10 busy minutes every 2 hours if bursts."""
+    start = 1_760_000_000_000  # started long before any simulated window
+
+    def workload(t_ms: int) -> tuple[int, tuple[SimProc, ...]]:
+        busy = bursts and (t_ms % (2 * HOUR_MS)) < 10 * 60_000
+        util = 40 if busy else 0
+        return util, (SimProc(pid, start, "bob", "python3", _session_cgroup("bob"), mem_gib * GIB_MIB, util),)
+
+    return workload
+
+
+def carol_duty_cycle(job: int = 4242, pid: int = 40_001, extra: Workload | None = None) -> Workload:
+    """A Slurm job busy 12 s of every 30 s between 00:00 and 18:00 UTC; extra adds co-tenants."""
+
+    def workload(t_ms: int) -> tuple[int, tuple[SimProc, ...]]:
+        procs: tuple[SimProc, ...] = ()
+        util = 0
+        if t_ms % DAY_MS < 18 * HOUR_MS:
+            util = 95 if (t_ms // 1000) % 30 < 12 else 0
+            cgroup = f"/system.slice/slurmstepd.scope/job_{job}/step_0/user/task_0"
+            start = t_ms - t_ms % DAY_MS
+            procs = (SimProc(pid, start, "carol", "train.py", cgroup, 12 * GIB_MIB, util),)
+        if extra is not None:
+            procs += extra(t_ms)[1]
+        return util, procs
+
+    return workload
+
+
+def display_only(t_ms: int) -> tuple[int, tuple[SimProc, ...]]:
+    """An otherwise idle card that runs only Xorg (graphics context)."""
+    xorg = SimProc(1_500, 0, "root", "Xorg", "/system.slice/display-manager.service", 45, 0, schema.KIND_GRAPHICS)
+    return 0, (xorg,)
+
+
+def idle(t_ms: int) -> tuple[int, tuple[SimProc, ...]]:
+    return 0, ()
+
+
+def _card(n: int, workload: Workload, name: str = "NVIDIA H100 80GB HBM3") -> SimGpu:
+    return SimGpu(f"GPU-5a1e0000-0000-4000-8000-{n:012d}", name, 81_559, workload)
+
+
+def lab() -> tuple[SimGpu, ...]:
+    """Four cards: alice trains, bob's notebook idles on 8 GB, carol's duty cycle hides bob's idle 2 GB, one idle."""
+    return (
+        _card(0, alice_training()),
+        _card(1, bob_notebook()),
+        _card(2, carol_duty_cycle(extra=bob_notebook(mem_gib=2, pid=30_002, bursts=False))),
+        _card(3, display_only),
+    )
+
+
+def lab8() -> tuple[SimGpu, ...]:
+    """Eight cards, for benchmarks: the lab twice over with shifted schedules and more tenants."""
+    return lab() + (
+        _card(4, alice_training(offset_h=4, pid_base=50_000)),
+        _card(5, bob_notebook(mem_gib=16, pid=30_005)),
+        _card(6, carol_duty_cycle(job=4343, pid=40_006, extra=alice_training(offset_h=2, pid_base=60_000))),
+        _card(7, idle),
+    )
+
+
+def mig() -> tuple[SimGpu, ...]:
+    """One MIG-enabled card with two instances, and one ordinary card."""
+    parent = SimGpu(
+        "GPU-5a1e0000-0000-4000-8000-00000000a100",
+        "NVIDIA A100-SXM4-80GB",
+        81_920,
+        idle,
+        mig=(
+            SimGpu("MIG-5a1e0000-0000-4000-8000-000000000001", "NVIDIA A100 3g.40gb", 40_192, alice_training()),
+            SimGpu("MIG-5a1e0000-0000-4000-8000-000000000002", "NVIDIA A100 3g.40gb", 40_192, bob_notebook(mem_gib=5)),
+        ),
+    )
+    return (parent, _card(1, carol_duty_cycle()))
+
+
+SCENARIOS: dict[str, Callable[[], tuple[SimGpu, ...]]] = {
+    "lab": lab,
+    "lab8": lab8,
+    "mig": mig,
+    "faults": lab,
+    "hang": lab,
+}
+
+
+class SimLookup:
+    """The simulated /proc: knows the processes the scenario currently runs."""
+
+    def __init__(self) -> None:
+        self._live: dict[int, ProcessInfo] = {}
+
+    def publish(self, procs: tuple[SimProc, ...]) -> None:
+        for proc in procs:
+            known = self._live.get(proc.pid)
+            if known is None or known.start_ms != proc.start_ms:
+                self._live[proc.pid] = ProcessInfo(
+                    pid=proc.pid,
+                    start_ms=proc.start_ms,
+                    uid=USERS[proc.user],
+                    username=proc.user,
+                    comm=proc.comm,
+                    cgroup=proc.cgroup,
+                    unit=unit_from_cgroup(proc.cgroup),
+                )
+
+    def lookup(self, pid: int) -> ProcessInfo | None:
+        return self._live.get(pid)
+
+    def retain(self, live: set[tuple[int, int]]) -> None:
+        for pid, info in list(self._live.items()):
+            if (pid, info.start_ms) not in live:
+                del self._live[pid]
+
+
+class SimBackend:
+    """Serves a scenario's GPUs in NVML's shapes, faults included."""
+
+    def __init__(self, scenario: str, clock: Clock, hang_after: int = 3) -> None:
+        check_scenario(scenario)
+        self.name = f"simulate:{scenario}"
+        self._scenario = scenario
+        self._gpus = SCENARIOS[scenario]()
+        self._clock = clock
+        self._lookup = SimLookup()
+        self._energy: dict[str, tuple[int, float]] = {}  # uuid -> (last ms, mJ)
+        self._t0_ms = 0
+        self._full_reads = 0
+        self._hang_after = hang_after
+
+    def init(self) -> None:
+        self._t0_ms = self._clock.wall_ms()
+
+    def shutdown(self) -> None:
+        pass
+
+    def processes(self) -> SimLookup:
+        return self._lookup
+
+    def device_count(self) -> int:
+        return len(self._gpus)
+
+    def read_device(self, index: int, cursor: Cursor, *, full: bool) -> RawDevice:
+        now = self._clock.wall_ms()
+        if full and index == 0:
+            self._full_reads += 1
+        self._fault(index, now)
+        gpu = self._gpus[index]
+        return self._raw(gpu, index, now, cursor, full, None, None)
+
+    def _fault(self, index: int, now: int) -> None:
+        if self._scenario == "hang" and index == 0 and self._full_reads > self._hang_after:
+            threading.Event().wait()  # a driver call stuck in D state: only the watchdog helps
+        if self._scenario != "faults":
+            return
+        elapsed = now - self._t0_ms
+        if index == 1 and elapsed >= 30 * 60_000:
+            raise DeviceError("GPU is lost", lost=True)
+        if index == 2 and (now // 10_000) % 13 == 0:
+            raise DeviceError("Unknown Error")
+
+    def _raw(
+        self, gpu: SimGpu, index: int, now: int, cursor: Cursor, full: bool, parent: str | None, slot: int | None
+    ) -> RawDevice:
+        is_mig_parent = bool(gpu.mig)
+        is_mig_child = parent is not None
+        sampled = not (is_mig_parent or is_mig_child)
+        util_now, procs = gpu.workload(now)
+        if self._scenario == "faults" and index == 0:
+            # Memory NVML cannot report (as under MIG or WDDM) for alice's job.
+            procs = tuple(SimProc(**{**p.__dict__, "mem_mib": None}) for p in procs)
+        util, proc_util = self._samples(gpu, now, cursor) if sampled else (None, None)
+        if not full:
+            return RawDevice(gpu.uuid, index, "", None, None, util, [], proc_util, None, None, is_mig_parent)
+        self._lookup.publish(procs)
+        used = sum(p.mem_mib or 0 for p in procs) + (0 if is_mig_child else 420)
+        return RawDevice(
+            uuid=gpu.uuid,
+            index=index,
+            name=gpu.name,
+            memory_total=gpu.memory_mib * MIB,
+            memory_used=used * MIB,
+            util_samples=util,
+            processes=[
+                RawProcess(p.pid, None if p.mem_mib is None else p.mem_mib * MIB, p.kind)
+                for p in procs
+                if not is_mig_parent
+            ],
+            process_util=proc_util,
+            energy_mj=self._energy_counter(gpu, now, util_now) if sampled else None,
+            power_mw=(70_000 + 6_300 * util_now) if sampled else None,
+            mig_enabled=is_mig_parent,
+            mig_devices=[self._raw(m, index, now, Cursor(), True, gpu.uuid, s) for s, m in enumerate(gpu.mig)],
+            parent_uuid=parent,
+            mig_slot=slot,
+        )
+
+    def _sample_times(self, now: int, since_us: int) -> range:
+        """Sample instants (ms) still in the driver's buffer and newer than since_us."""
+        first = max(since_us // 1000 + 1, now - BUFFER_MS + 1)
+        first += -first % SAMPLE_PERIOD_MS
+        return range(first, now + 1, SAMPLE_PERIOD_MS)
+
+    def _samples(self, gpu: SimGpu, now: int, cursor: Cursor) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
+        """Device and per-process samples still in the driver's buffer and newer than the cursor."""
+        since_ms = min(cursor.util_us, cursor.process_us) // 1000
+        first = max(since_ms + 1, now - BUFFER_MS + 1)
+        first += -first % SAMPLE_PERIOD_MS
+        util: list[tuple[int, int]] = []
+        procs: list[tuple[int, int, int]] = []
+        for t in range(first, now + 1, SAMPLE_PERIOD_MS):
+            value, running = gpu.workload(t)
+            us = t * 1000
+            util.append((us, value))
+            # Like NVML, only processes with non-zero SM in the window appear.
+            procs.extend((p.pid, us, p.sm) for p in running if p.sm > 0)
+        return util, procs
+
+    def _energy_counter(self, gpu: SimGpu, now: int, util: int) -> int:
+        last_ms, total = self._energy.get(gpu.uuid, (now, 1.0e9))
+        total += (70 + 6.3 * util) * max(0, now - last_ms)  # W * ms = mJ
+        self._energy[gpu.uuid] = (now, total)
+        return int(total)
+
+
+def check_scenario(name: str) -> None:
+    """Raise ValueError for an unknown scenario name."""
+    if name not in SCENARIOS:
+        raise ValueError(f"unknown scenario {name!r} (choose from {', '.join(sorted(SCENARIOS))})")
+

@@ -1,0 +1,507 @@
+"""The collector's only writer to SQLite: open safely, write ticks, roll up, prune.
+
+All of the collector's data-changing SQL is in this module; the DDL is in
+schema.py. Every write is one short transaction: nothing is held across a
+sleep, so readers and the WAL checkpointer are never starved.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from dataclasses import dataclass
+from typing import IO
+
+from . import schema
+from .records import Event, GpuInfo, ProcessInfo, Tick
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+HOUR_MS = 3_600_000
+
+# --- dimensions -------------------------------------------------------------
+SELECT_GPU = "SELECT gpu_id, gpu_index FROM gpu WHERE uuid = ?"
+INSERT_GPU = """
+INSERT INTO gpu (uuid, gpu_index, name, memory_total, parent_id, mig_slot)
+VALUES (?, ?, ?, ?, ?, ?)
+"""
+UPDATE_GPU_INDEX = "UPDATE gpu SET gpu_index = ? WHERE gpu_id = ?"
+SELECT_ACCOUNT = "SELECT account_id FROM account WHERE uid IS ? AND username = ?"
+INSERT_ACCOUNT = "INSERT INTO account (uid, username) VALUES (?, ?)"
+SELECT_PROCESS = "SELECT proc_id FROM process WHERE pid = ? AND start_ms = ?"
+INSERT_PROCESS = """
+INSERT INTO process (pid, start_ms, account_id, comm, cgroup, unit)
+VALUES (?, ?, ?, ?, ?, ?)
+"""
+
+# --- facts --------------------------------------------------------------------
+INSERT_RUN = """
+INSERT INTO run (started_ms, interval_ms, backend, hostname, version)
+VALUES (?, ?, ?, ?, ?)
+"""
+UPDATE_RUN_STOPPED = "UPDATE run SET stopped_ms = ? WHERE run_id = ?"
+INSERT_TICK = "INSERT INTO tick (run_id, ts_ms, duration_ms) VALUES (?, ?, ?)"
+INSERT_GPU_SAMPLE = """
+INSERT INTO gpu_sample
+    (tick_id, gpu_id, status, util_permille, coverage_permille,
+     mem_used_mib, power_mw, energy_mj)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+"""
+INSERT_PROC_SAMPLE = """
+INSERT OR REPLACE INTO proc_sample (tick_id, gpu_id, proc_id, kind, mem_mib, sm_util)
+VALUES (?, ?, ?, ?, ?, ?)
+"""
+INSERT_EVENT = """
+INSERT INTO event (ts_ms, end_ms, run_id, kind, gpu_id, detail)
+VALUES (?, ?, ?, ?, ?, ?)
+"""
+# The latest tick and whether the run that wrote it stopped cleanly; uses tick_ts.
+SELECT_LAST_TICK = """
+SELECT tick.ts_ms, run.stopped_ms
+FROM tick JOIN run USING (run_id)
+ORDER BY tick.ts_ms DESC
+LIMIT 1
+"""
+
+# --- retention -----------------------------------------------------------------
+# Oldest ticks first through tick_ts; the fact tables' primary keys start
+# with tick_id, so each DELETE is a handful of index range seeks.
+SELECT_PRUNE_BATCH = "SELECT tick_id FROM tick WHERE ts_ms < ? ORDER BY ts_ms LIMIT ?"
+DELETE_PRUNE = (
+    "DELETE FROM proc_sample WHERE tick_id IN (SELECT value FROM json_each(?))",
+    "DELETE FROM gpu_sample WHERE tick_id IN (SELECT value FROM json_each(?))",
+    "DELETE FROM tick WHERE tick_id IN (SELECT value FROM json_each(?))",
+)
+
+# --- meta ------------------------------------------------------------------------
+SELECT_META = "SELECT value FROM meta WHERE key = ?"
+UPSERT_META = """
+INSERT INTO meta (key, value) VALUES (?, ?)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value
+"""
+SELECT_MIN_TICK_HOUR = "SELECT min(ts_ms) / 3600000 FROM tick"
+
+# --- rollups (classification rules: SCHEMA.md) -----------------------------------
+# :lo/:hi bound ts_ms to whole hours; :active is permille, :held bytes.
+DELETE_ROLLUP = (
+    "DELETE FROM hour_gpu WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
+    "DELETE FROM hour_account WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
+    "DELETE FROM hour_unit WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
+)
+ROLLUP_GPU = """
+WITH t AS (
+    SELECT tick_id, duration_ms AS d, ts_ms / 3600000 AS hour
+    FROM tick
+    WHERE ts_ms >= :lo AND ts_ms < :hi
+),
+held AS (
+    SELECT ps.tick_id, ps.gpu_id,
+           max(ps.mem_mib IS NULL) = 1 OR sum(ps.mem_mib) * 1048576 > :held AS held
+    FROM t JOIN proc_sample AS ps USING (tick_id)
+    WHERE ps.kind & 1
+    GROUP BY ps.tick_id, ps.gpu_id
+),
+classified AS (
+    SELECT t.hour, g.gpu_id, t.d, g.coverage_permille, g.energy_mj,
+           CASE
+               WHEN g.status != 0 OR g.util_permille IS NULL THEN 3
+               WHEN g.util_permille >= :active THEN 0
+               WHEN coalesce(h.held, 0) THEN 1
+               ELSE 2
+           END AS state
+    FROM t
+    JOIN gpu_sample AS g USING (tick_id)
+    LEFT JOIN held AS h ON h.tick_id = g.tick_id AND h.gpu_id = g.gpu_id
+)
+INSERT INTO hour_gpu
+SELECT hour, gpu_id, count(*), sum(d),
+       sum(CASE state WHEN 0 THEN d ELSE 0 END),
+       sum(CASE state WHEN 1 THEN d ELSE 0 END),
+       sum(CASE state WHEN 2 THEN d ELSE 0 END),
+       sum(CASE state WHEN 3 THEN d ELSE 0 END),
+       sum(d * coalesce(coverage_permille, 0)),
+       sum(CASE state WHEN 0 THEN energy_mj END),
+       sum(CASE state WHEN 1 THEN energy_mj END),
+       sum(CASE state WHEN 2 THEN energy_mj END)
+FROM classified
+GROUP BY hour, gpu_id
+"""
+# Shared by the account and unit rollups: one row per holder per GPU per tick.
+_HOLDERS = """
+WITH t AS (
+    SELECT tick_id, duration_ms AS d, ts_ms / 3600000 AS hour
+    FROM tick
+    WHERE ts_ms >= :lo AND ts_ms < :hi
+),
+per AS (
+    SELECT t.hour, t.d, ps.gpu_id, p.account_id, {unit} AS unit,
+           max(ps.mem_mib IS NULL) AS mem_unknown,
+           coalesce(sum(ps.mem_mib), 0) AS mem,
+           max(ps.sm_util IS NULL) AS sm_unknown,
+           coalesce(sum(ps.sm_util), 0) AS sm
+    FROM t
+    JOIN proc_sample AS ps USING (tick_id)
+    JOIN process AS p USING (proc_id)
+    WHERE ps.kind & 1 {where}
+    GROUP BY ps.tick_id, ps.gpu_id, p.account_id, {unit}
+)
+SELECT hour, gpu_id, account_id, {select_unit}
+       sum(d),
+       sum(CASE WHEN sm_unknown = 0 AND sm * 10 < :active THEN d ELSE 0 END),
+       sum(mem * d),
+       sum(CASE WHEN mem_unknown THEN d ELSE 0 END)
+FROM per
+WHERE mem_unknown OR mem * 1048576 > :held
+GROUP BY hour, gpu_id, account_id {group_unit}
+"""
+ROLLUP_ACCOUNT = "INSERT INTO hour_account " + _HOLDERS.format(
+    unit="''", where="", select_unit="", group_unit=""
+)
+ROLLUP_UNIT = "INSERT INTO hour_unit " + _HOLDERS.format(
+    unit="p.unit", where="AND p.unit != ''", select_unit="unit,", group_unit=", unit"
+)
+
+
+class StoreError(Exception):
+    """The database cannot be used; kind names which problem, for the exit code."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # 'path', 'permission', 'not_sqlite', 'not_gua', 'newer', 'corrupt', 'locked'
+
+
+@dataclass(frozen=True)
+class LastTick:
+    """Where the previous run left off."""
+
+    ts_ms: int
+    clean_stop: bool
+
+
+class Store:
+    """One open gua database, held by this process alone (lock file beside it)."""
+
+    def __init__(self, conn: sqlite3.Connection, lock: IO[str], path: str) -> None:
+        self._conn = conn
+        self._lock = lock
+        self.path = path
+        self._run_id: int | None = None
+        self._gpus: dict[str, tuple[int, int]] = {}
+        self._accounts: dict[tuple[int | None, str], int] = {}
+        self._procs: dict[tuple[int, int], int] = {}
+        self._rollup_next: int | None = None
+        self._rollup_active = schema.ROLLUP_ACTIVE_PERMILLE
+        self._rollup_held = schema.ROLLUP_HELD_BYTES
+
+    # --- opening -------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str, *, now_ms: int) -> "Store":
+        """Open (creating 0640 if absent) and migrate; raises StoreError, leaving foreign files untouched."""
+        path = os.path.abspath(path)
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            raise StoreError("path", f"database directory {directory} does not exist")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise StoreError("permission", f"cannot write database directory {directory}: permission denied")
+        _check_header(path)
+        lock = _take_lock(path)
+        try:
+            conn = _connect(path, now_ms)
+        except BaseException:
+            lock.close()
+            raise
+        store = cls(conn, lock, path)
+        store._load_meta()
+        return store
+
+    def close(self) -> None:
+        """Checkpoint and close; the lock goes with the process."""
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
+        self._conn.close()
+        self._lock.close()
+
+    # --- runs ------------------------------------------------------------------
+    def last_tick(self) -> LastTick | None:
+        """The newest tick already stored, if any."""
+        row = self._conn.execute(SELECT_LAST_TICK).fetchone()
+        return None if row is None else LastTick(row[0], row[1] is not None)
+
+    def begin_run(self, started_ms: int, interval_ms: int, backend: str, hostname: str, version: str) -> int:
+        """Record this collector start; returns the run id."""
+        with self._transaction():
+            cur = self._conn.execute(INSERT_RUN, (started_ms, interval_ms, backend, hostname, version))
+            self._run_id = int(cur.lastrowid or 0)
+            self._conn.execute(INSERT_EVENT, (started_ms, None, self._run_id, "start", None, backend))
+        return self._run_id
+
+    def end_run(self, stopped_ms: int, detail: str = "") -> None:
+        """Mark the run stopped cleanly."""
+        with self._transaction():
+            self._conn.execute(UPDATE_RUN_STOPPED, (stopped_ms, self._run_id))
+            self._conn.execute(INSERT_EVENT, (stopped_ms, None, self._run_id, "stop", None, detail))
+
+    # --- writing ---------------------------------------------------------------
+    def write_ticks(self, ticks: list[Tick]) -> None:
+        """Write ticks (and their events) in one transaction, rolling up finished hours."""
+        with self._transaction():
+            for tick in ticks:
+                self._write_tick(tick)
+
+    def write_events(self, events: list[Event]) -> None:
+        """Write events that belong to no tick."""
+        with self._transaction():
+            for event in events:
+                self._write_event(event)
+
+    def _write_tick(self, tick: Tick) -> None:
+        conn = self._conn
+        cur = conn.execute(INSERT_TICK, (self._run_id, tick.ts_ms, tick.duration_ms))
+        tick_id = cur.lastrowid
+        gpu_rows = []
+        proc_rows = []
+        for sample in tick.gpus:
+            gpu_id = self._gpu_id(sample.gpu)
+            gpu_rows.append(
+                (
+                    tick_id,
+                    gpu_id,
+                    sample.status,
+                    sample.util_permille,
+                    sample.coverage_permille,
+                    sample.mem_used_mib,
+                    sample.power_mw,
+                    sample.energy_mj,
+                )
+            )
+            for proc in sample.procs:
+                proc_rows.append(
+                    (tick_id, gpu_id, self._proc_id(proc.process), proc.kind, proc.mem_mib, proc.sm_util)
+                )
+        conn.executemany(INSERT_GPU_SAMPLE, gpu_rows)
+        conn.executemany(INSERT_PROC_SAMPLE, proc_rows)
+        for event in tick.events:
+            self._write_event(event)
+        self._roll_up_before(tick.ts_ms // HOUR_MS)
+
+    def _write_event(self, event: Event) -> None:
+        gpu_id = self._gpus[event.gpu_uuid][0] if event.gpu_uuid in self._gpus else None
+        if gpu_id is None and event.gpu_uuid is not None:
+            row = self._conn.execute(SELECT_GPU, (event.gpu_uuid,)).fetchone()
+            gpu_id = row[0] if row else None
+        self._conn.execute(
+            INSERT_EVENT, (event.ts_ms, event.end_ms, self._run_id, event.kind, gpu_id, event.detail)
+        )
+
+    # --- dimensions --------------------------------------------------------------
+    def _gpu_id(self, gpu: GpuInfo) -> int:
+        cached = self._gpus.get(gpu.uuid)
+        if cached is None:
+            row = self._conn.execute(SELECT_GPU, (gpu.uuid,)).fetchone()
+            if row is None:
+                parent = self._gpu_id_by_uuid(gpu.parent_uuid)
+                cur = self._conn.execute(
+                    INSERT_GPU, (gpu.uuid, gpu.index, gpu.name, gpu.memory_total, parent, gpu.mig_slot)
+                )
+                row = (int(cur.lastrowid or 0), gpu.index)
+            cached = self._gpus[gpu.uuid] = (row[0], row[1])
+        if cached[1] != gpu.index:
+            # NVML order changed (reboot, hot-plug): the UUID is the identity.
+            self._conn.execute(UPDATE_GPU_INDEX, (gpu.index, cached[0]))
+            cached = self._gpus[gpu.uuid] = (cached[0], gpu.index)
+        return cached[0]
+
+    def _gpu_id_by_uuid(self, uuid: str | None) -> int | None:
+        if uuid is None:
+            return None
+        if uuid in self._gpus:
+            return self._gpus[uuid][0]
+        row = self._conn.execute(SELECT_GPU, (uuid,)).fetchone()
+        return row[0] if row else None
+
+    def _account_id(self, uid: int | None, username: str) -> int:
+        key = (uid, username)
+        if key not in self._accounts:
+            row = self._conn.execute(SELECT_ACCOUNT, key).fetchone()
+            if row is None:
+                row = (self._conn.execute(INSERT_ACCOUNT, key).lastrowid,)
+            self._accounts[key] = int(row[0])
+        return self._accounts[key]
+
+    def _proc_id(self, proc: ProcessInfo) -> int:
+        key = (proc.pid, proc.start_ms)
+        if key not in self._procs:
+            row = self._conn.execute(SELECT_PROCESS, key).fetchone()
+            if row is None:
+                account = self._account_id(proc.uid, proc.username)
+                row = (
+                    self._conn.execute(
+                        INSERT_PROCESS, (proc.pid, proc.start_ms, account, proc.comm, proc.cgroup, proc.unit)
+                    ).lastrowid,
+                )
+            self._procs[key] = int(row[0])
+        return self._procs[key]
+
+    # --- rollups ------------------------------------------------------------------
+    def _load_meta(self) -> None:
+        def meta(key: str) -> str | None:
+            row = self._conn.execute(SELECT_META, (key,)).fetchone()
+            return None if row is None else str(row[0])
+
+        next_hour = meta("rollup_next_hour")
+        self._rollup_next = int(next_hour) if next_hour is not None else None
+        self._rollup_active = int(meta("rollup_active_permille") or schema.ROLLUP_ACTIVE_PERMILLE)
+        self._rollup_held = int(meta("rollup_held_bytes") or schema.ROLLUP_HELD_BYTES)
+
+    def _roll_up_before(self, hour: int) -> None:
+        """Roll up every hour before `hour` not yet done; redo `hour` if the clock went back."""
+        if self._rollup_next is None:
+            row = self._conn.execute(SELECT_MIN_TICK_HOUR).fetchone()
+            self._rollup_next = int(row[0]) if row and row[0] is not None else hour
+        if hour > self._rollup_next:
+            self._roll_up(self._rollup_next, hour)
+            self._rollup_next = hour
+            self._conn.execute(UPSERT_META, ("rollup_next_hour", str(hour)))
+        elif hour < self._rollup_next:
+            self._roll_up(hour, hour + 1)
+
+    def _roll_up(self, first_hour: int, end_hour: int) -> None:
+        params = {
+            "lo": first_hour * HOUR_MS,
+            "hi": end_hour * HOUR_MS,
+            "active": self._rollup_active,
+            "held": self._rollup_held,
+        }
+        for statement in DELETE_ROLLUP:
+            self._conn.execute(statement, {"lo": params["lo"], "hi": params["hi"]})
+        for statement in (ROLLUP_GPU, ROLLUP_ACCOUNT, ROLLUP_UNIT):
+            self._conn.execute(statement, params)
+
+    # --- retention -------------------------------------------------------------------
+    def prune(self, before_ms: int, batch: int = 2000) -> int:
+        """Delete one batch of raw ticks older than before_ms; returns how many ticks went."""
+        with self._transaction():
+            ids = [row[0] for row in self._conn.execute(SELECT_PRUNE_BATCH, (before_ms, batch))]
+            if ids:
+                as_json = "[" + ",".join(map(str, ids)) + "]"
+                for statement in DELETE_PRUNE:
+                    self._conn.execute(statement, (as_json,))
+                self._conn.execute(UPSERT_META, ("raw_pruned_before_ms", str(before_ms)))
+        return len(ids)
+
+    # --- transactions -------------------------------------------------------------------
+    def _transaction(self) -> "_Transaction":
+        return _Transaction(self)
+
+    def _forget_caches(self) -> None:
+        """After a rollback, ids handed out inside it are void."""
+        self._gpus.clear()
+        self._accounts.clear()
+        self._procs.clear()
+        self._load_meta()
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK and forget cached ids."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __enter__(self) -> None:
+        self._store._conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        conn = self._store._conn
+        if exc_type is None:
+            try:
+                conn.execute("COMMIT")
+                return
+            except BaseException:
+                self._rollback()
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        conn = self._store._conn
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        try:
+            self._store._forget_caches()
+        except sqlite3.Error:
+            self._store._gpus.clear()
+            self._store._accounts.clear()
+            self._store._procs.clear()
+
+
+def _check_header(path: str) -> None:
+    """Refuse a file that is not SQLite before SQLite touches it."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(SQLITE_MAGIC))
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        raise StoreError("permission", f"cannot read {path}: permission denied") from None
+    except IsADirectoryError:
+        raise StoreError("not_sqlite", f"{path} is a directory, not an SQLite database") from None
+    if head and head != SQLITE_MAGIC:
+        raise StoreError("not_sqlite", f"{path} is not an SQLite database; refusing to touch it")
+
+
+def _take_lock(path: str) -> IO[str]:
+    """Hold an exclusive lock beside the DB for the process's life: two writers would double-count."""
+    lock_path = path + ".lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except PermissionError:
+        raise StoreError("permission", f"cannot create {lock_path}: permission denied") from None
+    lock = os.fdopen(fd, "r+")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise StoreError("locked", f"another gua-collector is already writing {path}") from None
+    return lock
+
+
+def _connect(path: str, now_ms: int) -> sqlite3.Connection:
+    if not os.path.exists(path):
+        # The service runs with UMask=0077; readers in the gua group need 0640.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        os.fchmod(fd, 0o640)
+        os.close(fd)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        try:
+            version = schema.read_version(conn)
+            if version == 0:
+                foreign = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
+            else:
+                foreign = not schema.is_gua(conn)
+        except sqlite3.DatabaseError as error:
+            raise StoreError("corrupt", f"{path} is corrupt: {error}") from None
+        if version > schema.SCHEMA_VERSION:
+            raise StoreError(
+                "newer",
+                f"{path} has schema version {version}, newer than this collector's {schema.SCHEMA_VERSION}; upgrade gua",
+            )
+        if foreign:
+            raise StoreError("not_gua", f"{path} is an SQLite database but not a gua database")
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            schema.ensure_schema(conn, now_ms)
+        except schema.SchemaError as error:
+            raise StoreError("not_gua", f"{path}: {error}") from None
+        except sqlite3.DatabaseError as error:
+            raise StoreError("corrupt", f"{path} is corrupt: {error}") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
