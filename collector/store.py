@@ -199,8 +199,14 @@ class Store:
         """Open (creating 0640 if absent) and migrate; raises StoreError, leaving foreign files untouched."""
         path = os.path.abspath(path)
         directory = os.path.dirname(path)
+        try:
+            os.stat(directory)
+        except FileNotFoundError:
+            raise StoreError("path", f"database directory {directory} does not exist") from None
+        except PermissionError:
+            raise StoreError("permission", f"cannot reach database directory {directory}: permission denied") from None
         if not os.path.isdir(directory):
-            raise StoreError("path", f"database directory {directory} does not exist")
+            raise StoreError("path", f"{directory} is not a directory")
         if not os.access(directory, os.W_OK | os.X_OK):
             raise StoreError("permission", f"cannot write database directory {directory}: permission denied")
         _check_header(path)
