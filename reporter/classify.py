@@ -1,0 +1,503 @@
+"""Turn query results into a Report: plan rollup vs raw, add the parts, find gaps.
+
+Data flow: opendb (connection) -> query (SQL aggregates) -> here (Report
+dataclasses, pure integer sums) -> render_text / render_json / render_csv.
+Every number in a Report is an integer sum of database facts or a ratio of
+two of them, so the rollup path and the raw path give identical output.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import tzinfo
+
+from . import query
+from .errors import Exit, ReportError
+from .window import HOUR_MS, Segment, WindowError, fmt_local, offset_segments
+
+STATES = ("active", "idle_held", "idle")
+HOLE_MIN_MS = 5 * 60_000  # a hole between ticks this long is reported as a gap
+_SUSPECT_SLACK_MS = 60_000  # an hour this short of ticks is looked at tick by tick
+HOLES_KEPT = 1000
+GAP_EVENTS_KEPT = 1000
+STATUS_NAMES = {0: "ok", 1: "error", 2: "lost"}
+
+
+@dataclass(frozen=True)
+class Options:
+    since_ms: int
+    until_ms: int
+    tz: tzinfo
+    tz_name: str
+    active_pm: int = 100
+    held_bytes: int = 100_000_000
+    gpus: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+    use_rollups: bool = True
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which hours come from rollups and which time ranges from raw rows."""
+
+    h0: int  # rollup hours [h0, h1); h0 == h1: none
+    h1: int
+    raw_ranges: tuple[tuple[int, int], ...]
+    heat_from_rollups: bool
+    note: str  # why rollups were not (fully) used, for the diagnostics
+
+
+@dataclass
+class StateTotals:
+    ticks: int = 0
+    total_ms: int = 0
+    active_ms: int = 0
+    held_ms: int = 0
+    idle_ms: int = 0
+    unknown_ms: int = 0
+    coverage_pm_ms: int = 0
+    energy_active_mj: int | None = None
+    energy_held_mj: int | None = None
+    energy_idle_mj: int | None = None
+
+    def add_row(self, values: Sequence[int | None]) -> None:
+        """Add one query row's columns in query.STATE_COLUMNS order."""
+        for name, v in zip(query.STATE_COLUMNS, values):
+            cur = getattr(self, name)
+            if name.startswith("energy_"):
+                # NULL means "no row of this state had energy": keep it NULL
+                # until some part of the window had a value.
+                if v is not None:
+                    setattr(self, name, (cur or 0) + v)
+            else:
+                setattr(self, name, cur + (v or 0))
+
+    def add(self, other: StateTotals) -> None:
+        self.add_row([getattr(other, n) for n in query.STATE_COLUMNS])
+
+    @property
+    def known_ms(self) -> int:
+        return self.active_ms + self.held_ms + self.idle_ms
+
+    def share(self, state: str) -> float | None:
+        ms = {"active": self.active_ms, "idle_held": self.held_ms, "idle": self.idle_ms}[state]
+        return ms / self.known_ms if self.known_ms else None
+
+    @property
+    def coverage(self) -> float | None:
+        """Share of known time the 200 ms utilization samples covered."""
+        return self.coverage_pm_ms / (1000 * self.known_ms) if self.known_ms else None
+
+    @property
+    def has_energy(self) -> bool:
+        return any(getattr(self, f"energy_{s}_mj") is not None for s in ("active", "held", "idle"))
+
+
+@dataclass(frozen=True)
+class ErrorSummary:
+    gpu_id: int | None
+    kind: str
+    count: int
+    first_ms: int
+    last_ms: int
+    last_detail: str
+
+
+@dataclass
+class GpuReport:
+    row: query.GpuRow
+    parent: query.GpuRow | None
+    totals: StateTotals
+    errors: list[ErrorSummary]
+    last_status: str | None
+
+    @property
+    def is_mig(self) -> bool:
+        return self.row.parent_id is not None
+
+    def notes(self, tz: tzinfo) -> list[str]:
+        """Short words for the per-GPU table; JSON carries the same facts as fields."""
+        out: list[str] = []
+        if self.is_mig:
+            parent = self.parent.index if self.parent else "?"
+            out.append(f"MIG {parent}/{self.row.mig_slot}")
+        if self.last_status == "lost":
+            lost = [e for e in self.errors if e.kind == "gpu_lost"]
+            out.append("LOST" + (f" {fmt_local(lost[0].first_ms, tz)[5:]}" if lost else ""))
+        elif self.last_status == "error":
+            out.append("error now")
+        n_err = sum(e.count for e in self.errors if e.kind == "nvml_error")
+        if n_err:
+            out.append(f"{n_err} NVML err")
+        if self.totals.unknown_ms:
+            why = "util n/a" if self.is_mig and not n_err else "unknown"
+            out.append(f"{why} {self.totals.unknown_ms / HOUR_MS:.1f}h")
+        return out
+
+
+@dataclass
+class Identity:
+    """One user, or one (user, unit) pair; sums of per-GPU-per-tick facts."""
+
+    user: str
+    uid: int | None
+    unit: str  # '' for the per-user rows
+    held_ms: int = 0
+    idle_held_ms: int = 0
+    mem_mib_ms: int = 0
+    unknown_mem_ms: int = 0
+    gpu_ids: set[int] = field(default_factory=set)
+
+    def add_row(self, gpu_id: int, values: Sequence[int]) -> None:
+        self.held_ms += values[0] or 0
+        self.idle_held_ms += values[1] or 0
+        self.mem_mib_ms += values[2] or 0
+        self.unknown_mem_ms += values[3] or 0
+        self.gpu_ids.add(gpu_id)
+
+    @property
+    def mem_gb_hours(self) -> float:
+        return self.mem_mib_ms * 1_048_576 / 1e9 / HOUR_MS
+
+
+@dataclass(frozen=True)
+class Hole:
+    start_ms: int
+    end_ms: int
+    open_ended: bool  # no tick after it: the collector may be down now
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: int
+    started_ms: int
+    stopped_ms: int | None
+    interval_ms: int
+    backend: str
+    hostname: str
+    version: str
+    clean: bool | None  # None: still running (the latest run, not stopped)
+    last_tick_ms: int | None  # for an unclean stop: the last tick it wrote
+
+
+@dataclass(frozen=True)
+class GapEvent:
+    start_ms: int
+    end_ms: int | None
+    run_id: int | None
+    detail: str
+
+
+@dataclass
+class Report:
+    options: Options
+    plan: Plan
+    db_path: str
+    schema_version: int
+    created_ms: int | None
+    hostnames: list[str]
+    gpus: list[GpuReport]
+    headline: StateTotals
+    users: list[Identity]
+    units: list[Identity]
+    heat: dict[int, tuple[int, int]]  # cell -> (active_ms, known_ms)
+    first_tick_ms: int | None
+    last_tick_ms: int | None
+    holes: list[Hole]
+    holes_total: int
+    gap_events: list[GapEvent]
+    gap_events_total: int
+    runs: list[RunInfo]
+    host_errors: list[ErrorSummary]  # events with no GPU (init_failed, db_error)
+    warnings: list[str]
+
+    @property
+    def window_ms(self) -> int:
+        return self.options.until_ms - self.options.since_ms
+
+    @property
+    def physical(self) -> list[GpuReport]:
+        return [g for g in self.gpus if not g.is_mig]
+
+    @property
+    def energy_gpus(self) -> list[GpuReport]:
+        return [g for g in self.physical if g.totals.has_energy]
+
+
+# ---------------------------------------------------------------- planning
+
+def make_plan(meta: dict[str, str], opts: Options, segments: Sequence[Segment]) -> Plan:
+    since, until = opts.since_ms, opts.until_ms
+    whole = ((since, until),)
+    if not opts.use_rollups:
+        return Plan(0, 0, whole, False, "--no-rollups")
+    if "rollup_next_hour" not in meta:
+        return Plan(0, 0, whole, False, "no hour rolled up yet")
+    try:
+        same = (int(meta.get("rollup_active_permille", -1)) == opts.active_pm
+                and int(meta.get("rollup_held_bytes", -1)) == opts.held_bytes)
+        next_hour = int(meta["rollup_next_hour"])
+    except ValueError:
+        return Plan(0, 0, whole, False, "unreadable rollup meta")
+    if not same:
+        return Plan(0, 0, whole, False, "thresholds differ from the rollups'")
+    h0 = -(-since // HOUR_MS)  # first whole hour starting at or after since
+    h1 = min(until // HOUR_MS, next_hour)
+    if h1 <= h0:
+        return Plan(0, 0, whole, False, "no whole rolled-up hour in the window")
+    raw = tuple(r for r in ((since, h0 * HOUR_MS), (h1 * HOUR_MS, until)) if r[1] > r[0])
+    # Rollup hours are UTC hours: they map onto local hours only when the
+    # zone's offset (and every change of it) falls on whole hours.
+    heat_ok = all(s.offset_ms % HOUR_MS == 0 for s in segments) and all(
+        s.start_ms % HOUR_MS == 0 for s in segments[1:]
+    )
+    note = "" if heat_ok else "heatmap from raw rows: time zone offset is not whole hours"
+    return Plan(h0, h1, raw, heat_ok, note)
+
+
+# ---------------------------------------------------------------- GPU selection
+
+def select_gpus(rows: Sequence[query.GpuRow], selectors: Sequence[str]) -> list[int] | None:
+    """--gpu values (index or UUID, or a UUID prefix) -> gpu_ids; MIG instances
+    of a selected GPU come with it. None: no filter."""
+    if not selectors:
+        return None
+    chosen: set[int] = set()
+    for sel in selectors:
+        s = sel.strip()
+        hits = {r.gpu_id for r in rows if r.parent_id is None and s.isdigit() and r.index == int(s)}
+        hits |= {r.gpu_id for r in rows if r.uuid.lower() == s.lower()}
+        if not hits and len(s) >= 6:
+            hits = {r.gpu_id for r in rows if r.uuid.lower().startswith(s.lower())}
+        if not hits:
+            known = ", ".join(sorted({str(r.index) for r in rows if r.parent_id is None}))
+            raise WindowError(f"no GPU matches --gpu {sel!r} (indexes in this database: {known or 'none'})")
+        chosen |= hits
+    chosen |= {r.gpu_id for r in rows if r.parent_id in chosen}
+    return sorted(chosen)
+
+
+# ---------------------------------------------------------------- build
+
+def build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Options) -> Report:
+    """Run every query in one read transaction and assemble the Report."""
+    conn.execute("BEGIN")  # one snapshot for the whole report, however long the collector writes
+    try:
+        return _build(conn, db_path, schema_version, opts)
+    finally:
+        conn.execute("COMMIT")
+
+
+def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Options) -> Report:
+    since, until = opts.since_ms, opts.until_ms
+    meta = query.meta(conn)
+    segments = offset_segments(opts.tz, since, until)
+    plan = make_plan(meta, opts, segments)
+    gpu_rows = query.gpus(conn)
+    by_id = {r.gpu_id: r for r in gpu_rows}
+    gpu_ids = select_gpus(gpu_rows, opts.gpus)
+    physical_ids = {r.gpu_id for r in gpu_rows if r.parent_id is None}
+
+    # GPU state per GPU, and the heatmap over physical GPUs.
+    per_gpu: dict[int, StateTotals] = {}
+    heat: dict[int, list[int]] = {}
+
+    def take(rows: list[tuple], totals: bool, cells: bool) -> None:
+        for gpu_id, cell, *values in rows:
+            if totals:
+                per_gpu.setdefault(gpu_id, StateTotals()).add_row(values)
+            if cells and gpu_id in physical_ids:
+                active, held, idle = values[2] or 0, values[3] or 0, values[4] or 0
+                c = heat.setdefault(cell, [0, 0])
+                c[0] += active
+                c[1] += active + held + idle
+
+    if plan.h1 > plan.h0:
+        take(query.gpu_state_rollup(conn, plan.h0, plan.h1, gpu_ids,
+                                    segments if plan.heat_from_rollups else None),
+             totals=True, cells=plan.heat_from_rollups)
+        if not plan.heat_from_rollups:
+            take(query.gpu_state_raw(conn, plan.h0 * HOUR_MS, plan.h1 * HOUR_MS, opts.active_pm,
+                                     opts.held_bytes, gpu_ids, segments),
+                 totals=False, cells=True)
+    for lo, hi in plan.raw_ranges:
+        take(query.gpu_state_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids, segments),
+             totals=True, cells=True)
+
+    ticks = sum(t.ticks for t in per_gpu.values())
+    if ticks == 0:
+        tz = opts.tz
+        raise ReportError(
+            Exit.EMPTY_WINDOW,
+            f"no samples between {fmt_local(since, tz)} and {fmt_local(until, tz)} ({opts.tz_name})"
+            + (" for the selected GPUs" if gpu_ids is not None else ""),
+        )
+
+    # Events and per-GPU errors.
+    errors = [ErrorSummary(*r) for r in query.error_events(conn, since, until)]
+    last = query.last_status(conn, since, until)
+    gpus: list[GpuReport] = []
+    for r in gpu_rows:
+        if r.gpu_id not in per_gpu:
+            continue
+        st = last.get(r.gpu_id)
+        gpus.append(GpuReport(
+            row=r,
+            parent=by_id.get(r.parent_id) if r.parent_id is not None else None,
+            totals=per_gpu[r.gpu_id],
+            errors=[e for e in errors if e.gpu_id == r.gpu_id],
+            last_status=STATUS_NAMES.get(st, str(st)) if st is not None else None,
+        ))
+    headline = StateTotals()
+    for g in gpus:
+        if not g.is_mig:
+            headline.add(g.totals)
+
+    users, units = _identities(conn, plan, opts, gpu_ids)
+    first, last_ts = query.first_last_tick(conn, since, until)
+    holes, holes_total = _holes(conn, plan, since, until)
+    gap_rows = query.gap_events(conn, since, until, GAP_EVENTS_KEPT)
+    runs = _runs(conn, since, until)
+    warnings = _warnings(meta, plan, opts)
+    try:
+        created = int(meta["created_ms"])
+    except (KeyError, ValueError):
+        created = None
+    return Report(
+        options=opts, plan=plan, db_path=db_path, schema_version=schema_version,
+        created_ms=created,
+        hostnames=sorted({r.hostname for r in runs}),
+        gpus=gpus, headline=headline, users=users, units=units,
+        heat={k: (v[0], v[1]) for k, v in heat.items()},
+        first_tick_ms=first, last_tick_ms=last_ts,
+        holes=holes, holes_total=holes_total,
+        gap_events=[GapEvent(*r) for r in gap_rows],
+        gap_events_total=query.count_gap_events(conn, since, until) + (
+            1 if gap_rows and gap_rows[0][0] < since else 0),
+        runs=runs,
+        host_errors=[e for e in errors if e.gpu_id is None],
+        warnings=warnings,
+    )
+
+
+def _identities(
+    conn: sqlite3.Connection, plan: Plan, opts: Options, gpu_ids: list[int] | None
+) -> tuple[list[Identity], list[Identity]]:
+    names = query.accounts(conn)
+    wanted = {u.strip() for u in opts.users}
+
+    def keep(account_id: int) -> bool:
+        if not wanted:
+            return True
+        uid, name = names.get(account_id, (None, "?"))
+        return name in wanted or (uid is not None and str(uid) in wanted)
+
+    out: list[list[Identity]] = []
+    for by_unit in (False, True):
+        acc: dict[tuple[int, str], Identity] = {}
+        parts = []
+        if plan.h1 > plan.h0:
+            parts.append(query.identity_rollup(conn, plan.h0, plan.h1, gpu_ids, by_unit))
+        for lo, hi in plan.raw_ranges:
+            parts.append(query.identity_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids, by_unit))
+        for rows in parts:
+            for gpu_id, account_id, unit, *values in rows:
+                if not keep(account_id):
+                    continue
+                uid, name = names.get(account_id, (None, f"account:{account_id}"))
+                ident = acc.get((account_id, unit))
+                if ident is None:
+                    ident = acc[(account_id, unit)] = Identity(user=name, uid=uid, unit=unit)
+                ident.add_row(gpu_id, values)
+        # Accounts that shared a username (uid changed) stay separate rows;
+        # the order is by GPU time held, then name, so output is stable.
+        rows_out = [i for i in acc.values() if i.held_ms > 0]
+        rows_out.sort(key=lambda i: (-i.held_ms, i.user, i.unit, i.uid if i.uid is not None else -1))
+        out.append(rows_out)
+    return out[0], out[1]
+
+
+def _holes(conn: sqlite3.Connection, plan: Plan, since: int, until: int) -> tuple[list[Hole], int]:
+    """Stretches of >= HOLE_MIN_MS inside the window with no tick covering them.
+
+    Scanning every tick would cost seconds on a year; instead each hour's
+    covered time (rollups, or raw sums for the rest) picks the few hours
+    that are short of ticks, and only those are read tick by tick. Any hole
+    of HOLE_MIN_MS leaves at least half of it in one hour, which then falls
+    more than the slack short (a tick's duration may spill into the hour
+    before, by at most one interval, which the slack absorbs).
+    """
+    cover: dict[int, int] = {}
+    if plan.h1 > plan.h0:
+        cover.update(query.hour_cover_rollup(conn, plan.h0, plan.h1))
+    for lo, hi in plan.raw_ranges:
+        for h, ms in query.hour_cover_raw(conn, lo, hi):
+            cover[h] = cover.get(h, 0) + (ms or 0)
+    suspects: list[list[int]] = []  # runs of consecutive hours [a, b]
+    for h in range(since // HOUR_MS, (until - 1) // HOUR_MS + 1):
+        expected = min(until, (h + 1) * HOUR_MS) - max(since, h * HOUR_MS)
+        if cover.get(h, 0) < expected - _SUSPECT_SLACK_MS:
+            if suspects and suspects[-1][1] == h - 1:
+                suspects[-1][1] = h
+            else:
+                suspects.append([h, h])
+    found: dict[tuple[int, int], Hole] = {}
+
+    def hole(start: int, end: int, open_ended: bool = False) -> None:
+        if end - start < HOLE_MIN_MS:
+            return
+        s, e = max(start, since), min(end, until)
+        if e > s:
+            found[(s, e)] = Hole(s, e, open_ended)
+
+    for a, b in suspects:
+        lo, hi = max(since, a * HOUR_MS), min(until, (b + 1) * HOUR_MS)
+        prev = query.tick_before(conn, lo)
+        for ts, d in query.ticks_between(conn, lo, hi):
+            if prev is not None:
+                hole(prev, ts - d)
+            prev = ts
+        nxt = query.tick_at_or_after(conn, hi)
+        if prev is not None:
+            if nxt is not None:
+                hole(prev, nxt[0] - nxt[1])
+            else:
+                hole(prev, until, open_ended=True)
+    holes = sorted(found.values(), key=lambda h: h.start_ms)
+    return holes[:HOLES_KEPT], len(holes)
+
+
+def _runs(conn: sqlite3.Connection, since: int, until: int) -> list[RunInfo]:
+    out: list[RunInfo] = []
+    for run_id, started, stopped, interval, backend, host, version, next_started in query.runs(conn):
+        end = stopped if stopped is not None else next_started
+        if started >= until or (end is not None and end < since):
+            continue
+        if stopped is not None:
+            clean: bool | None = True
+            last_tick = None
+        elif next_started is not None:
+            clean = False  # killed, crashed or host lost power: the next run started without a stop
+            last_tick = query.tick_before(conn, next_started)
+            if last_tick is not None and last_tick < started:
+                last_tick = None
+        else:
+            clean, last_tick = None, None  # the current run
+        out.append(RunInfo(run_id, started, stopped, interval, backend, host, version, clean, last_tick))
+    return out
+
+
+def _warnings(meta: dict[str, str], plan: Plan, opts: Options) -> list[str]:
+    out: list[str] = []
+    try:
+        pruned = int(meta.get("raw_pruned_before_ms", "0"))
+    except ValueError:
+        pruned = 0
+    if pruned and any(lo < pruned for lo, _ in plan.raw_ranges):
+        out.append(
+            f"raw samples before {fmt_local(pruned, opts.tz)} were pruned by retention and "
+            f"this report could not use rollups for them ({plan.note or 'partial hours'})"
+        )
+    return out

@@ -1,0 +1,176 @@
+"""Open a gua database strictly read-only and map every failure to an exit code.
+
+Facts this relies on (measured with SQLite 3.40, see DESIGN.md):
+- While the collector runs, a -wal and -shm exist and `mode=ro` works for a
+  reader that may read them but not write the directory.
+- After a clean collector exit SQLite removes -wal/-shm; `mode=ro` then
+  fails for such a reader (SQLITE_READONLY_DIRECTORY) and, where the reader
+  can write the directory, could create a -shm. With no -wal there is no
+  uncommitted state to see, so `immutable=1` is both correct and inert.
+- `immutable=1` is wrong while a -wal exists (it would ignore the WAL).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import sqlite3
+import stat
+import urllib.parse
+from dataclasses import dataclass
+
+from .errors import Exit, ReportError
+
+SCHEMA_VERSION = 1  # the newest gua schema this reporter understands
+APPLICATION = "gua"
+_MAGIC = b"SQLite format 3\x00"
+
+
+@dataclass(frozen=True)
+class OpenedDb:
+    conn: sqlite3.Connection
+    path: str
+    immutable: bool  # opened without looking at (absent) WAL state
+    schema_version: int
+
+
+def _owner_text(st: os.stat_result) -> tuple[str, str]:
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return user, group
+
+
+def _permission_error(path: str) -> ReportError:
+    """Say who may read the file, and which group to join."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is None:
+        # The file itself cannot even be looked at: a directory above it is closed.
+        # Name the first directory on the way down that this user cannot enter.
+        parent = "/"
+        for part in os.path.abspath(path).split("/")[1:-1]:
+            if not os.access(parent, os.X_OK):
+                break
+            parent = os.path.join(parent, part)
+        try:
+            pst = os.stat(parent)
+            user, group = _owner_text(pst)
+            hint = f" (directory {parent} is {user}:{group} {stat.filemode(pst.st_mode)}): join the '{group}' group"
+        except OSError:
+            hint = ": join the 'gua' group"
+        return ReportError(Exit.PERMISSION, f"permission denied: {path}{hint}")
+    user, group = _owner_text(st)
+    return ReportError(
+        Exit.PERMISSION,
+        f"permission denied reading {path} (owned by {user}:{group}, "
+        f"mode {stat.filemode(st.st_mode)}): join the '{group}' group, "
+        "then log in again",
+    )
+
+
+def _precheck(path: str) -> None:
+    """Classify missing / unreadable / not-a-file before SQLite guesses."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ReportError(
+            Exit.DB_MISSING,
+            f"database {path} does not exist (is gua-collector running? use --db PATH)",
+        ) from None
+    except PermissionError:
+        raise _permission_error(path) from None
+    except OSError as exc:
+        raise ReportError(Exit.DB_MISSING, f"cannot open {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ReportError(Exit.NOT_GUA, f"{path} is not a regular file, so not a gua database")
+    if not os.access(path, os.R_OK):
+        raise _permission_error(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_MAGIC))
+    except PermissionError:
+        raise _permission_error(path) from None
+    except OSError as exc:
+        raise ReportError(Exit.CORRUPT, f"cannot read {path}: {exc.strerror}") from None
+    # An empty file is an empty SQLite database (no tables): "not gua" below.
+    if head and head != _MAGIC:
+        if len(head) == len(_MAGIC) and head[:6] == _MAGIC[:6]:
+            raise ReportError(Exit.CORRUPT, f"{path} is corrupt (damaged SQLite header)")
+        raise ReportError(Exit.NOT_GUA, f"{path} is not a SQLite database, so not a gua database")
+    for side in (path + "-wal", path + "-shm"):
+        if os.path.exists(side) and not os.access(side, os.R_OK):
+            raise _permission_error(side)
+
+
+def _uri(path: str, immutable: bool) -> str:
+    quoted = urllib.parse.quote(os.path.abspath(path))
+    return f"file:{quoted}?mode=ro&immutable=1" if immutable else f"file:{quoted}?mode=ro"
+
+
+def _map_sqlite_error(path: str, exc: sqlite3.Error) -> ReportError:
+    msg = str(exc)
+    code = getattr(exc, "sqlite_errorname", "")
+    if "not a database" in msg or code == "SQLITE_NOTADB":
+        return ReportError(Exit.CORRUPT, f"{path} is corrupt ({msg})")
+    if "malformed" in msg or code == "SQLITE_CORRUPT":
+        return ReportError(Exit.CORRUPT, f"{path} is corrupt ({msg})")
+    if code in ("SQLITE_PERM", "SQLITE_AUTH") or "permission" in msg.lower():
+        return _permission_error(path)
+    if code.startswith("SQLITE_READONLY") or code.startswith("SQLITE_CANTOPEN") or "unable to open" in msg:
+        if not os.access(path, os.R_OK):
+            return _permission_error(path)
+        return ReportError(
+            Exit.PERMISSION,
+            f"cannot open {path} read-only ({msg}); its -wal/-shm files may need "
+            "group read access: join the group that owns them",
+        )
+    return ReportError(Exit.CORRUPT, f"cannot read {path}: {msg}")
+
+
+def open_readonly(path: str) -> OpenedDb:
+    """Open `path` read-only and check it is a gua database of a known version.
+
+    Raises ReportError with the exit code for each failure.
+    """
+    _precheck(path)
+    immutable = not os.path.exists(path + "-wal")
+    conn: sqlite3.Connection | None = None
+    try:
+        # isolation_level=None: we issue BEGIN ourselves so the whole report
+        # reads one snapshot while the collector keeps committing.
+        conn = sqlite3.connect(_uri(path, immutable), uri=True, isolation_level=None, timeout=10.0)
+        conn.execute("PRAGMA query_only = ON")
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        app = None
+        if "meta" in tables:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'application'").fetchone()
+            app = row[0] if row else None
+    except sqlite3.Error as exc:
+        if conn is not None:
+            conn.close()
+        raise _map_sqlite_error(path, exc) from None
+    if app != APPLICATION:
+        conn.close()
+        what = "an empty SQLite database" if not tables else "a SQLite database of another program"
+        raise ReportError(Exit.NOT_GUA, f"{path} is {what}, not a gua database")
+    if version > SCHEMA_VERSION:
+        conn.close()
+        raise ReportError(
+            Exit.SCHEMA_NEWER,
+            f"{path} has schema version {version}, newer than this gua-report "
+            f"understands ({SCHEMA_VERSION}): upgrade gua-report",
+        )
+    if version < 1:
+        conn.close()
+        raise ReportError(Exit.CORRUPT, f"{path} names itself gua but has no schema version")
+    return OpenedDb(conn=conn, path=path, immutable=immutable, schema_version=version)

@@ -1,0 +1,368 @@
+"""Every SQL statement of gua-report, in one place.
+
+The classification rules are those of collector/SCHEMA.md; the raw queries
+below must give exactly the integer sums the collector writes into the
+hourly rollups (tests/test_report_rollup.py holds them to that). All
+aggregation is GROUP BY in SQLite; results are bounded by the number of
+GPUs, accounts and heatmap cells (7 x 24), never by the number of ticks.
+
+Windows are half-open `[lo, hi)` over `tick.ts_ms` (index `tick_ts`), and
+rollup ranges are half-open `[h0, h1)` over UTC hours.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .window import HOUR_MS, Segment
+
+# Columns of a GPU-state aggregate, in the order both GPU queries return them
+# after (gpu_id, cell).
+STATE_COLUMNS = (
+    "ticks", "total_ms", "active_ms", "held_ms", "idle_ms", "unknown_ms",
+    "coverage_pm_ms", "energy_active_mj", "energy_held_mj", "energy_idle_mj",
+)
+IDENTITY_COLUMNS = ("held_ms", "idle_held_ms", "mem_mib_ms", "unknown_mem_ms")
+
+
+# ---------------------------------------------------------------- helpers
+
+def _in_clause(column: str, ids: Sequence[int] | None) -> str:
+    """`AND column IN (1,2)` for a GPU filter; ids are ints we looked up."""
+    if ids is None:
+        return ""
+    if not ids:
+        return " AND 0"
+    return f" AND {column} IN ({','.join(str(int(i)) for i in ids)})"
+
+
+def cell_expr(ts_expr: str, segments: Sequence[Segment] | None) -> str:
+    """SQL for the heatmap cell (weekday * 24 + local hour, Monday = 0).
+
+    The local hour number is (ts + offset) / 3600000 with the offset chosen
+    by a CASE over the zone's segments; day 0 (1970-01-01) was a Thursday,
+    hence the + 3. None -> a constant 0 (no heatmap wanted from this query).
+    """
+    if not segments:
+        return "0"
+    if len(segments) == 1:
+        off = str(segments[0].offset_ms)
+    else:
+        whens = " ".join(
+            f"WHEN {ts_expr} < {int(s.start_ms)} THEN {int(prev.offset_ms)}"
+            for prev, s in zip(segments, segments[1:])
+        )
+        off = f"(CASE {whens} ELSE {int(segments[-1].offset_ms)} END)"
+    local_hour = f"(({ts_expr}) + {off}) / {HOUR_MS}"
+    return f"((({local_hour}) / 24 + 3) % 7) * 24 + ({local_hour}) % 24"
+
+
+# ---------------------------------------------------------------- dimensions
+
+@dataclass(frozen=True)
+class GpuRow:
+    gpu_id: int
+    uuid: str
+    index: int
+    name: str
+    memory_total: int | None
+    parent_id: int | None
+    mig_slot: int | None
+
+
+def gpus(conn: sqlite3.Connection) -> list[GpuRow]:
+    rows = conn.execute(
+        """
+        SELECT gpu_id, uuid, gpu_index, name, memory_total, parent_id, mig_slot
+        FROM gpu
+        ORDER BY gpu_index, parent_id IS NOT NULL, mig_slot, gpu_id
+        """
+    ).fetchall()
+    return [GpuRow(*r) for r in rows]
+
+
+def accounts(conn: sqlite3.Connection) -> dict[int, tuple[int | None, str]]:
+    """account_id -> (uid, username)."""
+    return {
+        r[0]: (r[1], r[2])
+        for r in conn.execute("SELECT account_id, uid, username FROM account")
+    }
+
+
+def meta(conn: sqlite3.Connection) -> dict[str, str]:
+    return dict(conn.execute("SELECT key, value FROM meta").fetchall())
+
+
+# ---------------------------------------------------------------- GPU state
+
+def gpu_state_raw(
+    conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
+    gpu_ids: Sequence[int] | None, segments: Sequence[Segment] | None,
+) -> list[tuple]:
+    """Classify raw gpu_sample rows; one row per (gpu_id, heatmap cell).
+
+    The held test is a correlated subquery on proc_sample's primary key
+    (tick_id, gpu_id, ...), evaluated only for ok rows below the active
+    threshold (CASE is lazy). Held: a compute process with unknown memory,
+    or compute memory in total above the threshold; graphics-only
+    processes (Xorg) never hold a card.
+    """
+    sql = f"""
+        SELECT gpu_id, cell,
+               count(*),
+               sum(d),
+               sum(CASE st WHEN 0 THEN d ELSE 0 END),
+               sum(CASE st WHEN 1 THEN d ELSE 0 END),
+               sum(CASE st WHEN 2 THEN d ELSE 0 END),
+               sum(CASE st WHEN 3 THEN d ELSE 0 END),
+               sum(CASE WHEN cov IS NOT NULL THEN d * cov ELSE 0 END),
+               sum(CASE st WHEN 0 THEN e END),
+               sum(CASE st WHEN 1 THEN e END),
+               sum(CASE st WHEN 2 THEN e END)
+        FROM (
+            SELECT g.gpu_id AS gpu_id,
+                   t.duration_ms AS d,
+                   g.coverage_permille AS cov,
+                   g.energy_mj AS e,
+                   {cell_expr('t.ts_ms', segments)} AS cell,
+                   CASE
+                       WHEN g.status != 0 OR g.util_permille IS NULL THEN 3
+                       WHEN g.util_permille >= :active THEN 0
+                       WHEN (SELECT count(*) > count(ps.mem_mib)
+                                    OR total(ps.mem_mib) * 1048576 > :held
+                             FROM proc_sample AS ps
+                             WHERE ps.tick_id = g.tick_id
+                               AND ps.gpu_id = g.gpu_id
+                               AND ps.kind & 1) THEN 1
+                       ELSE 2
+                   END AS st
+            FROM tick AS t
+            JOIN gpu_sample AS g ON g.tick_id = t.tick_id
+            WHERE t.ts_ms >= :lo AND t.ts_ms < :hi{_in_clause('g.gpu_id', gpu_ids)}
+        )
+        GROUP BY gpu_id, cell
+    """
+    return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes}).fetchall()
+
+
+def gpu_state_rollup(
+    conn: sqlite3.Connection, h0: int, h1: int,
+    gpu_ids: Sequence[int] | None, segments: Sequence[Segment] | None,
+) -> list[tuple]:
+    """The same aggregate from hour_gpu, for whole UTC hours [h0, h1)."""
+    sql = f"""
+        SELECT gpu_id, {cell_expr(f'hour * {HOUR_MS}', segments)} AS cell,
+               sum(ticks), sum(total_ms), sum(active_ms), sum(held_ms),
+               sum(idle_ms), sum(unknown_ms), sum(coverage_pm_ms),
+               sum(energy_active_mj), sum(energy_held_mj), sum(energy_idle_mj)
+        FROM hour_gpu
+        WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}
+        GROUP BY gpu_id, cell
+    """
+    return conn.execute(sql, {"h0": h0, "h1": h1}).fetchall()
+
+
+# ---------------------------------------------------------------- identities
+
+def identity_raw(
+    conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
+    gpu_ids: Sequence[int] | None, by_unit: bool,
+) -> list[tuple]:
+    """Per-account (or per account+unit) use of each GPU, from raw rows.
+
+    Rows: (gpu_id, account_id, unit, held_ms, idle_held_ms, mem_mib_ms,
+    unknown_mem_ms). The inner GROUP BY makes an account count once per GPU
+    and tick however many processes it has there; only compute processes
+    count. Idle-held needs every sm_util known and their sum below the
+    active threshold, whatever the card as a whole did.
+    """
+    unit_col = "p.unit" if by_unit else "''"
+    unit_where = " AND p.unit != ''" if by_unit else ""
+    sql = f"""
+        SELECT gpu_id, account_id, unit,
+               sum(d),
+               sum(CASE WHEN NOT sm_null AND sm * 10 < :active THEN d ELSE 0 END),
+               sum(mem * d),
+               sum(CASE WHEN mem_null THEN d ELSE 0 END)
+        FROM (
+            SELECT ps.gpu_id AS gpu_id,
+                   p.account_id AS account_id,
+                   {unit_col} AS unit,
+                   t.duration_ms AS d,
+                   count(*) > count(ps.mem_mib) AS mem_null,
+                   coalesce(sum(ps.mem_mib), 0) AS mem,
+                   count(*) > count(ps.sm_util) AS sm_null,
+                   coalesce(sum(ps.sm_util), 0) AS sm
+            FROM tick AS t
+            JOIN proc_sample AS ps ON ps.tick_id = t.tick_id
+            JOIN process AS p ON p.proc_id = ps.proc_id
+            WHERE t.ts_ms >= :lo AND t.ts_ms < :hi
+              AND ps.kind & 1{unit_where}{_in_clause('ps.gpu_id', gpu_ids)}
+            GROUP BY ps.tick_id, ps.gpu_id, p.account_id, {unit_col}
+        )
+        WHERE mem_null OR mem * 1048576 > :held
+        GROUP BY gpu_id, account_id, unit
+    """
+    return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes}).fetchall()
+
+
+def identity_rollup(
+    conn: sqlite3.Connection, h0: int, h1: int, gpu_ids: Sequence[int] | None, by_unit: bool,
+) -> list[tuple]:
+    """The same rows from hour_account / hour_unit for whole UTC hours [h0, h1)."""
+    table, unit_col = ("hour_unit", "unit") if by_unit else ("hour_account", "''")
+    sql = f"""
+        SELECT gpu_id, account_id, {unit_col} AS unit,
+               sum(held_ms), sum(idle_held_ms), sum(mem_mib_ms), sum(unknown_mem_ms)
+        FROM {table}
+        WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}
+        GROUP BY gpu_id, account_id, unit
+    """
+    return conn.execute(sql, {"h0": h0, "h1": h1}).fetchall()
+
+
+# ---------------------------------------------------------------- coverage of time
+
+def hour_cover_raw(conn: sqlite3.Connection, lo: int, hi: int) -> list[tuple[int, int]]:
+    """(UTC hour, sum of tick durations) for ticks in [lo, hi)."""
+    return conn.execute(
+        f"""
+        SELECT ts_ms / {HOUR_MS} AS hour, sum(duration_ms)
+        FROM tick
+        WHERE ts_ms >= :lo AND ts_ms < :hi
+        GROUP BY hour
+        """,
+        {"lo": lo, "hi": hi},
+    ).fetchall()
+
+
+def hour_cover_rollup(conn: sqlite3.Connection, h0: int, h1: int) -> list[tuple[int, int]]:
+    """(UTC hour, the best-covered GPU's total_ms) from hour_gpu.
+
+    The busiest GPU's total equals the hour's tick durations whenever one
+    GPU was sampled in every tick; it is only used to pick hours to look at
+    closely, never as a result.
+    """
+    return conn.execute(
+        """
+        SELECT hour, max(total_ms)
+        FROM hour_gpu
+        WHERE hour >= :h0 AND hour < :h1
+        GROUP BY hour
+        """,
+        {"h0": h0, "h1": h1},
+    ).fetchall()
+
+
+def ticks_between(conn: sqlite3.Connection, lo: int, hi: int) -> sqlite3.Cursor:
+    """(ts_ms, duration_ms) of ticks in [lo, hi), in time order (streamed)."""
+    return conn.execute(
+        "SELECT ts_ms, duration_ms FROM tick WHERE ts_ms >= ? AND ts_ms < ? ORDER BY ts_ms",
+        (lo, hi),
+    )
+
+
+def tick_before(conn: sqlite3.Connection, ts: int) -> int | None:
+    row = conn.execute("SELECT max(ts_ms) FROM tick WHERE ts_ms < ?", (ts,)).fetchone()
+    return row[0]
+
+
+def tick_at_or_after(conn: sqlite3.Connection, ts: int) -> tuple[int, int] | None:
+    return conn.execute(
+        "SELECT ts_ms, duration_ms FROM tick WHERE ts_ms >= ? ORDER BY ts_ms LIMIT 1", (ts,)
+    ).fetchone()
+
+
+def first_last_tick(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[int | None, int | None]:
+    row = conn.execute(
+        "SELECT min(ts_ms), max(ts_ms) FROM tick WHERE ts_ms >= ? AND ts_ms < ?", (lo, hi)
+    ).fetchone()
+    return row[0], row[1]
+
+
+def last_status(conn: sqlite3.Connection, lo: int, hi: int) -> dict[int, int]:
+    """gpu_id -> status in the last tick of the window (one tick, by index)."""
+    return dict(
+        conn.execute(
+            """
+            SELECT g.gpu_id, g.status
+            FROM gpu_sample AS g
+            WHERE g.tick_id = (SELECT tick_id FROM tick
+                               WHERE ts_ms >= ? AND ts_ms < ?
+                               ORDER BY ts_ms DESC LIMIT 1)
+            """,
+            (lo, hi),
+        ).fetchall()
+    )
+
+
+# ---------------------------------------------------------------- runs and events
+
+def runs(conn: sqlite3.Connection) -> list[tuple]:
+    """(run_id, started_ms, stopped_ms, interval_ms, backend, hostname, version,
+    next_started_ms). The run table has one row per collector start: small."""
+    return conn.execute(
+        """
+        SELECT r.run_id, r.started_ms, r.stopped_ms, r.interval_ms, r.backend,
+               r.hostname, r.version,
+               (SELECT n.started_ms FROM run AS n
+                WHERE n.run_id > r.run_id ORDER BY n.run_id LIMIT 1)
+        FROM run AS r
+        ORDER BY r.run_id
+        """
+    ).fetchall()
+
+
+ERROR_KINDS = ("nvml_error", "gpu_lost", "init_failed", "db_error")
+
+
+def error_events(conn: sqlite3.Connection, lo: int, hi: int) -> list[tuple]:
+    """(gpu_id, kind, count, first_ms, last_ms, last_detail) in [lo, hi).
+
+    `detail` is a bare column beside max(): SQLite documents that it then
+    comes from the row holding the maximum, i.e. the latest event.
+    """
+    kinds = ",".join(f"'{k}'" for k in ERROR_KINDS)
+    return conn.execute(
+        f"""
+        SELECT gpu_id, kind, count(*), min(ts_ms), max(ts_ms), detail
+        FROM event
+        WHERE ts_ms >= ? AND ts_ms < ? AND kind IN ({kinds})
+        GROUP BY gpu_id, kind
+        ORDER BY gpu_id, kind
+        """,
+        (lo, hi),
+    ).fetchall()
+
+
+def gap_events(conn: sqlite3.Connection, lo: int, hi: int, limit: int) -> list[tuple]:
+    """(ts_ms, end_ms, run_id, detail) of 'gap' events overlapping [lo, hi).
+
+    The one gap that may start before the window is found with a backwards
+    index walk, not a scan of older events.
+    """
+    before = conn.execute(
+        """
+        SELECT ts_ms, end_ms, run_id, detail FROM event
+        WHERE kind = 'gap' AND ts_ms < ? ORDER BY ts_ms DESC LIMIT 1
+        """,
+        (lo,),
+    ).fetchall()
+    inside = conn.execute(
+        """
+        SELECT ts_ms, end_ms, run_id, detail FROM event
+        WHERE kind = 'gap' AND ts_ms >= ? AND ts_ms < ?
+        ORDER BY ts_ms LIMIT ?
+        """,
+        (lo, hi, limit),
+    ).fetchall()
+    out = [r for r in before if r[1] is not None and r[1] > lo]
+    return out + inside
+
+
+def count_gap_events(conn: sqlite3.Connection, lo: int, hi: int) -> int:
+    return conn.execute(
+        "SELECT count(*) FROM event WHERE kind = 'gap' AND ts_ms >= ? AND ts_ms < ?", (lo, hi)
+    ).fetchone()[0]

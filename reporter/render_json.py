@@ -1,0 +1,212 @@
+"""The JSON output: a versioned contract for scripts, documented in JSON.md.
+
+Canonical values are integers (milliseconds, mJ, MiB x ms) straight from
+the database sums; hours, shares and kWh beside them are conveniences
+derived from those integers. Add fields freely; renaming or changing the
+meaning of one needs FORMAT_VERSION + 1.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from . import __version__
+from .classify import GpuReport, Identity, Report, StateTotals
+from .window import HOUR_MS, iso_utc
+
+FORMAT_VERSION = 1
+WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+def _r(x: float | None, nd: int = 6) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+def _hours(ms: int) -> float:
+    return round(ms / HOUR_MS, 4)
+
+
+def _kwh(mj: int | None) -> float | None:
+    return None if mj is None else round(mj / 3.6e9, 6)
+
+
+def _states(t: StateTotals) -> dict[str, Any]:
+    return {
+        "ticks": t.ticks,
+        "total_ms": t.total_ms,
+        "active_ms": t.active_ms,
+        "idle_held_ms": t.held_ms,
+        "idle_ms": t.idle_ms,
+        "unknown_ms": t.unknown_ms,
+        "known_ms": t.known_ms,
+        "active_share": _r(t.share("active")),
+        "idle_held_share": _r(t.share("idle_held")),
+        "idle_share": _r(t.share("idle")),
+        "gpu_hours": _hours(t.total_ms),
+        "utilization_coverage": _r(t.coverage),
+    }
+
+
+def _energy(t: StateTotals) -> dict[str, Any]:
+    return {
+        "active_mj": t.energy_active_mj,
+        "idle_held_mj": t.energy_held_mj,
+        "idle_mj": t.energy_idle_mj,
+        "active_kwh": _kwh(t.energy_active_mj),
+        "idle_held_kwh": _kwh(t.energy_held_mj),
+        "idle_kwh": _kwh(t.energy_idle_mj),
+    }
+
+
+def _gpu(g: GpuReport) -> dict[str, Any]:
+    r = g.row
+    return {
+        "uuid": r.uuid,
+        "index": r.index,
+        "name": r.name,
+        "memory_total_bytes": r.memory_total,
+        "mig": None if not g.is_mig else {
+            "parent_uuid": g.parent.uuid if g.parent else None,
+            "parent_index": g.parent.index if g.parent else None,
+            "slot": r.mig_slot,
+        },
+        **_states(g.totals),
+        "energy": _energy(g.totals) if g.totals.has_energy else None,
+        "last_status": g.last_status,
+        "errors": [
+            {"kind": e.kind, "count": e.count, "first_ms": e.first_ms, "last_ms": e.last_ms,
+             "last_detail": e.last_detail}
+            for e in g.errors
+        ],
+    }
+
+
+def _identity(i: Identity, uuid_of: dict[int, str]) -> dict[str, Any]:
+    d: dict[str, Any] = {"user": i.user, "uid": i.uid}
+    if i.unit:
+        d["unit"] = i.unit
+    d.update({
+        "held_ms": i.held_ms,
+        "idle_held_ms": i.idle_held_ms,
+        "mem_mib_ms": i.mem_mib_ms,
+        "unknown_mem_ms": i.unknown_mem_ms,
+        "held_gpu_hours": _hours(i.held_ms),
+        "idle_held_gpu_hours": _hours(i.idle_held_ms),
+        "mem_gb_hours": round(i.mem_gb_hours, 4),
+        "memory_unknown": i.unknown_mem_ms > 0,
+        "gpus": sorted(uuid_of.get(g, str(g)) for g in i.gpu_ids),
+    })
+    return d
+
+
+def to_dict(rep: Report) -> dict[str, Any]:
+    o = rep.options
+    window_h = rep.window_ms / HOUR_MS
+    h = rep.headline
+    uuid_of = {g.row.gpu_id: g.row.uuid for g in rep.gpus}
+    energy_total = StateTotals()
+    for g in rep.energy_gpus:
+        energy_total.add(g.totals)
+    cells: list[list[float | None]] = [[None] * 24 for _ in range(7)]
+    active_ms: list[list[int]] = [[0] * 24 for _ in range(7)]
+    known_ms: list[list[int]] = [[0] * 24 for _ in range(7)]
+    for cell, (a, k) in rep.heat.items():
+        wd, hr = divmod(cell, 24)
+        active_ms[wd][hr], known_ms[wd][hr] = a, k
+        cells[wd][hr] = _r(a / k) if k else None
+    return {
+        "format_version": FORMAT_VERSION,
+        "generator": f"gua-report {__version__}",
+        "database": {
+            "path": rep.db_path,
+            "schema_version": rep.schema_version,
+            "created_ms": rep.created_ms,
+            "hostnames": rep.hostnames,
+        },
+        "window": {
+            "since": iso_utc(o.since_ms),
+            "until": iso_utc(o.until_ms),
+            "since_ms": o.since_ms,
+            "until_ms": o.until_ms,
+            "hours": round(window_h, 4),
+            "tz": o.tz_name,
+            "first_sample_ms": rep.first_tick_ms,
+            "last_sample_ms": rep.last_tick_ms,
+        },
+        "filters": {"gpus": list(o.gpus), "users": list(o.users)},
+        "rules": {
+            "active_threshold_permille": o.active_pm,
+            "held_threshold_bytes": o.held_bytes,
+            "text": (
+                f"active: SM utilization >= {o.active_pm / 10:g} %; idle-held: below that "
+                f"and compute processes hold > {o.held_bytes} bytes or memory NVML cannot "
+                "report; truly idle: otherwise; unknown: NVML error, lost GPU, or "
+                "utilization not supported"
+            ),
+            "basis": "physical GPUs; time = sum of each tick's measured duration",
+        },
+        "headline": _states(h),
+        "idle_capacity": {
+            "window_hours": round(window_h, 4),
+            "idle_held_gpu_hours": _hours(h.held_ms),
+            "idle_gpu_hours": _hours(h.idle_ms),
+            "idle_held_equivalent_gpus": round(h.held_ms / rep.window_ms, 4) if rep.window_ms else None,
+            "idle_equivalent_gpus": round(h.idle_ms / rep.window_ms, 4) if rep.window_ms else None,
+        },
+        "gpus": [_gpu(g) for g in rep.gpus],
+        "identities": {
+            "users": [_identity(i, uuid_of) for i in rep.users],
+            "units": [_identity(i, uuid_of) for i in rep.units],
+        },
+        "heatmap": {
+            "tz": o.tz_name,
+            "weekdays": list(WEEKDAYS),
+            "active_share": cells,
+            "active_ms": active_ms,
+            "known_ms": known_ms,
+        },
+        "energy": {
+            "gpus_reporting": len(rep.energy_gpus),
+            "gpus_total": len(rep.physical),
+            **_energy(energy_total),
+        },
+        "data_quality": {
+            "utilization_coverage": _r(h.coverage),
+            "unknown_ms": h.unknown_ms,
+            "gap_events": [
+                {"start_ms": g.start_ms, "end_ms": g.end_ms, "run_id": g.run_id, "detail": g.detail}
+                for g in rep.gap_events
+            ],
+            "gap_events_total": rep.gap_events_total,
+            "holes": [
+                {"start_ms": x.start_ms, "end_ms": x.end_ms, "open_ended": x.open_ended}
+                for x in rep.holes
+            ],
+            "holes_total": rep.holes_total,
+            "runs": [
+                {"run_id": r.run_id, "started_ms": r.started_ms, "stopped_ms": r.stopped_ms,
+                 "clean": r.clean, "last_tick_ms": r.last_tick_ms, "interval_ms": r.interval_ms,
+                 "backend": r.backend, "hostname": r.hostname, "version": r.version}
+                for r in rep.runs
+            ],
+            "unclean_stops": sum(1 for r in rep.runs if r.clean is False),
+            "host_errors": [
+                {"kind": e.kind, "count": e.count, "first_ms": e.first_ms, "last_ms": e.last_ms,
+                 "last_detail": e.last_detail}
+                for e in rep.host_errors
+            ],
+            "warnings": rep.warnings,
+        },
+        # Diagnostics only (not part of the contract's comparisons): how the
+        # numbers were obtained.
+        "source": {
+            "rollup_hours": rep.plan.h1 - rep.plan.h0,
+            "raw_ranges_ms": [list(r) for r in rep.plan.raw_ranges],
+            "note": rep.plan.note,
+        },
+    }
+
+
+def render(rep: Report) -> str:
+    return json.dumps(to_dict(rep), indent=2, sort_keys=False) + "\n"

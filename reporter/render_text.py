@@ -1,0 +1,224 @@
+"""The human report: fits 80 columns, ASCII only (ssh sessions, any locale).
+
+Colour is added only when the caller says so (stdout is a TTY and NO_COLOR
+is unset); the layout is the same either way.
+"""
+
+from __future__ import annotations
+
+from .classify import HOLE_MIN_MS, Identity, Report
+from .window import HOUR_MS, fmt_duration, fmt_local
+
+WIDTH = 80
+TOP_N = 10
+LIST_N = 8
+WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+_GLYPH = {"active": "#", "idle_held": "+", "idle": "."}
+_COLOUR = {"active": "32", "idle_held": "33", "idle": "2", "head": "1"}
+
+
+class _Style:
+    def __init__(self, colour: bool) -> None:
+        self.colour = colour
+
+    def __call__(self, key: str, text: str) -> str:
+        if not self.colour or not text:
+            return text
+        return f"\x1b[{_COLOUR[key]}m{text}\x1b[0m"
+
+
+def _pct(x: float | None, width: int = 5) -> str:
+    return f"{x * 100:{width}.1f}%" if x is not None else " " * (width - 1) + "-%"
+
+
+def _h(ms: int) -> str:
+    return f"{ms / HOUR_MS:.1f}"
+
+
+def _bar(parts: list[tuple[str, int]], width: int, st: _Style) -> str:
+    """A 3-part bar; widths by largest remainder so they add up exactly."""
+    total = sum(v for _, v in parts)
+    if total <= 0:
+        return "[" + " " * width + "]"
+    exact = [v * width / total for _, v in parts]
+    cells = [int(x) for x in exact]
+    order = sorted(range(len(parts)), key=lambda i: exact[i] - cells[i], reverse=True)
+    for i in order[: width - sum(cells)]:
+        cells[i] += 1
+    return "[" + "".join(st(k, _GLYPH[k] * n) for (k, _), n in zip(parts, cells)) + "]"
+
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "~"
+
+
+def render(rep: Report, colour: bool = False) -> str:
+    st = _Style(colour)
+    o = rep.options
+    tz = o.tz
+    out: list[str] = []
+    add = out.append
+    h = rep.headline
+    window_h = rep.window_ms / HOUR_MS
+
+    def section(title: str) -> None:
+        add("")
+        add(st("head", title))
+
+    hosts = ", ".join(rep.hostnames) or "unknown host"
+    add(st("head", _cut(f"gua-report: {hosts}", WIDTH)))
+    add(f"{fmt_local(o.since_ms, tz)} -> {fmt_local(o.until_ms, tz)} {o.tz_name} "
+        f"({window_h:.1f} h window)")
+    filt = []
+    if o.gpus:
+        filt.append("GPUs " + ",".join(o.gpus))
+    if o.users:
+        filt.append("users " + ",".join(o.users))
+    if filt:
+        add(_cut("filter: " + "; ".join(filt), WIDTH))
+
+    # 1. Headline
+    section("GPU TIME")
+    add(_bar([("active", h.active_ms), ("idle_held", h.held_ms), ("idle", h.idle_ms)], WIDTH - 2, st))
+    add(f"  {st('active', '#')} active {_pct(h.share('active'))}   "
+        f"{st('idle_held', '+')} idle-held {_pct(h.share('idle_held'))}   "
+        f"{st('idle', '.')} truly idle {_pct(h.share('idle'))}")
+    n_phys = len(rep.physical)
+    line = f"  {_h(h.total_ms)} GPU-h on {n_phys} GPU{'s' if n_phys != 1 else ''}, {h.ticks:,} GPU-ticks"
+    if h.unknown_ms:
+        line += f", {_h(h.unknown_ms)} GPU-h unknown (not in the split)"
+    add(line)
+    add(f"  Rules: active = SM util >= {o.active_pm / 10:g} %; idle-held = below that while"
+        f" compute")
+    add(f"  processes hold > {_size(o.held_bytes)} (or unknown memory); else truly idle."
+        " Basis: physical")
+    add("  GPUs, time = sum of measured tick durations; shares of known time.")
+
+    # 2. Idle capacity
+    section("IDLE CAPACITY")
+    for label, ms in (("idle-held", h.held_ms), ("truly idle", h.idle_ms)):
+        eq = ms / rep.window_ms if rep.window_ms else 0.0
+        add(f"  {label:<11}{_h(ms):>10} GPU-h  = {eq:5.2f} GPUs on average")
+    add(f"  (equivalent GPUs = GPU-hours / {window_h:.1f} window hours)")
+
+    # 3. Per GPU
+    section("PER GPU")
+    add(f"  {'#':>4} {'name':<22} {'GPU-h':>6} {'active':>6} {'held':>6} {'idle':>6}  notes")
+    for g in rep.gpus:
+        t = g.totals
+        idx = f"{g.parent.index}.{g.row.mig_slot}" if g.is_mig and g.parent else str(g.row.index)
+        notes = ", ".join(g.notes(tz))
+        row = (f"  {idx:>4} {_cut(g.row.name, 22):<22} {_h(t.total_ms):>6} "
+               f"{_pct(t.share('active'), 5)} {_pct(t.share('idle_held'), 5)} "
+               f"{_pct(t.share('idle'), 5)}  ")
+        add(row + _cut(notes, WIDTH - len(row)) if notes else row.rstrip())
+
+    # 4. Identities
+    section("TOP IDENTITIES (held = compute memory over the threshold; once per GPU+tick)")
+    if not rep.users:
+        add("  no process held a GPU in this window" + (" (for the selected users)" if o.users else ""))
+    else:
+        _identity_table(add, rep.users, "user")
+        if rep.units:
+            add("")
+            _identity_table(add, rep.units, "unit (user)")
+        if any(i.unknown_mem_ms for i in rep.users + rep.units):
+            add("  * memory not reported by NVML for part of the time: counted as held,")
+            add("    not included in GB-h")
+
+    # 5. Heatmap
+    section(f"ACTIVE SHARE BY WEEKDAY AND HOUR ({o.tz_name}; tens of %, blank = no data)")
+    add("     " + "".join(f"{hr:>3d}" if hr % 3 == 0 else "   " for hr in range(24)).rstrip())
+    for wd in range(7):
+        cells = []
+        for hr in range(24):
+            a, k = rep.heat.get(wd * 24 + hr, (0, 0))
+            if not k:
+                cells.append("   ")
+            else:
+                share = a / k
+                # One digit per cell: 0 = under 10 %, 9 = 90 % or more; * = all active.
+                glyph = "*" if a == k else str(min(9, int(share * 10)))
+                cells.append(f"  {glyph}")
+        add(f"  {WEEKDAYS[wd]}" + "".join(cells).rstrip())
+    add("  (digit d: d*10 % to d*10+9 % of known GPU time active; * = 100 %)")
+
+    # 6. Energy
+    section("ENERGY")
+    eg = rep.energy_gpus
+    if not eg:
+        add("  no GPU reported energy (NVML energy counter needs Volta or newer)")
+    else:
+        e = {"active": 0, "idle_held": 0, "idle": 0}
+        for g in eg:
+            e["active"] += g.totals.energy_active_mj or 0
+            e["idle_held"] += g.totals.energy_held_mj or 0
+            e["idle"] += g.totals.energy_idle_mj or 0
+        tot = sum(e.values())
+        add(f"  {len(eg)} of {len(rep.physical)} GPUs reported energy; total {tot / 3.6e9:.2f} kWh")
+        add(f"  active {e['active'] / 3.6e9:.2f} kWh   idle-held {e['idle_held'] / 3.6e9:.2f} kWh   "
+            f"truly idle {e['idle'] / 3.6e9:.2f} kWh")
+
+    # 7. Data quality
+    section("DATA QUALITY")
+    cov = h.coverage
+    add(f"  utilization coverage: {'-' if cov is None else f'{cov * 100:.1f} %'} of known GPU time "
+        "had 200 ms samples")
+    if rep.first_tick_ms is not None and rep.first_tick_ms - o.since_ms > HOLE_MIN_MS:
+        add(f"  first sample in window: {fmt_local(rep.first_tick_ms, tz)} (no data before)")
+    if h.unknown_ms:
+        add(f"  unknown: {_h(h.unknown_ms)} GPU-h (NVML errors, lost GPUs, util not supported)")
+    if rep.holes_total or rep.gap_events_total:
+        add(f"  gaps: {rep.holes_total} stretch(es) >= {HOLE_MIN_MS // 60000} min without ticks, "
+            f"{rep.gap_events_total} gap event(s)")
+        for x in rep.holes[:LIST_N]:
+            why = next((g.detail for g in rep.gap_events
+                        if g.end_ms is not None and g.start_ms < x.end_ms and g.end_ms > x.start_ms), "")
+            add(_cut(f"    {fmt_local(x.start_ms, tz)[5:]} -> {fmt_local(x.end_ms, tz)[5:]} "
+                     f"({fmt_duration(x.end_ms - x.start_ms)})"
+                     + (f" {why}" if why else "") + (" no later samples" if x.open_ended else ""), WIDTH))
+        if rep.holes_total > LIST_N:
+            add(f"    ... {rep.holes_total - LIST_N} more (see --format json)")
+    else:
+        add(f"  gaps: none (no stretch >= {HOLE_MIN_MS // 60000} min without ticks)")
+    unclean = [r for r in rep.runs if r.clean is False]
+    add(f"  collector runs: {len(rep.runs)} in window, {len(unclean)} unclean stop(s)")
+    for r in unclean[:LIST_N]:
+        when = fmt_local(r.last_tick_ms, tz) if r.last_tick_ms else "?"
+        add(f"    run {r.run_id} started {fmt_local(r.started_ms, tz)[5:]}, last tick {when[5:]}, no clean stop")
+    err_lines = []
+    for g in rep.gpus:
+        for e in g.errors:
+            err_lines.append(f"    GPU {g.row.index}{'.' + str(g.row.mig_slot) if g.is_mig else ''}: "
+                             f"{e.count} {e.kind} {fmt_local(e.first_ms, tz)[5:]} .. "
+                             f"{fmt_local(e.last_ms, tz)[5:]} {e.last_detail}")
+    for e in rep.host_errors:
+        err_lines.append(f"    host: {e.count} {e.kind} {fmt_local(e.first_ms, tz)[5:]} .. "
+                         f"{fmt_local(e.last_ms, tz)[5:]} {e.last_detail}")
+    add(f"  NVML/collector errors: {'none' if not err_lines else ''}".rstrip())
+    for line in err_lines[:LIST_N * 2]:
+        add(_cut(line, WIDTH))
+    for w in rep.warnings:
+        add(_cut(f"  warning: {w}", WIDTH))
+    return "\n".join(out) + "\n"
+
+
+def _size(b: int) -> str:
+    for unit, f in (("GB", 10**9), ("MB", 10**6)):
+        if b >= f and b % (f // 1000) == 0:
+            return f"{b / f:g} {unit}"
+    return f"{b} B"
+
+
+def _identity_table(add, rows: list[Identity], label: str) -> None:
+    add(f"  {label:<28} {'GPU-h held':>10} {'idle-held':>10} {'idle %':>6} {'GB-h mem':>10} {'GPUs':>4}")
+    for i in rows[:TOP_N]:
+        name = f"{i.unit} ({i.user})" if i.unit else i.user
+        flag = "*" if i.unknown_mem_ms else " "
+        idle_pct = i.idle_held_ms / i.held_ms * 100 if i.held_ms else 0.0
+        add(f"  {_cut(name, 28):<28} {_h(i.held_ms):>10} {_h(i.idle_held_ms):>10} "
+            f"{idle_pct:5.0f}% {i.mem_gb_hours:>9.1f}{flag} {len(i.gpu_ids):>4}")
+    if len(rows) > TOP_N:
+        rest = rows[TOP_N:]
+        add(f"  ... {len(rest)} more, {_h(sum(i.held_ms for i in rest))} GPU-h held")

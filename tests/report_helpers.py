@@ -1,0 +1,203 @@
+"""Helpers for the gua-report tests and benchmark: hand-made DBs and simulated ticks.
+
+`HandDb` inserts rows with plain SQL into a schema made by the collector's
+own `ensure_schema`, so every expected number in a test can be computed by
+hand. `sim_ticks` turns the simulator's workloads into `Tick` records for
+the collector's real `Store` (benchmark, rollup-vs-raw test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from gua_collector import schema
+
+HOUR = 3_600_000
+DAY = 24 * HOUR
+MIB = 1
+# A fixed Monday 00:00 UTC, so weekday/hour expectations are easy: 2024-01-01.
+T0 = 1_704_067_200_000
+
+
+@dataclass(frozen=True)
+class P:
+    """One proc_sample row: process id, kind, mem_mib, sm_util."""
+
+    proc_id: int
+    kind: int = schema.KIND_COMPUTE
+    mem: int | None = 1000
+    sm: int | None = 0
+
+
+@dataclass(frozen=True)
+class G:
+    """One gpu_sample row and its processes."""
+
+    gpu_id: int
+    util: int | None = 0  # permille
+    status: int = 0
+    cov: int | None = 1000
+    energy: int | None = None
+    procs: tuple[P, ...] = ()
+
+
+class HandDb:
+    """A gua DB filled by hand, row by row."""
+
+    def __init__(self, path: str, created_ms: int = T0 - DAY) -> None:
+        self.path = path
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        schema.ensure_schema(self.conn, created_ms)
+        self.conn.execute("BEGIN")
+
+    def gpu(self, index: int, uuid: str | None = None, name: str = "NVIDIA H100 80GB HBM3",
+            parent: int | None = None, slot: int | None = None,
+            memory_total: int | None = 85_899_345_920) -> int:
+        uuid = uuid or f"GPU-0000-{index:04d}"
+        return self.conn.execute(
+            "INSERT INTO gpu (uuid, gpu_index, name, memory_total, parent_id, mig_slot) VALUES (?,?,?,?,?,?)",
+            (uuid, index, name, memory_total, parent, slot),
+        ).lastrowid
+
+    def account(self, username: str, uid: int | None) -> int:
+        return self.conn.execute(
+            "INSERT INTO account (uid, username) VALUES (?, ?)", (uid, username)
+        ).lastrowid
+
+    def process(self, pid: int, account: int, comm: str = "python", unit: str = "",
+                start_ms: int = 0) -> int:
+        return self.conn.execute(
+            "INSERT INTO process (pid, start_ms, account_id, comm, cgroup, unit) VALUES (?,?,?,?,?,?)",
+            (pid, start_ms, account, comm, "", unit),
+        ).lastrowid
+
+    def run(self, started_ms: int, stopped_ms: int | None = None, interval_ms: int = 10_000,
+            hostname: str = "gpu01") -> int:
+        return self.conn.execute(
+            "INSERT INTO run (started_ms, stopped_ms, interval_ms, backend, hostname, version) "
+            "VALUES (?,?,?,?,?,?)",
+            (started_ms, stopped_ms, interval_ms, "simulate:test", hostname, "0.1.0"),
+        ).lastrowid
+
+    def tick(self, run_id: int, ts_ms: int, duration_ms: int, *gpus: G) -> int:
+        tick_id = self.conn.execute(
+            "INSERT INTO tick (run_id, ts_ms, duration_ms) VALUES (?,?,?)", (run_id, ts_ms, duration_ms)
+        ).lastrowid
+        for g in gpus:
+            util = g.util if g.status == 0 else None
+            cov = g.cov if g.status == 0 and util is not None else None
+            self.conn.execute(
+                "INSERT INTO gpu_sample (tick_id, gpu_id, status, util_permille, coverage_permille, "
+                "mem_used_mib, power_mw, energy_mj) VALUES (?,?,?,?,?,?,?,?)",
+                (tick_id, g.gpu_id, g.status, util, cov, None, None, g.energy),
+            )
+            for p in g.procs:
+                self.conn.execute(
+                    "INSERT INTO proc_sample (tick_id, gpu_id, proc_id, kind, mem_mib, sm_util) "
+                    "VALUES (?,?,?,?,?,?)",
+                    (tick_id, g.gpu_id, p.proc_id, p.kind, p.mem, p.sm),
+                )
+        return tick_id
+
+    def ticks(self, run_id: int, start_ms: int, count: int, interval_ms: int, *gpus: G,
+              first_duration: int | None = None) -> int:
+        """`count` equal ticks ending at start+interval, ...; returns the last ts."""
+        ts = start_ms
+        for n in range(count):
+            ts = start_ms + (n + 1) * interval_ms
+            d = first_duration if (n == 0 and first_duration is not None) else interval_ms
+            self.tick(run_id, ts, d, *gpus)
+        return ts
+
+    def event(self, ts_ms: int, kind: str, run_id: int | None = None, end_ms: int | None = None,
+              gpu_id: int | None = None, detail: str = "") -> None:
+        self.conn.execute(
+            "INSERT INTO event (ts_ms, run_id, kind, end_ms, gpu_id, detail) VALUES (?,?,?,?,?,?)",
+            (ts_ms, run_id, kind, end_ms, gpu_id, detail),
+        )
+
+    def roll_up(self, end_hour: int) -> None:
+        """Roll up every hour before end_hour with the collector's own rollup SQL."""
+        from gua_collector import store
+
+        row = self.conn.execute("SELECT min(ts_ms) / 3600000 FROM tick").fetchone()
+        params = {"lo": row[0] * HOUR, "hi": end_hour * HOUR,
+                  "active": schema.ROLLUP_ACTIVE_PERMILLE, "held": schema.ROLLUP_HELD_BYTES}
+        for st in store.DELETE_ROLLUP:
+            self.conn.execute(st, {"lo": params["lo"], "hi": params["hi"]})
+        for st in (store.ROLLUP_GPU, store.ROLLUP_ACCOUNT, store.ROLLUP_UNIT):
+            self.conn.execute(st, params)
+        self.conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('rollup_next_hour', ?)", (str(end_hour),)
+        )
+
+    def close(self) -> None:
+        self.conn.execute("COMMIT")
+        self.conn.close()
+
+
+def run_report(*args: str, env: dict[str, str] | None = None,
+               user: Sequence[str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m gua_report ARGS` (optionally wrapped, e.g. in setpriv)."""
+    cmd = [*(user or ()), sys.executable, "-m", "gua_report", *args]
+    e = dict(os.environ)
+    e.pop("NO_COLOR", None)
+    e.update(env or {})
+    return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=50)
+
+
+def report_json(db: str, *args: str) -> dict:
+    r = run_report("--db", db, "--format", "json", "--tz", "UTC", *args)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+# ---------------------------------------------------------------- simulated ticks
+
+def sim_ticks(start_ms: int, end_ms: int, interval_ms: int, scenario: str = "lab8",
+              jitter: bool = True) -> Iterator:
+    """Tick records from the simulator's workloads, for the collector's Store.
+
+    Each card's workload gives device util and processes at simulated time t;
+    the tick's duration is the interval (plus a deterministic few ms of
+    jitter, as a real loop measures), the first tick covers no time.
+    """
+    from gua_collector import records, simulate
+    from gua_collector.procinfo import unit_from_cgroup
+
+    cards = simulate.SCENARIOS[scenario]()
+    infos = [records.GpuInfo(c.uuid, n, c.name, c.memory_mib * 1_048_576) for n, c in enumerate(cards)]
+    pinfo: dict[tuple[int, int], records.ProcessInfo] = {}
+    energy_mw = 70_000
+    n = 0
+    prev_ts: int | None = None
+    while start_ms + n * interval_ms < end_ms:
+        ts = start_ms + n * interval_ms + ((n * 7919) % 13 if jitter else 0)
+        d = 0 if prev_ts is None else ts - prev_ts
+        first = prev_ts is None
+        gpus = []
+        for info, card in zip(infos, cards):
+            util, procs = card.workload(ts)
+            ps = []
+            for sp in procs:
+                key = (sp.pid, sp.start_ms)
+                pi = pinfo.get(key)
+                if pi is None:
+                    pi = pinfo[key] = records.ProcessInfo(
+                        sp.pid, sp.start_ms, simulate.USERS.get(sp.user), sp.user, sp.comm, sp.cgroup,
+                        unit_from_cgroup(sp.cgroup))
+                ps.append(records.ProcSample(pi, sp.kind, sp.mem_mib,
+                                             sp.sm if sp.kind & schema.KIND_COMPUTE else None))
+            power = energy_mw + util * 5_000
+            gpus.append(records.GpuSample(
+                info, 0, util * 10, 1000 if not first else 0, sum(p.mem_mib or 0 for p in ps),
+                power, power * d // 1000, tuple(ps)))
+        yield records.Tick(ts, d, tuple(gpus))
+        prev_ts = ts
+        n += 1
