@@ -210,3 +210,42 @@ def test_default_config_matches_the_collector_defaults() -> None:
     commented = dict(re.findall(r"^#(\w+) = (\S+)$", CONF.read_text(), re.MULTILINE))
     assert commented == main.DEFAULTS
     assert main.DEFAULT_CONFIG == "/etc/gua/gua-collector.conf"
+
+
+# --- the man pages ---------------------------------------------------------
+
+PAGES = sorted(MAN.glob("gua-*.[18]"))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_man_page_renders_without_warnings(page: Path) -> None:
+    man = need("man")
+    result = run(man, "--warnings", "-E", "UTF-8", "-l", "-Tutf8", "-Z", page,
+                 env=dict(os.environ, LC_ALL="C.UTF-8", MANWIDTH="80"))
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+
+
+def documented_options(page: Path) -> set[str]:
+    """Long options the page names (roff writes a hyphen as \\-)."""
+    return set(re.findall(r"--([a-z][a-z-]*[a-z])", page.read_text().replace("\\-", "-")))
+
+
+def parser_options(parser) -> set[str]:
+    return {opt[2:] for action in parser._actions for opt in action.option_strings
+            if opt.startswith("--") and opt != "--help"}
+
+
+def test_collector_man_page_lists_every_option() -> None:
+    try:
+        from gua_collector import main  # type: ignore[import-not-found]
+    except ImportError as error:
+        pytest.skip(f"gua_collector is not importable: {error}")
+    assert parser_options(main.build_parser()) <= documented_options(MAN / "gua-collector.8")
+
+
+def test_report_man_page_lists_every_option() -> None:
+    try:
+        from gua_report import cli  # type: ignore[import-not-found]
+    except ImportError as error:
+        pytest.skip(f"gua_report is not importable: {error}")
+    assert parser_options(cli.make_parser()) <= documented_options(MAN / "gua-report.1")
