@@ -1,0 +1,218 @@
+"""Sampling: interval averaging, coverage, process merging, identity, per-GPU faults."""
+
+from __future__ import annotations
+
+import pytest
+
+from gua_collector import schema
+from gua_collector.backend import Cursor, DeviceError, RawDevice, RawProcess
+from gua_collector.records import ProcessInfo
+from gua_collector.sampler import ProcUtilAccumulator, Sampler, UtilAccumulator, merge_processes
+
+pytestmark = pytest.mark.timeout(30)
+MIB = 1024 * 1024
+
+
+def test_interval_mean_not_a_snapshot() -> None:
+    # A 50 % duty cycle: a snapshot reads 96 or 0, the interval mean is ~48.
+    acc = UtilAccumulator()
+    acc.add([(i * 200_000, 96 if (i // 5) % 2 == 0 else 0) for i in range(50)])  # 10 s of 200 ms samples
+    util, coverage = acc.take(10_000)
+    assert util == 480
+    assert coverage == 1000
+    assert acc.take(10_000) == (None, 0), "accumulator resets after a tick"
+
+
+def test_coverage_counts_missing_samples() -> None:
+    acc = UtilAccumulator()
+    acc.add([(i * 200_000, 50) for i in range(20)])  # 4 s of samples in a 10 s tick
+    util, coverage = acc.take(10_000)
+    assert (util, coverage) == (500, 400)
+
+
+def test_out_of_range_samples_dropped() -> None:
+    acc = UtilAccumulator()
+    acc.add([(0, 40), (200_000, 4_000_000), (400_000, 60)])
+    assert acc.take(600)[0] == 500
+
+
+def test_process_util_zero_without_samples() -> None:
+    acc = ProcUtilAccumulator()
+    acc.add([(10, 1, 80), (10, 2, 60), (11, 1, 300)])  # 300 % is garbage
+    assert acc.take([10, 11, 12]) == {10: 70, 11: 0, 12: 0}
+
+
+def test_merge_counts_a_pid_once_and_drops_garbage() -> None:
+    total = 80 * 1024 * MIB
+    merged = merge_processes(
+        [
+            RawProcess(100, 2048 * MIB, schema.KIND_COMPUTE),
+            RawProcess(100, 2048 * MIB, schema.KIND_GRAPHICS),
+            RawProcess(200, None, schema.KIND_COMPUTE),
+            RawProcess(300, total * 4, schema.KIND_COMPUTE),  # struct-stride garbage
+            RawProcess(0, 10, schema.KIND_COMPUTE),
+        ],
+        total,
+    )
+    assert merged == {100: (3, 2048 * MIB), 200: (1, None)}
+
+
+class FakeLookup:
+    def __init__(self, people: dict[int, ProcessInfo]) -> None:
+        self.people = people
+        self.retained: set[tuple[int, int]] = set()
+
+    def lookup(self, pid: int) -> ProcessInfo | None:
+        return self.people.get(pid)
+
+    def retain(self, live: set[tuple[int, int]]) -> None:
+        self.retained = live
+
+
+def person(pid: int, user: str, start: int = 1000) -> ProcessInfo:
+    return ProcessInfo(pid, start, 1000 + pid, user, "python", "/user.slice", "")
+
+
+class FakeBackend:
+    """Devices from a script: index -> RawDevice or an exception."""
+
+    name = "fake"
+
+    def __init__(self, devices: dict[int, RawDevice | DeviceError], lookup: FakeLookup) -> None:
+        self.devices = devices
+        self.lookup = lookup
+        self.cursors: list[Cursor] = []
+
+    def init(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def processes(self) -> FakeLookup:
+        return self.lookup
+
+    def device_count(self) -> int:
+        return len(self.devices)
+
+    def read_device(self, index: int, cursor: Cursor, *, full: bool) -> RawDevice:
+        self.cursors.append(cursor)
+        device = self.devices[index]
+        if isinstance(device, DeviceError):
+            raise device
+        return device
+
+
+def device(index: int, procs: list[RawProcess], util: list[tuple[int, int]] | None, energy: int | None = None,
+           proc_util: list[tuple[int, int, int]] | None = None) -> RawDevice:
+    return RawDevice(
+        uuid=f"GPU-{index}", index=index, name="Test GPU", memory_total=80 * 1024 * MIB, memory_used=1024 * MIB,
+        util_samples=util, processes=procs, process_util=[] if proc_util is None else proc_util,
+        energy_mj=energy, power_mw=300_000,
+    )
+
+
+def test_one_failing_gpu_does_not_stop_the_others() -> None:
+    lookup = FakeLookup({10: person(10, "alice")})
+    backend = FakeBackend(
+        {
+            0: device(0, [RawProcess(10, 8192 * MIB, schema.KIND_COMPUTE)], [(1_000_000, 0)]),
+            1: device(1, [], [(1_000_000, 50)]),
+        },
+        lookup,
+    )
+    sampler = Sampler(backend)
+    first = sampler.tick(1_000, 0)
+    assert [g.status for g in first.gpus] == [0, 0]
+    backend.devices[1] = DeviceError("GPU is lost", lost=True)
+    second = sampler.tick(11_000, 10_000)
+    assert [g.status for g in second.gpus] == [schema.STATUS_OK, schema.STATUS_LOST]
+    assert second.gpus[0].procs[0].process.username == "alice"
+    assert second.gpus[0].procs[0].mem_mib == 8192
+    assert [(e.kind, e.gpu_uuid) for e in second.events] == [("gpu_lost", "GPU-1")]
+    third = sampler.tick(21_000, 10_000)
+    assert third.events == (), "a lost GPU is reported once, not every tick"
+    assert third.gpus[1].status == schema.STATUS_LOST
+    backend.devices[1] = device(1, [], [(30_000_000, 20)])
+    fourth = sampler.tick(31_000, 10_000)
+    assert fourth.gpus[1].status == schema.STATUS_OK
+    assert [e.kind for e in fourth.events] == ["nvml_recovered"]
+
+
+def test_never_seen_gpu_error_is_an_event_only() -> None:
+    backend = FakeBackend({0: DeviceError("Unknown Error")}, FakeLookup({}))
+    tick = Sampler(backend).tick(5_000, 0)
+    assert tick.gpus == ()
+    assert tick.events[0].kind == "nvml_error" and "GPU index 0" in tick.events[0].detail
+
+
+def test_cursor_advances_and_samples_are_not_counted_twice() -> None:
+    backend = FakeBackend({0: device(0, [], [(1_000_000, 100), (2_000_000, 0)])}, FakeLookup({}))
+    sampler = Sampler(backend)
+    sampler.poll()
+    assert backend.cursors[-1] == Cursor()
+    # The next read hands back an overlapping buffer: only the new sample counts.
+    backend.devices[0] = device(0, [], [(1_000_000, 100), (2_000_000, 0), (3_000_000, 0)])
+    tick = sampler.tick(3_000, 3_000)
+    assert backend.cursors[-1].util_us == 2_000_000
+    assert tick.gpus[0].util_permille == 333
+
+
+def test_dead_pid_dropped_and_idle_process_reads_zero() -> None:
+    lookup = FakeLookup({10: person(10, "alice"), 11: person(11, "bob")})
+    raw = device(
+        0,
+        [RawProcess(10, 100 * MIB, 1), RawProcess(11, 200 * MIB, 1), RawProcess(99, 300 * MIB, 1)],
+        [(1, 90)],
+        proc_util=[(10, 1, 90)],
+    )
+    tick = Sampler(FakeBackend({0: raw}, lookup)).tick(1, 10)
+    got = {p.process.username: p.sm_util for p in tick.gpus[0].procs}
+    assert got == {"alice": 90, "bob": 0}
+    assert lookup.retained == {(10, 1000), (11, 1000)}
+
+
+def test_pid_reuse_is_a_new_identity() -> None:
+    lookup = FakeLookup({10: person(10, "alice", start=1000)})
+    backend = FakeBackend({0: device(0, [RawProcess(10, 500 * MIB, 1)], [(1, 0)])}, lookup)
+    sampler = Sampler(backend)
+    a = sampler.tick(1_000, 0).gpus[0].procs[0].process
+    lookup.people[10] = person(10, "bob", start=9000)
+    b = sampler.tick(11_000, 10_000).gpus[0].procs[0].process
+    assert (a.pid, a.username) == (10, "alice") and (b.pid, b.username) == (10, "bob")
+    assert (a.pid, a.start_ms) != (b.pid, b.start_ms)
+
+
+def test_energy_delta_and_counter_reset() -> None:
+    backend = FakeBackend({0: device(0, [], [(1, 0)], energy=5_000)}, FakeLookup({}))
+    sampler = Sampler(backend)
+    assert sampler.tick(0, 0).gpus[0].energy_mj is None
+    backend.devices[0] = device(0, [], [(2, 0)], energy=8_000)
+    assert sampler.tick(10, 10).gpus[0].energy_mj == 3_000
+    backend.devices[0] = device(0, [], [(3, 0)], energy=100)  # driver reloaded
+    assert sampler.tick(20, 10).gpus[0].energy_mj is None
+
+
+def test_unsupported_utilization_is_unknown_not_zero() -> None:
+    lookup = FakeLookup({10: person(10, "alice")})
+    raw = device(0, [RawProcess(10, None, 1)], None)
+    raw = RawDevice(**{**raw.__dict__, "process_util": None})
+    sample = Sampler(FakeBackend({0: raw}, lookup)).tick(10, 10).gpus[0]
+    assert sample.util_permille is None and sample.coverage_permille is None
+    assert sample.procs[0].mem_mib is None and sample.procs[0].sm_util is None
+
+
+def test_mig_instances_are_sampled_with_their_parent() -> None:
+    lookup = FakeLookup({10: person(10, "alice")})
+    child = RawDevice(
+        uuid="MIG-1", index=0, name="3g.40gb", memory_total=40 * 1024 * MIB, memory_used=5 * 1024 * MIB,
+        util_samples=None, processes=[RawProcess(10, 5 * 1024 * MIB, 1)], process_util=None,
+        energy_mj=None, power_mw=None, parent_uuid="GPU-0", mig_slot=0,
+    )
+    parent = RawDevice(
+        uuid="GPU-0", index=0, name="A100", memory_total=80 * 1024 * MIB, memory_used=6 * 1024 * MIB,
+        util_samples=None, processes=[], process_util=None, energy_mj=None, power_mw=None,
+        mig_enabled=True, mig_devices=[child],
+    )
+    tick = Sampler(FakeBackend({0: parent}, lookup)).tick(10, 10)
+    assert [g.gpu.uuid for g in tick.gpus] == ["GPU-0", "MIG-1"]
+    assert tick.gpus[1].gpu.parent_uuid == "GPU-0"
+    assert tick.gpus[1].procs[0].mem_mib == 5 * 1024 and tick.gpus[1].util_permille is None
