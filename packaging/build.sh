@@ -41,9 +41,9 @@ mkdir -p "$src" "$dist"
 
 # 1. The source tree, without .git, virtual environments or build output.
 if [ -n "${GUA_BUILD_REF:-}" ]; then
-    git -C "$top" archive --format=tar "$GUA_BUILD_REF" | tar -x -C "$src"
-elif git -C "$top" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-    (cd "$top" && git ls-files -z --cached --others --exclude-standard \
+    git -c safe.directory="$top" -C "$top" archive --format=tar "$GUA_BUILD_REF" | tar -x -C "$src"
+elif git -c safe.directory="$top" -C "$top" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    (cd "$top" && git -c safe.directory="$top" ls-files -z --cached --others --exclude-standard \
         | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
         | tar --null -T - -cf -) | tar -x -C "$src"
 else
