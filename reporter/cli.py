@@ -51,9 +51,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--db", default=DEFAULT_DB, metavar="PATH", help=f"database (default {DEFAULT_DB})")
     p.add_argument("--since", default="7d", metavar="WHEN",
-                   help="start: a duration before now (90m, 12h, 7d, 2w) or an ISO date/datetime "
-                        "(default 7d)")
-    p.add_argument("--until", default="now", metavar="WHEN", help="end, same forms (default now)")
+                   help="start: a duration before --until (90m, 12h, 7d, 2w) or an ISO "
+                        "date/datetime, read in --tz (default 7d)")
+    p.add_argument("--until", default="now", metavar="WHEN", help="end: 'now', a duration before now, or an ISO date/datetime (default now)")
     p.add_argument("--gpu", action="append", default=[], metavar="INDEX|UUID",
                    help="only this GPU (repeatable); its MIG instances come with it")
     p.add_argument("--user", action="append", default=[], metavar="NAME|UID",
@@ -73,8 +73,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _options(args: argparse.Namespace, now_ms: int) -> Options:
     tz, tz_name = zone(args.tz)
-    since = parse_instant(args.since, now_ms, tz)
     until = parse_instant(args.until, now_ms, tz)
+    # A duration for --since is a window length ending at --until, so
+    # `--since 7d --until 2024-05-01` means the week before May.
+    since = parse_instant(args.since, until, tz)
     if since >= until:
         raise WindowError(f"--since ({args.since}) must be before --until ({args.until})")
     return Options(
