@@ -120,21 +120,29 @@ class GpuReport:
     def notes(self, tz: tzinfo) -> list[str]:
         """Short words for the per-GPU table; JSON carries the same facts as fields."""
         out: list[str] = []
+        n_err = sum(e.count for e in self.errors if e.kind == "nvml_error")
         if self.is_mig:
-            parent = self.parent.index if self.parent else "?"
-            out.append(f"MIG {parent}/{self.row.mig_slot}")
+            out.append(f"MIG of {self.parent.index if self.parent else '?'}")
         if self.last_status == "lost":
             lost = [e for e in self.errors if e.kind == "gpu_lost"]
-            out.append("LOST" + (f" {fmt_local(lost[0].first_ms, tz)[5:]}" if lost else ""))
+            out.append("LOST" + (f" since {fmt_local(lost[0].first_ms, tz)[5:]}" if lost else ""))
         elif self.last_status == "error":
-            out.append("error now")
-        n_err = sum(e.count for e in self.errors if e.kind == "nvml_error")
+            out.append("NVML error now")
         if n_err:
             out.append(f"{n_err} NVML err")
-        if self.totals.unknown_ms:
-            why = "util n/a" if self.is_mig and not n_err else "unknown"
-            out.append(f"{why} {self.totals.unknown_ms / HOUR_MS:.1f}h")
+        if self.totals.unknown_ms and self.last_status != "lost":
+            if n_err:
+                out.append(f"unk {_hours_text(self.totals.unknown_ms)}h")
+            elif self.is_mig:
+                out.append("util n/a")
+            else:
+                out.append(f"util n/a {_hours_text(self.totals.unknown_ms)}h")
         return out
+
+
+def _hours_text(ms: int) -> str:
+    h = ms / HOUR_MS
+    return f"{h:.2f}" if h < 10 else f"{h:.1f}"
 
 
 @dataclass

@@ -33,7 +33,9 @@ def _pct(x: float | None, width: int = 5) -> str:
 
 
 def _h(ms: int) -> str:
-    return f"{ms / HOUR_MS:.1f}"
+    """GPU-hours: two decimals for small numbers, so short windows stay legible."""
+    h = ms / HOUR_MS
+    return f"{h:.2f}" if h < 10 else f"{h:.1f}"
 
 
 def _bar(parts: list[tuple[str, int]], width: int, st: _Style) -> str:
@@ -104,12 +106,13 @@ def render(rep: Report, colour: bool = False) -> str:
 
     # 3. Per GPU
     section("PER GPU")
-    add(f"  {'#':>4} {'name':<22} {'GPU-h':>6} {'active':>6} {'held':>6} {'idle':>6}  notes")
+    add(f"  {'#':>4} {'name':<20} {'GPU-h':>7} {'active':>6} {'held':>6} {'idle':>6}  notes")
     for g in rep.gpus:
         t = g.totals
         idx = f"{g.parent.index}.{g.row.mig_slot}" if g.is_mig and g.parent else str(g.row.index)
         notes = ", ".join(g.notes(tz))
-        row = (f"  {idx:>4} {_cut(g.row.name, 22):<22} {_h(t.total_ms):>6} "
+        name = g.row.name.removeprefix("NVIDIA ")  # every card says it; the model is what matters
+        row = (f"  {idx:>4} {_cut(name, 20):<20} {_h(t.total_ms):>7} "
                f"{_pct(t.share('active'), 5)} {_pct(t.share('idle_held'), 5)} "
                f"{_pct(t.share('idle'), 5)}  ")
         add(row + _cut(notes, WIDTH - len(row)) if notes else row.rstrip())
@@ -150,15 +153,21 @@ def render(rep: Report, colour: bool = False) -> str:
     if not eg:
         add("  no GPU reported energy (NVML energy counter needs Volta or newer)")
     else:
-        e = {"active": 0, "idle_held": 0, "idle": 0}
+        e: dict[str, int | None] = {"active": None, "idle_held": None, "idle": None}
         for g in eg:
-            e["active"] += g.totals.energy_active_mj or 0
-            e["idle_held"] += g.totals.energy_held_mj or 0
-            e["idle"] += g.totals.energy_idle_mj or 0
-        tot = sum(e.values())
-        add(f"  {len(eg)} of {len(rep.physical)} GPUs reported energy; total {tot / 3.6e9:.2f} kWh")
-        add(f"  active {e['active'] / 3.6e9:.2f} kWh   idle-held {e['idle_held'] / 3.6e9:.2f} kWh   "
-            f"truly idle {e['idle'] / 3.6e9:.2f} kWh")
+            for key, v in (("active", g.totals.energy_active_mj), ("idle_held", g.totals.energy_held_mj),
+                           ("idle", g.totals.energy_idle_mj)):
+                if v is not None:
+                    e[key] = (e[key] or 0) + v
+        tot = sum(v or 0 for v in e.values())
+
+        def kwh(v: int | None) -> str:
+            return "-" if v is None else f"{v / 3.6e9:.2f} kWh"
+
+        add(f"  {len(eg)} of {len(rep.physical)} GPUs reported energy; total {tot / 3.6e9:.2f} kWh"
+            " (unknown-state time not split)")
+        add(f"  active {kwh(e['active'])}   idle-held {kwh(e['idle_held'])}   "
+            f"truly idle {kwh(e['idle'])}")
 
     # 7. Data quality
     section("DATA QUALITY")

@@ -298,8 +298,9 @@ def test_text_report(hand_db):
     assert "active   5.6%" in out and "idle-held  55.9%" in out and "truly idle  38.5%" in out
     assert "90 GPU-ticks" in out
     assert "0.25 GPUs on average" in out
+    assert "truly idle -" in out  # no idle row had energy
     assert "slurm:job_7 (bob)" in out
-    assert "MIG 5/0" in out and "LOST" in out
+    assert "MIG of 5" in out and "LOST since 01-01 00:20" in out
     assert "1 of 6 GPUs reported energy" in out
     assert "1 unclean stop" in out
     assert "collector down" in out
