@@ -77,7 +77,8 @@ def test_unit_lifecycle_directives() -> None:
 def test_unit_allows_exactly_the_nvidia_devices() -> None:
     allow = sorted(unit_directives()["DeviceAllow"])
     assert allow == sorted(
-        ["char-nvidiactl rw", "char-nvidia rw", "char-nvidia-uvm rw", "char-nvidia-caps r"]
+        ["char-nvidiactl rw", "char-nvidia rw", "char-nvidia-frontend rw", "char-nvidia-uvm rw",
+         "char-nvidia-caps r"]
     )
 
 
