@@ -76,7 +76,7 @@ ls -l "$dist"/*"$version"*.deb
 echo "== rpm"
 if command -v rpmbuild >/dev/null; then
     mkdir -p "$work/rpm/SOURCES"
-    cp "$work/gua-$version.tar.gz" "$top/deploy/gua.sysusers" "$work/rpm/SOURCES/"
+    cp "$work/gua-$version.tar.gz" "$src/deploy/gua.sysusers" "$work/rpm/SOURCES/"
     if ! "${cleanenv[@]}" rpmbuild -ba --nodeps \
             --load "$here/rpm/macros.shim" \
             --define "_topdir $work/rpm" \
