@@ -37,6 +37,8 @@ pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]
 # GUA_SYSTEST_DIST: take (or build) the .debs in another folder than dist/.
 DIST = Path(os.environ.get("GUA_SYSTEST_DIST") or REPO / "dist")
+# What the packages are built from: newer files here mean the debs are stale.
+SOURCES = [REPO / d for d in ("collector", "reporter", "deploy", "packaging", "pyproject.toml")]
 UNIT = "gua-collector.service"
 DB = "/var/lib/gua/gua.db"
 CONF = "/etc/gua/gua-collector.conf"
@@ -99,14 +101,27 @@ def host_ready() -> None:
 @pytest.fixture(scope="module")
 def debs(host_ready: None, request: pytest.FixtureRequest) -> list[Path]:
     """The gua-collector and gua-report .debs, built with packaging/build.sh
-    when dist/ lacks them. A failing build is a product failure."""
+    when dist/ lacks them or they are older than the sources (or
+    GUA_SYSTEST_REBUILD is set). A failing build is a product failure."""
 
     def newest(name: str) -> Path | None:
         found = sorted(DIST.glob(f"{name}_*_all.deb"), key=lambda p: p.stat().st_mtime)
         return found[-1] if found else None
 
+    def stale(deb: Path | None) -> bool:
+        """No deb, or a source file changed after it was built."""
+        if deb is None:
+            return True
+        built = deb.stat().st_mtime
+        for top in SOURCES:
+            for path in [top] if top.is_file() else top.rglob("*"):
+                if "__pycache__" not in path.parts and path.is_file() \
+                        and path.stat().st_mtime > built:
+                    return True
+        return False
+
     wanted = ("gua-collector", "gua-report")
-    if os.environ.get("GUA_SYSTEST_REBUILD") or not all(newest(n) for n in wanted):
+    if os.environ.get("GUA_SYSTEST_REBUILD") or any(stale(newest(n)) for n in wanted):
         script = REPO / "packaging" / "build.sh"
         if not script.exists():
             pytest.fail(f"{script} is missing and dist/ has no gua .debs; "
@@ -285,6 +300,7 @@ def test_status_line_shows_collector_summary(installed: nspawn.Container) -> Non
     values = box.wait_for(UNIT, lambda v: v["StatusText"] != "", ["StatusText"],
                           timeout=10, what="a non-empty StatusText")
     text = values["StatusText"]
+    print(f"StatusText: {text!r}")
     assert re.search(r"gpu", text, re.I), f"StatusText does not mention GPUs: {text!r}"
     assert "\n" not in text and len(text) < 300, f"StatusText not one short line: {text!r}"
     status = box.run(["systemctl", "status", "--no-pager", "-n", "0", UNIT]).stdout
@@ -313,6 +329,7 @@ def test_second_collector_refuses_to_start(installed: nspawn.Container) -> None:
         f"{result.stderr[-2000:]}")
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip(), "the second collector exited without saying why"
+    print(f"second collector: exit {result.returncode}: {result.stderr.strip()[-300:]}")
     state = service_state(box)
     assert (state["SubState"], state["NRestarts"]) == ("running", "0"), (
         f"the service suffered from the second collector: {state}")
@@ -330,6 +347,7 @@ def test_report_as_gua_group_member(installed: nspawn.Container) -> None:
         f"gua-report as {ADMIN} (group gua) exited {result.returncode}:\n"
         f"stdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-2000:]}")
     assert result.stdout.strip(), "gua-report printed nothing"
+    print(result.stdout)
     assert "Traceback" not in result.stderr, result.stderr
     as_json = box.run(["runuser", "-u", ADMIN, "--", "gua-report", "--since", "1h",
                        "--format", "json"])
@@ -352,6 +370,7 @@ def test_report_outside_group_is_denied(installed: nspawn.Container) -> None:
         f"stderr: {result.stderr[-1000:]}")
     assert re.search(r"\bgua\b", result.stderr) and "group" in result.stderr.lower(), (
         f"permission error does not name the gua group: {result.stderr!r}")
+    print(f"outside the group: exit {result.returncode}: {result.stderr.strip()}")
     assert "Traceback" not in result.stderr, result.stderr
 
 
@@ -369,6 +388,12 @@ def test_watchdog_restarts_hung_collector(installed: nspawn.Container) -> None:
         log = journal(box, since)
         assert "Watchdog timeout" in log, (
             f"NRestarts rose but the journal shows no 'Watchdog timeout':\n{log[-3000:]}")
+        print("\n".join(line for line in log.splitlines() if "systemd[1]" in line))
+        # The unit sets PYTHONFAULTHANDLER: SIGABRT from the watchdog dumps
+        # the stack of the hung call into the journal.
+        assert "most recent call first" in log, (
+            f"no faulthandler stack dump in the journal after the watchdog kill:\n"
+            f"{log[-3000:]}")
     finally:
         box.path(CONF).write_text(collector_conf("simulate:lab"))
         box.run(["systemctl", "reset-failed", UNIT])
@@ -396,6 +421,7 @@ def test_stop_is_clean_and_data_intact(installed: nspawn.Container) -> None:
     assert after["ticks"] >= before["ticks"], f"ticks decreased: {before} -> {after}"
     assert after["gpus"] == 4, f"simulate:lab has 4 GPUs, DB has {after['gpus']}"
     last_run = after["runs"][-1]
+    print(f"before stop: {before}\nafter stop: {after}")
     assert last_run[2] is not None, f"last run not marked stopped: {after['runs']}"
 
 
