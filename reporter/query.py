@@ -141,6 +141,8 @@ def gpu_state_raw(
             FROM tick AS t
             JOIN gpu_sample AS g ON g.tick_id = t.tick_id
             WHERE t.ts_ms >= :lo AND t.ts_ms < :hi{_in_clause('g.gpu_id', gpu_ids)}
+            LIMIT -1  -- no limit; it stops SQLite flattening this subquery, which
+                      -- would evaluate `st` (and its subquery) once per sum()
         )
         GROUP BY gpu_id, cell
     """

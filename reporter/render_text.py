@@ -6,6 +6,8 @@ is unset); the layout is the same either way.
 
 from __future__ import annotations
 
+import re
+
 from .classify import HOLE_MIN_MS, Identity, Report
 from .window import HOUR_MS, fmt_duration, fmt_local
 
@@ -223,7 +225,9 @@ def _size(b: int) -> str:
 def _identity_table(add, rows: list[Identity], label: str) -> None:
     add(f"  {label:<28} {'GPU-h held':>10} {'idle-held':>10} {'idle %':>6} {'GB-h mem':>10} {'GPUs':>4}")
     for i in rows[:TOP_N]:
-        name = f"{i.unit} ({i.user})" if i.unit else i.user
+        # Container ids are 64 hex digits; 12 identify them, as `docker ps` shows.
+        unit = re.sub(r"([0-9a-f]{12})[0-9a-f]{4,}", r"\1", i.unit)
+        name = f"{unit} ({i.user})" if i.unit else i.user
         flag = "*" if i.unknown_mem_ms else " "
         idle_pct = i.idle_held_ms / i.held_ms * 100 if i.held_ms else 0.0
         add(f"  {_cut(name, 28):<28} {_h(i.held_ms):>10} {_h(i.idle_held_ms):>10} "
