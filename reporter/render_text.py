@@ -223,14 +223,14 @@ def _size(b: int) -> str:
 
 
 def _identity_table(add, rows: list[Identity], label: str) -> None:
-    add(f"  {label:<28} {'GPU-h held':>10} {'idle-held':>10} {'idle %':>6} {'GB-h mem':>10} {'GPUs':>4}")
+    add(f"  {label:<33} {'GPU-h held':>10} {'idle-held':>10} {'idle %':>6} {'GB-h mem':>10} {'GPUs':>4}")
     for i in rows[:TOP_N]:
         # Container ids are 64 hex digits; 12 identify them, as `docker ps` shows.
         unit = re.sub(r"([0-9a-f]{12})[0-9a-f]{4,}", r"\1", i.unit)
         name = f"{unit} ({i.user})" if i.unit else i.user
         flag = "*" if i.unknown_mem_ms else " "
         idle_pct = i.idle_held_ms / i.held_ms * 100 if i.held_ms else 0.0
-        add(f"  {_cut(name, 28):<28} {_h(i.held_ms):>10} {_h(i.idle_held_ms):>10} "
+        add(f"  {_cut(name, 33):<33} {_h(i.held_ms):>10} {_h(i.idle_held_ms):>10} "
             f"{idle_pct:5.0f}% {i.mem_gb_hours:>9.1f}{flag} {len(i.gpu_ids):>4}")
     if len(rows) > TOP_N:
         rest = rows[TOP_N:]
