@@ -404,6 +404,33 @@ def test_watchdog_restarts_hung_collector(installed: nspawn.Container) -> None:
     assert state["ActiveState"] == "active", state
 
 
+def test_reinstall_restarts_running_collector(installed: nspawn.Container,
+                                             debs: list[Path]) -> None:
+    """Upgrade path (dpkg -i over the installed version): a running
+    collector is restarted with the new code, the edited conffile is kept
+    and the restarted collector appends to the existing DB."""
+    box = installed
+    before = service_state(box)
+    runs_before = len(db_facts(box)["runs"])
+    names = " ".join(f"/root/gua-debs/{d.name}" for d in debs)
+    result = box.run(f"DEBIAN_FRONTEND=noninteractive dpkg -i {names}", timeout=180)
+    assert result.returncode == 0, (
+        f"dpkg -i over the installed packages failed (exit {result.returncode}):\n"
+        f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    state = box.wait_for(UNIT, lambda v: v["SubState"] == "running",
+                         ["ActiveState", "SubState", "MainPID", "NRestarts"],
+                         timeout=30, what="running after the reinstall")
+    assert state["MainPID"] != before["MainPID"], (
+        f"the collector was not restarted by the upgrade (MainPID {state['MainPID']})")
+    conf = box.path(CONF).read_text()
+    assert "simulate:lab" in conf, f"dpkg replaced the edited {CONF}:\n{conf}"
+    deadline = time.monotonic() + 10
+    while len(db_facts(box)["runs"]) <= runs_before and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert len(db_facts(box)["runs"]) == runs_before + 1, (
+        "the restarted collector did not append a run to the existing DB")
+
+
 def test_stop_is_clean_and_data_intact(installed: nspawn.Container) -> None:
     """systemctl stop: SIGTERM, STOPPING=1, exit 0; the DB is intact, its
     ticks kept, and the run is marked stopped."""
@@ -436,6 +463,29 @@ def test_report_after_stop(installed: nspawn.Container) -> None:
         f"stderr: {result.stderr[-2000:]}\n"
         + box.run(["ls", "-la", "/var/lib/gua"]).stdout)
     assert result.stdout.strip(), "gua-report printed nothing after stop"
+
+
+def test_remove_and_purge_keep_the_data(installed: nspawn.Container) -> None:
+    """dpkg -r stops a running collector and removes the unit, keeping the
+    config and data; dpkg -P removes the config but keeps /var/lib/gua and
+    the gua user (packaging/README.md: the DB is an audit trail)."""
+    box = installed
+    box.run(["systemctl", "start", UNIT], check=True, timeout=60)
+    result = box.run("DEBIAN_FRONTEND=noninteractive dpkg -r gua-collector", timeout=120)
+    assert result.returncode == 0, f"dpkg -r gua-collector failed:\n{result.stdout}{result.stderr}"
+    active = box.run(["systemctl", "is-active", UNIT]).stdout.strip()
+    assert active in ("inactive", "unknown"), f"after dpkg -r the service is {active!r}"
+    assert not box.path("/lib/systemd/system/gua-collector.service").exists(), \
+        "unit file still installed after dpkg -r"
+    assert box.path(CONF).exists(), f"dpkg -r removed the conffile {CONF}"
+    assert box.path(DB).exists(), "dpkg -r removed the database"
+    result = box.run("DEBIAN_FRONTEND=noninteractive dpkg -P gua-collector", timeout=120)
+    assert result.returncode == 0, f"dpkg -P gua-collector failed:\n{result.stdout}{result.stderr}"
+    assert not box.path(CONF).exists(), f"dpkg -P left {CONF}"
+    assert box.path(DB).exists(), "dpkg -P deleted the recorded data"
+    assert box.run(["id", "gua"]).returncode == 0, "dpkg -P deleted the gua user"
+    facts = db_facts(box)
+    assert facts["integrity"] == ["ok"], facts
 
 
 def test_journal_has_no_traceback(installed: nspawn.Container) -> None:
