@@ -289,13 +289,17 @@ def select_gpus(rows: Sequence[query.GpuRow], selectors: Sequence[str]) -> list[
 
 # ---------------------------------------------------------------- build
 
-def build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Options) -> Report:
+def build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Options,
+          open_warning: str = "") -> Report:
     """Run every query in one read transaction and assemble the Report."""
     conn.execute("BEGIN")  # one snapshot for the whole report, however long the collector writes
     try:
-        return _build(conn, db_path, schema_version, opts)
+        rep = _build(conn, db_path, schema_version, opts)
     finally:
         conn.execute("COMMIT")
+    if open_warning:
+        rep.warnings.insert(0, open_warning)
+    return rep
 
 
 def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Options) -> Report:

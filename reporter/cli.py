@@ -99,7 +99,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         opts = _options(args, now_ms)
         db = open_readonly(args.db)
         try:
-            rep = build(db.conn, args.db, db.schema_version, opts)
+            rep = build(db.conn, args.db, db.schema_version, opts, db.warning)
         except sqlite3.DatabaseError as exc:
             msg = str(exc)
             if "malformed" in msg or "not a database" in msg:

@@ -21,7 +21,7 @@ class Exit(IntEnum):
 EXIT_TABLE = (
     (Exit.OK, "report written"),
     (Exit.BAD_ARGS, "bad arguments (unknown option, bad duration, unknown --gpu)"),
-    (Exit.DB_MISSING, "database file does not exist"),
+    (Exit.DB_MISSING, "database file does not exist (or has no data outside a stale -wal)"),
     (Exit.PERMISSION, "permission denied (join the group that owns the file)"),
     (Exit.NOT_GUA, "file is not a gua database"),
     (Exit.SCHEMA_NEWER, "database schema is newer than this gua-report"),

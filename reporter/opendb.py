@@ -33,6 +33,7 @@ class OpenedDb:
     path: str
     immutable: bool  # opened without looking at (absent) WAL state
     schema_version: int
+    warning: str = ""  # something the report should say about how it was opened
 
 
 def _owner_text(st: os.stat_result) -> tuple[str, str]:
@@ -143,6 +144,15 @@ def open_readonly(path: str) -> OpenedDb:
     """
     _precheck(path)
     immutable = not os.path.exists(path + "-wal")
+    warning = ""
+    if not immutable and not os.path.exists(path + "-shm"):
+        # A -wal without its -shm: a collector was killed and nobody has
+        # opened the DB since. Reading the WAL needs a rebuilt -shm, i.e.
+        # creating a file (or failing, without write access to the
+        # directory); read the main file alone instead and say so.
+        immutable = True
+        warning = ("the collector left a -wal file without its -shm (killed?); its newest "
+                   "ticks are not shown until gua-collector starts again")
     conn: sqlite3.Connection | None = None
     try:
         # isolation_level=None: we issue BEGIN ourselves so the whole report
@@ -159,6 +169,13 @@ def open_readonly(path: str) -> OpenedDb:
         if conn is not None:
             conn.close()
         raise _map_sqlite_error(path, exc) from None
+    if app != APPLICATION and warning:
+        conn.close()
+        raise ReportError(
+            Exit.DB_MISSING,
+            f"{path} has no data outside {os.path.basename(path)}-wal, whose -shm is missing "
+            "(collector killed?): start gua-collector again, it recovers the WAL",
+        )
     if app != APPLICATION:
         conn.close()
         what = "an empty SQLite database" if not tables else "a SQLite database of another program"
@@ -173,4 +190,4 @@ def open_readonly(path: str) -> OpenedDb:
     if version < 1:
         conn.close()
         raise ReportError(Exit.CORRUPT, f"{path} names itself gua but has no schema version")
-    return OpenedDb(conn=conn, path=path, immutable=immutable, schema_version=version)
+    return OpenedDb(conn=conn, path=path, immutable=immutable, schema_version=version, warning=warning)

@@ -177,3 +177,41 @@ def test_group_member_reads_without_directory_write(shared_dir):
                    user=["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"])
     assert r.returncode == 4
     assert f"join the '{group.gr_name}' group" in r.stderr
+
+
+def test_stale_wal_without_shm(tmp_path):
+    """A killed collector's -wal without -shm: read the main file, create nothing, warn."""
+    from gua_collector.store import Store
+
+    live = tmp_path / "live"
+    live.mkdir()
+    path = str(live / "gua.db")
+    ticks = list(sim_ticks(T0, T0 + 2 * HOUR, 10_000, "lab"))
+    store = Store.open(path, now_ms=T0)
+    try:
+        store.begin_run(T0, 10_000, "simulate:lab", "gpu01", "test")
+        store.write_ticks(ticks[:360])
+        early = tmp_path / "early"  # everything still in the WAL
+        early.mkdir()
+        shutil.copy(path, early / "gua.db")
+        shutil.copy(path + "-wal", early / "gua.db-wal")
+        store._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        store.write_ticks(ticks[360:])
+        crashed = tmp_path / "crashed"
+        crashed.mkdir()
+        shutil.copy(path, crashed / "gua.db")
+        shutil.copy(path + "-wal", crashed / "gua.db-wal")
+    finally:
+        store.close()
+    before = snapshot(str(crashed))
+    r = run_report("--db", str(crashed / "gua.db"), *WINDOW)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["headline"]["ticks"] == 4 * 360  # the checkpointed part
+    assert "-wal file without its -shm" in rep["data_quality"]["warnings"][0]
+    assert snapshot(str(crashed)) == before
+    before = snapshot(str(early))
+    r = run_report("--db", str(early / "gua.db"), *WINDOW)
+    assert r.returncode == 3, r.stderr
+    assert "start gua-collector again" in r.stderr
+    assert snapshot(str(early)) == before
