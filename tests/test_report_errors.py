@@ -196,3 +196,22 @@ def test_permission_denied_names_group(open_dir, good_db):
     os.chmod(d, 0o700)  # the directory closed: the file cannot even be looked up
     r = run_report("--db", db, *WINDOW, user=nobody)
     one_line_error(r, 4, "permission denied", f"directory {d}", "join the 'root' group")
+
+
+def test_runs_without_collector_or_pynvml(good_db):
+    """The reporter is standard library only: it runs with gua_collector and pynvml unimportable."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['gua_collector'] = None\n"
+        "sys.modules['pynvml'] = None\n"
+        "sys.modules['sdnotify'] = None\n"
+        "from gua_report.cli import main\n"
+        f"main(['--db', {good_db!r}, '--since', '2024-01-01', '--until', '2024-01-02', '--tz', 'UTC',"
+        " '--format', 'json'])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert r.returncode == 0, r.stderr
+    assert '"format_version": 1' in r.stdout
