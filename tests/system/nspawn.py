@@ -16,8 +16,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Sequence
 
 # The environment a command inside the container starts with (nsenter would
 # otherwise pass on the host's, virtualenv and all).
@@ -80,6 +80,7 @@ class Container:
         return state
 
     def _check_alive(self) -> None:
+        """Raise BootFailed when nspawn has already exited."""
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise BootFailed(
@@ -131,6 +132,7 @@ class Container:
 
     # -- commands --------------------------------------------------------
     def _nsenter(self, argv: Sequence[str]) -> list[str]:
+        """The host command line that runs ``argv`` in all the container's namespaces."""
         assert self.pid1 is not None, "container not booted"
         return ["nsenter", "-t", str(self.pid1), "-a", "--", *argv]
 
@@ -164,7 +166,8 @@ class Container:
             out[key] = value
         return out
 
-    def wait_for(self, unit: str, predicate, props: Sequence[str],
+    def wait_for(self, unit: str, predicate: Callable[[dict[str, str]], bool],
+                 props: Sequence[str],
                  timeout: float, what: str) -> dict[str, str]:
         """Poll ``show(unit, *props)`` until ``predicate(values)`` holds.
 
@@ -210,6 +213,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _comm(pid: int) -> str:
+    """The command name of ``pid`` ('' when it is gone)."""
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
@@ -217,6 +221,7 @@ def _comm(pid: int) -> str:
 
 
 def _kill(pid: int, sig: int) -> None:
+    """Send ``sig`` to ``pid``; a process already gone is fine."""
     try:
         os.kill(pid, sig)
     except ProcessLookupError:

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 CACHE_DIR = Path(os.environ.get("GUA_SYSTEST_CACHE", "/var/cache/gua-systest"))
@@ -46,8 +47,8 @@ def _apt_source_lines() -> list[tuple[str, list[str]]]:
             words = line.split()
             if len(words) >= 3:
                 pairs.append((words[1], [words[2]]))
-    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-        text = Path(path).read_text(errors="replace")
+    for name in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+        text = Path(name).read_text(errors="replace")
         for stanza in re.split(r"\n\s*\n", text):
             fields: dict[str, str] = {}
             for line in stanza.splitlines():
@@ -115,12 +116,14 @@ def cache_key(packages: list[str], mirror: str, arch: str) -> str:
 
 
 def _host_arch() -> str:
+    """dpkg's name for this machine's architecture (amd64, arm64...)."""
     return subprocess.run(
         ["dpkg", "--print-architecture"], check=True, capture_output=True, text=True
     ).stdout.strip()
 
 
-def cached_root(extra_packages: list[str] | None = None, log=print) -> Path:
+def cached_root(extra_packages: list[str] | None = None,
+                log: Callable[[str], None] = print) -> Path:
     """Return the cached debootstrap tree, building it if needed.
 
     ``extra_packages`` are added to BASE_PACKAGES (e.g. the dependencies of

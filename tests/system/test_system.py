@@ -24,8 +24,9 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import pytest
 
@@ -205,7 +206,7 @@ def installed(container: nspawn.Container, debs: list[Path]) -> nspawn.Container
     return container
 
 
-def db_facts(box: nspawn.Container) -> dict[str, object]:
+def db_facts(box: nspawn.Container) -> dict[str, Any]:
     """integrity_check, tick count and the runs, read as root (read-only)."""
     script = f"""
 import json, sqlite3
@@ -232,6 +233,7 @@ def journal(box: nspawn.Container, since: str | None = None) -> str:
 
 
 def service_state(box: nspawn.Container) -> dict[str, str]:
+    """The collector unit's properties the tests look at."""
     return box.show(UNIT, "ActiveState", "SubState", "Type", "NRestarts", "Result",
                     "ExecMainStatus", "MainPID", "StatusText")
 
