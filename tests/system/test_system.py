@@ -442,7 +442,9 @@ def test_stop_is_clean_and_data_intact(installed: nspawn.Container) -> None:
     result = box.run(["systemctl", "stop", UNIT], timeout=60)
     assert result.returncode == 0, f"systemctl stop exited {result.returncode}: {result.stderr}"
     state = service_state(box)
-    assert state["ActiveState"] == "inactive", state
+    assert state["ActiveState"] == "inactive", (
+        f"after systemctl stop the unit is {state['ActiveState']!r}, not inactive "
+        f"(a non-zero exit on SIGTERM?): {state}\n{journal(box)[-2000:]}")
     assert state["Result"] == "success", f"stop Result is not success: {state}"
     assert state["ExecMainStatus"] == "0", f"collector exit status on stop: {state}"
     after = db_facts(box)
@@ -458,7 +460,8 @@ def test_report_after_stop(installed: nspawn.Container) -> None:
     """The admin can still report once the collector stopped (no -wal left
     for mode=ro; DESIGN.md: the reporter must cope)."""
     box = installed
-    assert box.run(["systemctl", "is-active", UNIT]).stdout.strip() == "inactive"
+    active = box.run(["systemctl", "is-active", UNIT]).stdout.strip()
+    assert active != "active", f"precondition: the collector should be stopped, is {active!r}"
     result = box.run(["runuser", "-u", ADMIN, "--", "gua-report", "--since", "1h"])
     assert result.returncode == 0, (
         f"gua-report after the collector stopped exited {result.returncode}:\n"
