@@ -37,14 +37,15 @@ def _epilog() -> str:
         "(or memory NVML cannot report), else truly idle. The database is opened\n"
         "read-only; reading it needs membership of the group that owns it.\n\n"
         f"exit codes:\n{codes}\n\n"
-        "JSON output: a versioned contract (format_version), see JSON.md."
+        "JSON and CSV output are a versioned contract (format_version 1), documented\n"
+        "in JSON.md beside the gua_report package sources."
     )
 
 
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="gua-report",
-        description="Read-only report of active, idle-held and truly idle GPU time "
+        description="Read-only report of active, idle-held and truly idle GPU time\n"
         "from a gua-collector database.",
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -64,7 +65,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="SM utilization at or above which a GPU-tick is active (default 10)")
     p.add_argument("--held-threshold", default="100MB", metavar="SIZE",
                    help="compute memory above which a GPU is held: MB, MiB, GB, GiB (default 100MB)")
-    p.add_argument("--format", choices=("text", "json", "csv"), default="text")
+    p.add_argument("--format", choices=("text", "json", "csv"), default="text",
+                   help="text (80 columns, default), json (a versioned contract) or csv "
+                        "(section,subject,metric,value)")
     p.add_argument("--no-rollups", action="store_true",
                    help="verification: ignore the hourly rollups, classify every raw row (slow)")
     p.add_argument("--version", action="version", version=f"gua-report {__version__}")
