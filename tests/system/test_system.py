@@ -468,6 +468,18 @@ def test_report_after_stop(installed: nspawn.Container) -> None:
         f"stderr: {result.stderr[-2000:]}\n"
         + box.run(["ls", "-la", "/var/lib/gua"]).stdout)
     assert result.stdout.strip(), "gua-report printed nothing after stop"
+    print(result.stdout)
+    # The run the watchdog killed has no stop recorded: the report's data
+    # quality must count exactly those runs as unclean stops.
+    killed = [r for r in db_facts(box)["runs"] if r[2] is None]
+    as_json = box.run(["runuser", "-u", ADMIN, "--", "gua-report", "--since", "1h",
+                       "--format", "json"])
+    assert as_json.returncode == 0, f"gua-report --format json: {as_json.stderr}"
+    quality = json.loads(as_json.stdout).get("data_quality", {})
+    assert killed, "expected the watchdog-killed run to have no stop recorded"
+    assert quality.get("unclean_stops") == len(killed), (
+        f"report counts {quality.get('unclean_stops')} unclean stops, the DB has "
+        f"{len(killed)} runs without a stop ({killed})")
 
 
 def test_remove_and_purge_keep_the_data(installed: nspawn.Container) -> None:
