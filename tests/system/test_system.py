@@ -13,6 +13,14 @@ Anything the product does wrong fails.
 
 The tests share one booted container (module scope) and run in file order;
 each leaves the collector running except the last ones, which stop it.
+
+Environment knobs:
+  GUA_SYSTEST_CACHE    where the debootstrap tree is cached
+                       (default /var/cache/gua-systest)
+  GUA_SYSTEST_DIST     folder of the .debs (default dist/); packaging/build.sh
+                       builds them there when they are missing or older than
+                       the sources
+  GUA_SYSTEST_REBUILD  set: always run packaging/build.sh first
 """
 
 from __future__ import annotations
