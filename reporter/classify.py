@@ -129,7 +129,7 @@ class GpuReport:
         elif self.last_status == "error":
             out.append("NVML error now")
         if n_err:
-            out.append(f"{n_err} NVML err")
+            out.append(f"{n_err} error{'s' if n_err != 1 else ''}")
         if self.totals.unknown_ms and self.last_status != "lost":
             if n_err:
                 out.append(f"unk {_hours_text(self.totals.unknown_ms)}h")
@@ -142,7 +142,7 @@ class GpuReport:
 
 def _hours_text(ms: int) -> str:
     h = ms / HOUR_MS
-    return f"{h:.2f}" if h < 10 else f"{h:.1f}"
+    return f"{h:.2f}" if h < 1 else f"{h:.1f}"
 
 
 @dataclass
