@@ -125,7 +125,7 @@ class GpuReport:
             out.append(f"MIG of {self.parent.index if self.parent else '?'}")
         if self.last_status == "lost":
             lost = [e for e in self.errors if e.kind == "gpu_lost"]
-            out.append("LOST" + (f" since {fmt_local(lost[0].first_ms, tz)[5:]}" if lost else ""))
+            out.append("LOST" + (f" since {fmt_local(lost[0].last_ms, tz)[5:]}" if lost else ""))  # the latest loss
         elif self.last_status == "error":
             out.append("NVML error now")
         if n_err:
