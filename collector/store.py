@@ -89,29 +89,29 @@ DELETE_ROLLUP = (
     "DELETE FROM hour_unit WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
 )
 ROLLUP_GPU = """
-WITH t AS (
-    SELECT tick_id, duration_ms AS d, ts_ms / 3600000 AS hour
-    FROM tick
-    WHERE ts_ms >= :lo AND ts_ms < :hi
-),
-held AS (
+WITH held AS (
+    -- Driven from tick_ts, not from a materialized tick CTE: SQLite would
+    -- answer that join with a full scan of proc_sample.
     SELECT ps.tick_id, ps.gpu_id,
            max(ps.mem_mib IS NULL) = 1 OR sum(ps.mem_mib) * 1048576 > :held AS held
-    FROM t JOIN proc_sample AS ps USING (tick_id)
-    WHERE ps.kind & 1
+    FROM tick AS t
+    JOIN proc_sample AS ps ON ps.tick_id = t.tick_id
+    WHERE t.ts_ms >= :lo AND t.ts_ms < :hi AND ps.kind & 1
     GROUP BY ps.tick_id, ps.gpu_id
 ),
 classified AS (
-    SELECT t.hour, g.gpu_id, t.d, g.coverage_permille, g.energy_mj,
+    SELECT t.ts_ms / 3600000 AS hour, g.gpu_id, t.duration_ms AS d,
+           g.coverage_permille, g.energy_mj,
            CASE
                WHEN g.status != 0 OR g.util_permille IS NULL THEN 3
                WHEN g.util_permille >= :active THEN 0
                WHEN coalesce(h.held, 0) THEN 1
                ELSE 2
            END AS state
-    FROM t
-    JOIN gpu_sample AS g USING (tick_id)
+    FROM tick AS t
+    JOIN gpu_sample AS g ON g.tick_id = t.tick_id
     LEFT JOIN held AS h ON h.tick_id = g.tick_id AND h.gpu_id = g.gpu_id
+    WHERE t.ts_ms >= :lo AND t.ts_ms < :hi
 )
 INSERT INTO hour_gpu
 SELECT hour, gpu_id, count(*), sum(d),

@@ -187,3 +187,16 @@ def test_retention_prunes_in_batches_and_keeps_rollups(tmp_path: Path) -> None:
     assert conn.execute("SELECT count(*) FROM proc_sample WHERE tick_id NOT IN (SELECT tick_id FROM tick)").fetchone()[0] == 0
     assert conn.execute("SELECT count(*) FROM hour_gpu WHERE hour = ?", (START // 3_600_000,)).fetchone()[0] == 4
     assert conn.execute("SELECT value FROM meta WHERE key = 'raw_pruned_before_ms'").fetchone()[0] == str(cutoff)
+
+
+@pytest.mark.parametrize("name", ["ROLLUP_GPU", "ROLLUP_ACCOUNT", "ROLLUP_UNIT"])
+def test_rollups_seek_by_time_never_scan_facts(tmp_path: Path, name: str) -> None:
+    """An hourly rollup must cost the hour's rows, not the database's size."""
+    from gua_collector import store as store_module
+
+    Store.open(str(tmp_path / "gua.db"), now_ms=START).close()
+    conn = sqlite3.connect(tmp_path / "gua.db")
+    sql = getattr(store_module, name)
+    plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, {"lo": 0, "hi": 1, "active": 100, "held": 1})]
+    scans = [step for step in plan if step.startswith("SCAN") and any(t in step for t in ("ps", "g", "proc_sample", "gpu_sample", "tick", " t"))]
+    assert not scans, plan
