@@ -278,10 +278,14 @@ def tick_at_or_after(conn: sqlite3.Connection, ts: int) -> tuple[int, int] | Non
 
 
 def first_last_tick(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[int | None, int | None]:
-    row = conn.execute(
-        "SELECT min(ts_ms), max(ts_ms) FROM tick WHERE ts_ms >= ? AND ts_ms < ?", (lo, hi)
-    ).fetchone()
-    return row[0], row[1]
+    """First and last tick time in [lo, hi).
+
+    Two statements on purpose: SQLite answers a lone min() or max() with one
+    index seek, but `SELECT min(x), max(x)` walks the whole range (0.3 s on a year).
+    """
+    first = conn.execute("SELECT min(ts_ms) FROM tick WHERE ts_ms >= ? AND ts_ms < ?", (lo, hi)).fetchone()
+    last = conn.execute("SELECT max(ts_ms) FROM tick WHERE ts_ms >= ? AND ts_ms < ?", (lo, hi)).fetchone()
+    return first[0], last[0]
 
 
 def last_status(conn: sqlite3.Connection, lo: int, hi: int) -> dict[int, int]:
