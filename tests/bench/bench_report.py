@@ -30,30 +30,9 @@ INTERVAL_MS = 10_000
 BATCH = 360  # ticks per transaction while building (the collector writes one per tick)
 
 
-# collector/store.py's ROLLUP_GPU (at the time of writing) joins proc_sample to a
-# materialized CTE, and SQLite answers that with a full scan of proc_sample:
-# every hourly rollup then costs O(database size) and a year takes hours to
-# build. Until the collector changes it, the benchmark drives that CTE from
-# the tick_ts index instead (same rows, same result; checked on a 30-day DB).
-_SCAN_FROM = "    FROM t JOIN proc_sample AS ps USING (tick_id)\n    WHERE ps.kind & 1\n"
-_SEEK_FROM = ("    FROM tick AS tk JOIN proc_sample AS ps ON ps.tick_id = tk.tick_id\n"
-              "    WHERE tk.ts_ms >= :lo AND tk.ts_ms < :hi AND ps.kind & 1\n")
-
-
-def _patch_rollup() -> bool:
-    from gua_collector import store
-
-    if _SCAN_FROM not in store.ROLLUP_GPU:
-        return False
-    store.ROLLUP_GPU = store.ROLLUP_GPU.replace(_SCAN_FROM, _SEEK_FROM)
-    return True
-
-
 def build(path: str, days: int) -> float:
     from gua_collector.store import Store
 
-    if _patch_rollup():
-        print("note: patched collector ROLLUP_GPU to seek by tick_ts (see comment)", file=sys.stderr)
 
     start = time.monotonic()
     end_ms = T0 + days * DAY
