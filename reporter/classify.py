@@ -87,7 +87,7 @@ class StateTotals:
 
     @property
     def coverage(self) -> float | None:
-        """Share of known time the 200 ms utilization samples covered."""
+        """Share of known time the driver's utilization samples covered."""
         return self.coverage_pm_ms / (1000 * self.known_ms) if self.known_ms else None
 
     @property

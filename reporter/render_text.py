@@ -175,7 +175,7 @@ def render(rep: Report, colour: bool = False) -> str:
     section("DATA QUALITY")
     cov = h.coverage
     add(f"  utilization coverage: {'-' if cov is None else f'{cov * 100:.1f} %'} of known GPU time "
-        "had 200 ms samples")
+        "covered by driver samples")
     if rep.first_tick_ms is not None and rep.first_tick_ms - o.since_ms > HOLE_MIN_MS:
         add(f"  first sample in window: {fmt_local(rep.first_tick_ms, tz)} (no data before)")
     if h.unknown_ms:
