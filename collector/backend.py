@@ -50,7 +50,7 @@ class RawDevice:
     energy_mj: int | None  # counter since driver load
     power_mw: int | None
     mig_enabled: bool = False
-    mig_devices: list["RawDevice"] = field(default_factory=list)
+    mig_devices: list[RawDevice] = field(default_factory=list)
     parent_uuid: str | None = None
     mig_slot: int | None = None
 

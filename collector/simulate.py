@@ -57,7 +57,7 @@ class SimGpu:
     name: str
     memory_mib: int
     workload: Workload
-    mig: tuple["SimGpu", ...] = ()
+    mig: tuple[SimGpu, ...] = ()
 
 
 def _week_ms(t_ms: int) -> int:

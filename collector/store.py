@@ -195,7 +195,7 @@ class Store:
 
     # --- opening -------------------------------------------------------------
     @classmethod
-    def open(cls, path: str, *, now_ms: int) -> "Store":
+    def open(cls, path: str, *, now_ms: int) -> Store:
         """Open (creating 0640 if absent) and migrate; raises StoreError, leaving foreign files untouched."""
         path = os.path.abspath(path)
         directory = os.path.dirname(path)
@@ -398,7 +398,7 @@ class Store:
         return len(ids)
 
     # --- transactions -------------------------------------------------------------------
-    def _transaction(self) -> "_Transaction":
+    def _transaction(self) -> _Transaction:
         return _Transaction(self)
 
     def _forget_caches(self) -> None:

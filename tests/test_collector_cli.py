@@ -83,16 +83,13 @@ def test_unwritable_directory_exit_4(tmp_path: Path) -> None:
     assert_one_line_error(proc, 4, "permission denied")
 
 
-def test_unwritable_directory_as_unprivileged_user(tmp_path: Path) -> None:
+def test_unwritable_directory_as_unprivileged_user(shared_dir: str) -> None:
     """The same check for real when the tests run as root: drop to nobody."""
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to an unprivileged user (covered by the non-root test)")
     import sys
-    import tempfile
 
-    # pytest's own tmp tree is 0700 root: nobody could not even look into it.
-    locked = Path(tempfile.mkdtemp(prefix="gua-ro-", dir="/tmp"))
-    locked.chmod(0o755)
+    locked = Path(shared_dir)
 
     proc = subprocess.run(
         ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-m", "gua_collector",
@@ -101,7 +98,6 @@ def test_unwritable_directory_as_unprivileged_user(tmp_path: Path) -> None:
     )
     assert_one_line_error(proc, 4, "permission denied")
     assert not (locked / "gua.db").exists()
-    locked.rmdir()
 
 
 def test_not_sqlite_exit_5_untouched(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ class FakeSystemd:
             self.sock.settimeout(max(0.01, end - time.monotonic()))
             try:
                 data = self.sock.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 break
             for line in data.decode().splitlines():
                 self.messages.append((time.monotonic(), line))

@@ -168,22 +168,10 @@ def test_help_documents_exit_codes():
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to an unprivileged user")
 
 
-@pytest.fixture()
-def open_dir():
-    """A directory every user can traverse (pytest's own tmp dirs are 0700)."""
-    import tempfile
-
-    d = tempfile.mkdtemp(prefix="gua-report-test-")
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@needs_root
-def test_permission_denied_names_group(open_dir, good_db):
+def test_permission_denied_names_group(shared_dir, good_db):
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) not installed")
-    d = os.path.join(open_dir, "state")
+    d = os.path.join(shared_dir, "state")
     os.mkdir(d, 0o755)
     db = os.path.join(d, "gua.db")
     shutil.copy(good_db, db)

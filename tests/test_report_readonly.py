@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 
 import pytest
 
@@ -38,15 +37,6 @@ def hand_db(path: str) -> None:
     r = db.run(T0, stopped_ms=T0 + 400_000)
     db.ticks(r, T0, 30, 10_000, G(g0, util=500, procs=(P(p, mem=2000, sm=50),)), first_duration=0)
     db.close()
-
-
-@pytest.fixture()
-def shared_dir():
-    """A directory outside pytest's 0700 tmp tree, so other users can reach it."""
-    d = tempfile.mkdtemp(prefix="gua-report-ro-")
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_report_changes_nothing(tmp_path):
