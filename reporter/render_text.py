@@ -202,11 +202,11 @@ def render(rep: Report, colour: bool = False) -> str:
     for g in rep.gpus:
         for err in g.errors:
             err_lines.append(f"    GPU {g.row.index}{'.' + str(g.row.mig_slot) if g.is_mig else ''}: "
-                             f"{err.count} {err.kind} {fmt_local(e.first_ms, tz)[5:]} .. "
-                             f"{fmt_local(e.last_ms, tz)[5:]} {err.last_detail}")
+                             f"{err.count} {err.kind} {fmt_local(err.first_ms, tz)[5:]} .. "
+                             f"{fmt_local(err.last_ms, tz)[5:]} {err.last_detail}")
     for err in rep.host_errors:
-        err_lines.append(f"    host: {err.count} {err.kind} {fmt_local(e.first_ms, tz)[5:]} .. "
-                         f"{fmt_local(e.last_ms, tz)[5:]} {err.last_detail}")
+        err_lines.append(f"    host: {err.count} {err.kind} {fmt_local(err.first_ms, tz)[5:]} .. "
+                         f"{fmt_local(err.last_ms, tz)[5:]} {err.last_detail}")
     add(f"  NVML/collector errors: {'none' if not err_lines else ''}".rstrip())
     for line in err_lines[:LIST_N * 2]:
         add(_cut(line, WIDTH))
