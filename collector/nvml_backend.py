@@ -11,6 +11,9 @@ from . import schema
 from .backend import BackendInitError, Cursor, DeviceError, ProcessLookup, RawDevice, RawProcess
 from .procinfo import ProcReader
 
+# NVML_ERROR_FUNCTION_NOT_FOUND; spelled out because old pynvml releases lack the name.
+_FUNCTION_NOT_FOUND = 13
+
 # The deb ships pynvml privately here (Debian 12 has no python3-pynvml).
 VENDOR_DIR = "/usr/lib/gua-collector/vendor"
 
@@ -126,7 +129,7 @@ class NvmlBackend:
             return call()
         except nvml.NVMLError as error:
             code = getattr(error, "value", None)
-            if code in (nvml.NVML_ERROR_NOT_SUPPORTED, nvml.NVML_ERROR_FUNCTION_NOT_FOUND):
+            if code in (nvml.NVML_ERROR_NOT_SUPPORTED, _FUNCTION_NOT_FOUND):
                 self._supported[(index, what)] = False
                 return None
             raise
@@ -201,12 +204,15 @@ class NvmlBackend:
                 continue
             try:
                 return list(function(handle))
-            except (nvml.NVMLError_FunctionNotFound, nvml.NVMLLibraryMismatchError):
-                variants.pop(0)  # symbol missing on this driver: older variant next
             except nvml.NVMLError as error:
-                if getattr(error, "value", None) == nvml.NVML_ERROR_NOT_SUPPORTED:
+                code = getattr(error, "value", None)
+                if code == nvml.NVML_ERROR_NOT_SUPPORTED:
                     return []
-                raise
+                if code != _FUNCTION_NOT_FOUND:
+                    raise
+                variants.pop(0)  # symbol missing on this driver: older variant next
+            except getattr(nvml, "NVMLLibraryMismatchError", ()):
+                variants.pop(0)  # pynvml's own way (not an NVMLError) of saying the same
         return []
 
     def _mig_devices(self, index: int, handle: Any, parent_uuid: str) -> list[RawDevice]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from statistics import median
 
 from . import schema
-from .backend import Backend, Cursor, DeviceError, RawDevice, RawProcess
+from .backend import Backend, BackendInitError, Cursor, DeviceError, RawDevice, RawProcess
 from .records import Event, GpuInfo, GpuSample, ProcSample, Tick
 
 MIB = 1024 * 1024
@@ -147,7 +147,7 @@ class Sampler:
         samples: list[GpuSample] = []
         events: list[Event] = []
         live: set[tuple[int, int]] = set()
-        for index in range(self._device_count(events, ts_ms)):
+        for index in range(self._device_count()):
             state = self._state(f"#{index}")
             try:
                 raw = self._backend.read_device(index, state.cursor, full=True)
@@ -168,13 +168,12 @@ class Sampler:
         self._lookup.retain(live)
         return Tick(ts_ms=ts_ms, duration_ms=duration_ms, gpus=tuple(samples), events=tuple(events))
 
-    def _device_count(self, events: list[Event] | None = None, ts_ms: int = 0) -> int:
+    def _device_count(self) -> int:
+        """Device count; when even that fails, NVML as a whole is gone (driver unloaded or upgraded)."""
         try:
             return self._backend.device_count()
         except DeviceError as error:
-            if events is not None:
-                events.append(Event(ts_ms, "nvml_error", f"device count: {error}"))
-            return 0
+            raise BackendInitError(f"NVML stopped answering: {error}") from error
 
     def _state(self, key: str) -> DeviceState:
         return self._devices.setdefault(key, DeviceState())

@@ -16,7 +16,7 @@ from .clock import Clock
 from .notify import Notifier
 from .records import Event, Tick
 from .sampler import Sampler
-from .store import LastTick, Store
+from .store import Store
 
 MAX_BACKLOG = 360  # ticks kept in memory while the disk refuses writes
 POLL_S = 10.0  # the driver keeps ~14 s of utilization samples: drain them before they go
@@ -86,40 +86,50 @@ class Service:
         self._db_failed_since = 0
         self._dropped = 0
         self._ready = False
+        self._ticks = 0
+        self._last_ts = 0
+        self._gap_from: tuple[int, str] | None = None  # (last tick ms, why) before sampling (re)started
 
     # --- lifecycle ----------------------------------------------------------------
     def run(self) -> int:
-        clock = self._clock
         previous = self._store.last_tick()
-        started = clock.wall_ms()
+        if previous is not None:
+            why = "collector stopped" if previous.clean_stop else "collector did not stop cleanly (crash, kill or power loss)"
+            self._gap_from = (previous.ts_ms, why)
         self._store.begin_run(
-            started, round(self._settings.interval_s * 1000), self._backend.name,
+            self._clock.wall_ms(), round(self._settings.interval_s * 1000), self._backend.name,
             self._settings.hostname, self._settings.version,
         )
         self._log.info(f"started: backend {self._backend.name}, database {self._store.path}")
-        if not self._init_backend():
-            return self._finish("stopped before the backend came up")
-        sampler = Sampler(self._backend)
+        while self._init_backend():
+            try:
+                self._sample(Sampler(self._backend))
+                return self._finish("stopped")
+            except BackendInitError as error:
+                # The driver went away under us (unloaded, upgraded): start over with backoff.
+                self._log.error(f"{error}; initialising NVML again")
+                self._safe_events([Event(self._clock.wall_ms(), "nvml_error", str(error))])
+                self._backend.shutdown()
+                self._gap_from = (self._last_ts, "NVML unavailable")
+        return self._finish("stopped before the backend came up")
+
+    def _sample(self, sampler: Sampler) -> None:
+        """Tick until stopped (or enough ticks); raises BackendInitError when NVML is gone."""
+        clock = self._clock
         mono, boot = clock.monotonic(), clock.boottime()
-        first = sampler.tick(clock.wall_ms(), 0)
-        first = self._with_restart_gap(first, previous)
-        self._write(first)
-        self._status(first)
-        ticks = 1
+        # The first tick after (re)starting covers no time: there is no previous tick to measure from.
+        self._record(self._with_gap(sampler.tick(clock.wall_ms(), 0)))
         interval = self._settings.interval_s
         next_tick = mono + interval
         next_prune = mono
-        while not self._stop.is_set() and (self._settings.ticks is None or ticks < self._settings.ticks):
+        while not self._stop.is_set() and (self._settings.ticks is None or self._ticks < self._settings.ticks):
             now = clock.monotonic()
             if now >= next_tick:
                 boot_now = clock.boottime()
                 duration_ms = round((now - mono) * 1000)
                 tick = sampler.tick(clock.wall_ms(), duration_ms)
-                tick = self._with_suspend_gap(tick, (boot_now - boot) - (now - mono), duration_ms)
+                self._record(self._with_suspend_gap(tick, (boot_now - boot) - (now - mono), duration_ms))
                 mono, boot = now, boot_now
-                self._write(tick)
-                self._status(tick)
-                ticks += 1
                 # Keep the phase; skip slots missed while something stalled.
                 while next_tick <= now:
                     next_tick += interval
@@ -130,7 +140,12 @@ class Service:
             sampler.poll()
             self._ping_watchdog()
             clock.sleep(min(next_tick - now, self._wake_s), self._stop)
-        return self._finish("stopped")
+
+    def _record(self, tick: Tick) -> None:
+        self._write(tick)
+        self._status(tick)
+        self._ticks += 1
+        self._last_ts = tick.ts_ms
 
     def _finish(self, why: str) -> int:
         self._notify("STOPPING=1")
@@ -229,14 +244,16 @@ class Service:
         return removed == 0
 
     # --- gaps and status ----------------------------------------------------------------
-    def _with_restart_gap(self, tick: Tick, previous: LastTick | None) -> Tick:
-        if previous is None:
+    def _with_gap(self, tick: Tick) -> Tick:
+        """Add a gap event when sampling (re)starts long after the last stored tick."""
+        if self._gap_from is None:
             return tick
-        missing = tick.ts_ms - previous.ts_ms
-        if missing <= 2 * self._settings.interval_s * 1000:
+        since, why = self._gap_from
+        self._gap_from = None
+        # Any stretch longer than one interval is time no tick covers: say so.
+        if tick.ts_ms - since <= self._settings.interval_s * 1000:
             return tick
-        why = "collector stopped" if previous.clean_stop else "collector did not stop cleanly (crash, kill or power loss)"
-        gap = Event(previous.ts_ms, "gap", why, end_ms=tick.ts_ms)
+        gap = Event(since, "gap", why, end_ms=tick.ts_ms)
         return Tick(tick.ts_ms, tick.duration_ms, tick.gpus, tick.events + (gap,))
 
     def _with_suspend_gap(self, tick: Tick, suspended_s: float, duration_ms: int) -> Tick:

@@ -214,4 +214,4 @@ def test_kill_9_mid_run_leaves_every_committed_tick(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     with sqlite3.connect(db) as conn:
         detail = conn.execute("SELECT detail FROM event WHERE kind = 'gap'").fetchall()
-    assert detail == [] or "did not stop cleanly" in detail[0][0]
+    assert len(detail) == 1 and "did not stop cleanly" in detail[0][0], detail

@@ -25,7 +25,7 @@ class FunctionNotFound(NVMLError):
         super().__init__(13)
 
 
-class LibraryMismatch(Exception):
+class NVMLLibraryMismatchError(Exception):
     pass
 
 
@@ -59,7 +59,7 @@ def fake_nvml(**overrides: object) -> types.SimpleNamespace:
         return wrapper
 
     def missing_v3(handle):
-        raise LibraryMismatch("Unversioned function called")
+        raise NVMLLibraryMismatchError("Unversioned function called")
 
     def samples(handle, kind, since):
         data = [Sample(t, types.SimpleNamespace(uiVal=v)) for t, v in [(1_000_000, 30), (2_000_000, 50)] if t > since]
@@ -73,7 +73,7 @@ def fake_nvml(**overrides: object) -> types.SimpleNamespace:
     base = dict(
         NVMLError=NVMLError,
         NVMLError_FunctionNotFound=FunctionNotFound,
-        NVMLLibraryMismatchError=LibraryMismatch,
+        NVMLLibraryMismatchError=NVMLLibraryMismatchError,
         NVML_ERROR_NOT_SUPPORTED=3,
         NVML_ERROR_NOT_FOUND=6,
         NVML_ERROR_FUNCTION_NOT_FOUND=13,

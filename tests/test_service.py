@@ -183,3 +183,46 @@ def test_stop_request_finishes_cleanly(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "gua.db")
     assert db.execute("SELECT stopped_ms IS NOT NULL FROM run").fetchone()[0] == 1
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+class DriverUpgrade(SimBackend):
+    """NVML that stops answering mid-run (driver unloaded) and needs a few init tries to return."""
+
+    def __init__(self, clock: SimClock) -> None:
+        super().__init__("lab", clock)
+        self.counts = 0
+        self.inits = 0
+
+    def init(self) -> None:
+        self.inits += 1
+        if 2 <= self.inits <= 4:
+            raise BackendInitError("NVML init failed: RM has detected an NVML/RM version mismatch")
+        super().init()
+
+    def device_count(self) -> int:
+        from gua_collector.backend import DeviceError
+
+        self.counts += 1
+        if self.counts == 30:
+            raise DeviceError("Uninitialized")
+        return super().device_count()
+
+
+def test_nvml_vanishing_mid_run_is_reinitialised(tmp_path: Path) -> None:
+    clock = SimClock(START)
+    backend = DriverUpgrade(clock)
+    service, store, notes, log = make(tmp_path, backend, clock, ticks=20, watchdog_s=5)
+    assert service.run() == 0
+    store.close()
+    assert backend.inits == 5, "init retried until the new driver answered"
+    text = log.getvalue()
+    assert text.count("NVML stopped answering") == 1 and text.count("version mismatch") == 1, text
+    db = sqlite3.connect(tmp_path / "gua.db")
+    assert db.execute("SELECT count(*) FROM tick").fetchone()[0] == 20
+    assert db.execute("SELECT count(*) FROM tick WHERE duration_ms = 0").fetchone()[0] == 2, "a fresh start after re-init"
+    kinds = dict(db.execute("SELECT kind, count(*) FROM event GROUP BY kind"))
+    assert kinds["nvml_error"] == 1 and kinds["init_failed"] == 1
+    gap = db.execute("SELECT end_ms - ts_ms, detail FROM event WHERE kind = 'gap'").fetchone()
+    assert gap is not None and gap[1] == "NVML unavailable" and gap[0] >= 7_000, gap  # 1 + 2 + 4 s of backoff
+    pings = [t for t, m in notes.sent if m == "WATCHDOG=1"]
+    assert max(b - a for a, b in zip(pings, pings[1:])) <= 5
