@@ -209,7 +209,10 @@ def test_kill_9_mid_run_leaves_every_committed_tick(tmp_path: Path) -> None:
     for row in seen:
         assert after.get(row[0]) == row, f"committed tick {row} changed or vanished"
     # And the collector can carry on with the same file.
-    proc = subprocess.run(collector_cmd("--db", str(db), "--backend", "simulate:lab8", "--ticks", "2"),
+    from datetime import datetime, timedelta, timezone
+
+    later = (datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat()
+    proc = subprocess.run(collector_cmd("--db", str(db), "--backend", "simulate:lab8", "--ticks", "2", "--start", later),
                           env=clean_env(), capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     with sqlite3.connect(db) as conn:
