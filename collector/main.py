@@ -19,6 +19,7 @@ from .notify import SystemdNotifier, watchdog_interval_s
 from .service import Log, Service, Settings, install_signal_handlers
 from .simulate import SimBackend, check_scenario
 from .store import Store, StoreError
+from .textfile import Textfile
 
 DEFAULT_CONFIG = "/etc/gua/gua-collector.conf"
 DEFAULTS = {
@@ -26,6 +27,7 @@ DEFAULTS = {
     "interval": "10s",
     "retention": "90d",
     "backend": "nvml",
+    "textfile": "",
 }
 
 # Exit codes, one per problem (documented in gua-collector(8)).
@@ -75,6 +77,7 @@ class Options:
     backend: str  # 'nvml' or 'simulate:SCENARIO'
     ticks: int | None
     start_ms: int | None
+    textfile: str  # '' = off
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interval", help="time between ticks, e.g. 10s, 1m (default 10s)")
     parser.add_argument("--retention", help="keep raw samples this long, e.g. 90d (default 90d)")
     parser.add_argument("--backend", help="nvml (default) or simulate[:SCENARIO] (lab, lab8, mig, faults, hang)")
+    parser.add_argument(
+        "--textfile",
+        help="also write Prometheus metrics here each tick, for node_exporter's textfile collector "
+        "(e.g. /var/lib/prometheus/node-exporter/gua.prom; default off)",
+    )
     parser.add_argument(
         "--ticks", type=int, help="stop after N ticks; with a simulated backend, on a simulated clock (fast-forward)"
     )
@@ -131,7 +139,10 @@ def parse_options(argv: list[str]) -> Options:
     start_ms = _parse_start(args.start) if args.start else None
     if start_ms is not None and not (backend.startswith("simulate:") and args.ticks):
         raise UsageError("--start needs a simulated backend and --ticks")
-    return Options(values["db"], interval_ms, retention_ms, backend, args.ticks, start_ms)
+    textfile = values["textfile"].strip()
+    if textfile and not textfile.endswith(".prom"):
+        raise UsageError(f"textfile must end in .prom (node_exporter reads only those): {textfile!r}")
+    return Options(values["db"], interval_ms, retention_ms, backend, args.ticks, start_ms, textfile)
 
 
 def _read_config(path: str | None) -> dict[str, str]:
@@ -212,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         log,
         stop,
         None if fast_forward else watchdog_interval_s(os.environ),
+        Textfile(options.textfile) if options.textfile else None,
     )
     try:
         return service.run()

@@ -16,7 +16,9 @@ from .clock import Clock
 from .notify import Notifier
 from .records import Event, Tick
 from .sampler import Sampler
+from .states import IDLE_HELD, gpu_state
 from .store import Store
+from .textfile import Textfile
 
 MAX_BACKLOG = 360  # ticks kept in memory while the disk refuses writes
 POLL_S = 10.0  # the driver keeps ~14 s of utilization samples: drain them before they go
@@ -70,6 +72,7 @@ class Service:
         log: Log,
         stop: threading.Event,
         watchdog_s: float | None,
+        textfile: Textfile | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -89,6 +92,8 @@ class Service:
         self._ticks = 0
         self._last_ts = 0
         self._gap_from: tuple[int, str] | None = None  # (last tick ms, why) before sampling (re)started
+        self._textfile = textfile
+        self._textfile_failing = ""
 
     # --- lifecycle ----------------------------------------------------------------
     def run(self) -> int:
@@ -146,6 +151,20 @@ class Service:
         self._status(tick)
         self._ticks += 1
         self._last_ts = tick.ts_ms
+        if self._textfile is not None:
+            self._publish(self._textfile, tick)
+
+    def _publish(self, textfile: Textfile, tick: Tick) -> None:
+        try:
+            textfile.publish(tick)
+        except OSError as error:
+            if str(error) != self._textfile_failing:
+                self._log.error(f"cannot write {textfile.path}: {error.strerror or error}")
+                self._textfile_failing = str(error)
+            return
+        if self._textfile_failing:
+            self._log.info(f"writing {textfile.path} again")
+            self._textfile_failing = ""
 
     def _finish(self, why: str) -> int:
         self._notify("STOPPING=1")
@@ -271,12 +290,7 @@ def status_line(tick: Tick, db_failing: str = "") -> str:
     """The one-line summary systemctl status shows."""
     gpus = [g for g in tick.gpus if g.gpu.parent_uuid is None]
     procs = {(p.process.pid, p.process.start_ms) for g in tick.gpus for p in g.procs}
-    held = 0
-    for sample in gpus:
-        compute = [p for p in sample.procs if p.kind & schema.KIND_COMPUTE]
-        holding = any(p.mem_mib is None for p in compute) or sum(p.mem_mib or 0 for p in compute) * 1048576 > schema.ROLLUP_HELD_BYTES
-        if holding and sample.util_permille is not None and sample.util_permille < schema.ROLLUP_ACTIVE_PERMILLE:
-            held += 1
+    held = sum(1 for g in gpus if gpu_state(g) == IDLE_HELD)
     bad = sum(1 for g in gpus if g.status != schema.STATUS_OK)
     text = f"{len(gpus)} GPUs, {len(procs)} processes, {held} idle-held"
     if bad:
