@@ -71,6 +71,9 @@ class ProcessLookup(Protocol):
     def retain(self, live: set[tuple[int, int]]) -> None:
         """Forget cached processes not in live, keyed (pid, start_ms)."""
 
+    def hidden(self) -> str:
+        """Why other users' processes may be invisible ('' when they are not)."""
+
 
 class Backend(Protocol):
     """The NVML-shaped source of telemetry."""

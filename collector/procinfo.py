@@ -70,6 +70,22 @@ def _read(path: str) -> str:
         return handle.read()
 
 
+def proc_hidden(mountinfo: str, groups: set[int]) -> str:
+    """The hidepid= option of the /proc mount when it hides processes from us, else ''."""
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) < 5 or fields[4] != "/proc":
+            continue
+        # Mount options, then (after "-", fstype and source) the superblock's.
+        sep = fields.index("-") if "-" in fields else len(fields)
+        options = fields[5].split(",") + (fields[sep + 3].split(",") if sep + 3 < len(fields) else [])
+        hide = next((o.split("=", 1)[1] for o in options if o.startswith("hidepid=")), "0")
+        gid = next((o.split("=", 1)[1] for o in options if o.startswith("gid=")), "")
+        if hide not in ("0", "off") and not (gid.isdigit() and int(gid) in groups):
+            return f"/proc is mounted hidepid={hide}: other users' GPU processes may be invisible (add the gua group with gid=)"
+    return ""
+
+
 def boot_time_ms(proc_root: str = "/proc") -> int:
     """Boot time in UTC epoch ms, from the btime line of /proc/stat."""
     for line in _read(f"{proc_root}/stat").splitlines():
@@ -98,6 +114,10 @@ class ProcReader:
         base = f"{self._root}/{pid}"
         try:
             start_ticks = parse_stat_starttime(_read(f"{base}/stat"))
+        except PermissionError:
+            # /proc mounted hidepid=1: alive but unreadable. Its memory still
+            # holds the GPU, so keep it, with an identity we cannot know.
+            return self._unknown(pid)
         except (OSError, ValueError, IndexError):
             return None
         start_ms = self._boot_ms + start_ticks * 1000 // self._ticks_per_s
@@ -109,6 +129,8 @@ class ProcReader:
             uid = parse_real_uid(_read(f"{base}/status"))
             comm = _read(f"{base}/comm").strip()
             cgroup = parse_cgroup_file(_read(f"{base}/cgroup"))
+        except PermissionError:
+            return self._unknown(pid)
         except (OSError, ValueError):
             return None
         info = ProcessInfo(
@@ -122,6 +144,17 @@ class ProcReader:
         )
         self._known[key] = info
         return info
+
+    def hidden(self) -> str:
+        """Why other users' processes may be invisible here ('' when they are not)."""
+        try:
+            mountinfo = _read(f"{self._root}/self/mountinfo")
+        except OSError:
+            return ""
+        return proc_hidden(mountinfo, set(os.getgroups()) | {os.getegid()})
+
+    def _unknown(self, pid: int) -> ProcessInfo:
+        return ProcessInfo(pid=pid, start_ms=0, uid=None, username="unknown", comm="?", cgroup="", unit="")
 
     def retain(self, live: set[tuple[int, int]]) -> None:
         """Drop cached processes that are no longer on any GPU, so the cache stays small."""

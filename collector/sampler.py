@@ -129,6 +129,7 @@ class Sampler:
         self._backend = backend
         self._lookup = backend.processes()
         self._devices: dict[str, DeviceState] = {}  # by "index" or "uuid" key
+        self._checked_proc = False
 
     def poll(self) -> None:
         """Drain the driver's short sample buffers between ticks so coverage stays whole."""
@@ -147,6 +148,11 @@ class Sampler:
         samples: list[GpuSample] = []
         events: list[Event] = []
         live: set[tuple[int, int]] = set()
+        if not self._checked_proc:
+            self._checked_proc = True
+            hidden = self._lookup.hidden()
+            if hidden:
+                events.append(Event(ts_ms, "proc_hidden", hidden))
         for index in range(self._device_count()):
             state = self._state(f"#{index}")
             try:

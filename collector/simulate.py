@@ -201,6 +201,9 @@ class SimLookup:
     def lookup(self, pid: int) -> ProcessInfo | None:
         return self._live.get(pid)
 
+    def hidden(self) -> str:
+        return ""
+
     def retain(self, live: set[tuple[int, int]]) -> None:
         for pid, info in list(self._live.items()):
             if (pid, info.start_ms) not in live:

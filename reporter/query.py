@@ -321,7 +321,7 @@ def runs(conn: sqlite3.Connection) -> list[tuple]:
     ).fetchall()
 
 
-ERROR_KINDS = ("nvml_error", "gpu_lost", "init_failed", "db_error")
+ERROR_KINDS = ("nvml_error", "gpu_lost", "init_failed", "db_error", "proc_hidden")
 
 
 def error_events(conn: sqlite3.Connection, lo: int, hi: int) -> list[tuple]:

@@ -110,6 +110,9 @@ class NoLookup:
     def retain(self, live):
         pass
 
+    def hidden(self):
+        return ""
+
 
 def backend(nvml: types.SimpleNamespace) -> NvmlBackend:
     b = NvmlBackend(nvml, NoLookup())  # type: ignore[arg-type]

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from gua_collector.procinfo import ProcReader, parse_cgroup_file, parse_real_uid, parse_stat_starttime, unit_from_cgroup
+from gua_collector.procinfo import (
+    ProcReader,
+    parse_cgroup_file,
+    parse_real_uid,
+    parse_stat_starttime,
+    proc_hidden,
+    unit_from_cgroup,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -74,3 +81,58 @@ def test_reader_identity_and_pid_reuse(tmp_path: Path) -> None:
     fake_proc(tmp_path, 501, 5 * hz, 4242, "ghost", "/")
     assert reader.lookup(501).username == "uid:4242"
     assert reader.lookup(999) is None, "a pid that is gone is not a process"
+
+
+PROC_LINE = "22 26 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc {opts}\n"
+ROOT_LINE = "26 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+
+
+@pytest.mark.parametrize(
+    "opts, groups, hidden",
+    [
+        ("rw", {0}, False),
+        ("rw,hidepid=invisible", {0}, True),
+        ("rw,hidepid=2", {0}, True),
+        ("rw,hidepid=2,gid=998", {998}, False),
+        ("rw,hidepid=2,gid=998", {1000}, True),
+        ("rw,hidepid=0", {0}, False),
+    ],
+)
+def test_proc_hidden(opts: str, groups: set[int], hidden: bool) -> None:
+    text = proc_hidden(ROOT_LINE + PROC_LINE.format(opts=opts), groups)
+    assert bool(text) is hidden
+    if hidden:
+        assert "hidepid" in text
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every /proc file; the unreadable case needs a normal user")
+def test_unreadable_process_kept_as_unknown(tmp_path: Path) -> None:
+    (tmp_path / "stat").write_text("btime 1700000000\n")
+    fake_proc(tmp_path, 700, 5, 1001, "python", "/")
+    (tmp_path / "700" / "status").chmod(0)
+    info = ProcReader(str(tmp_path)).lookup(700)
+    assert info is not None and info.username == "unknown" and info.uid is None
+
+
+def test_unreadable_process_kept_as_unknown_as_nobody(tmp_path: Path, shared_dir: str) -> None:
+    """The same for real when the tests run as root: read the fake /proc as nobody."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user (covered by the non-root test)")
+    import subprocess
+    import sys
+
+    root = Path(shared_dir)
+    (root / "stat").write_text("btime 1700000000\n")
+    fake_proc(root, 700, 5, 1001, "python", "/")
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    (root / "700" / "status").chmod(0o600)
+    code = (
+        "from gua_collector.procinfo import ProcReader;"
+        f"i = ProcReader({str(root)!r}).lookup(700); print(i.username, i.uid, i.start_ms)"
+    )
+    out = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=30, env={"PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert out.stdout.split() == ["unknown", "None", "0"], out.stderr

@@ -68,6 +68,11 @@ class FakeLookup:
     def retain(self, live: set[tuple[int, int]]) -> None:
         self.retained = live
 
+    def hidden(self) -> str:
+        return self.why_hidden
+
+    why_hidden = ""
+
 
 def person(pid: int, user: str, start: int = 1000) -> ProcessInfo:
     return ProcessInfo(pid, start, 1000 + pid, user, "python", "/user.slice", "")
@@ -216,3 +221,11 @@ def test_mig_instances_are_sampled_with_their_parent() -> None:
     assert [g.gpu.uuid for g in tick.gpus] == ["GPU-0", "MIG-1"]
     assert tick.gpus[1].gpu.parent_uuid == "GPU-0"
     assert tick.gpus[1].procs[0].mem_mib == 5 * 1024 and tick.gpus[1].util_permille is None
+
+
+def test_hidden_proc_is_reported_once() -> None:
+    lookup = FakeLookup({})
+    lookup.why_hidden = "/proc is mounted hidepid=2"
+    sampler = Sampler(FakeBackend({0: device(0, [], [(1, 0)])}, lookup))
+    assert [(e.kind, e.detail) for e in sampler.tick(0, 0).events] == [("proc_hidden", "/proc is mounted hidepid=2")]
+    assert sampler.tick(10, 10).events == ()
