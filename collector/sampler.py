@@ -48,24 +48,31 @@ class UtilAccumulator:
 
 @dataclass
 class ProcUtilAccumulator:
-    """Per-process SM samples since the last tick; a pid with none had 0 %."""
+    """Per-process SM use over the reads since the last tick.
 
-    sums: dict[int, list[int]] = field(default_factory=dict)
+    NVML lists only processes with non-zero SM since the cursor, one entry
+    each (some drivers give several): a read without a pid means 0 % for it
+    over that read's stretch. Reads are weighted by the stretch they cover.
+    """
 
-    def add(self, samples: list[tuple[int, int, int]]) -> None:
+    sums: dict[int, float] = field(default_factory=dict)
+    weight: float = 0.0
+
+    def add(self, samples: list[tuple[int, int, int]], weight: float = 1.0) -> None:
+        """Fold in one read's entries, covering `weight` units of time."""
+        per_pid: dict[int, list[int]] = {}
         for pid, _ts, sm in samples:
             if 0 <= sm <= 100:
-                entry = self.sums.setdefault(pid, [0, 0])
-                entry[0] += sm
-                entry[1] += 1
+                per_pid.setdefault(pid, []).append(sm)
+        for pid, values in per_pid.items():
+            self.sums[pid] = self.sums.get(pid, 0.0) + weight * sum(values) / len(values)
+        self.weight += weight
 
     def take(self, pids: list[int]) -> dict[int, int]:
         """Mean SM percent per running pid; then reset."""
-        out = {}
-        for pid in pids:
-            total, count = self.sums.get(pid, (0, 0))
-            out[pid] = round(total / count) if count else 0
+        out = {pid: round(self.sums.get(pid, 0.0) / self.weight) if self.weight else 0 for pid in pids}
         self.sums.clear()
+        self.weight = 0.0
         return out
 
 
@@ -83,16 +90,23 @@ class DeviceState:
     failing: str = ""  # last error text, to log a failure once, not every tick
 
     def absorb(self, raw: RawDevice) -> None:
-        """Fold a read's sample buffers in and move the cursor past them."""
+        """Fold a read's sample buffers in and move the cursors past them."""
         util_us, proc_us = self.cursor.util_us, self.cursor.process_us
         self.util_supported = raw.util_samples is not None
+        fresh = 0
         if raw.util_samples:
-            self.util.add([(ts, v) for ts, v in raw.util_samples if ts > util_us])
+            new = [(ts, v) for ts, v in raw.util_samples if ts > util_us]
+            fresh = len(new)
+            self.util.add(new)
             util_us = max(util_us, max(ts for ts, _ in raw.util_samples))
         self.proc_util_supported = raw.process_util is not None
-        if raw.process_util:
-            self.proc_util.add([s for s in raw.process_util if s[1] > proc_us])
-            proc_us = max(proc_us, max(s[1] for s in raw.process_util))
+        if raw.process_util is not None:
+            # Weight each read by how many device samples it spans: reads differ in length.
+            weight = fresh if self.util_supported else 1
+            self.proc_util.add([s for s in raw.process_util if s[1] > proc_us], weight)
+            stamps = [s[1] for s in raw.process_util]
+            # Both cursors are host clock us: start the next read where this one ended.
+            proc_us = max([proc_us, util_us, *stamps])
         self.cursor = Cursor(util_us, proc_us)
 
     def energy_delta(self, counter: int | None) -> int | None:

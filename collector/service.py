@@ -81,8 +81,8 @@ class Service:
         self._notify = notifier.send
         self._log = log
         self._stop = stop
-        # Never sleep longer than the watchdog allows, nor than the sample buffer lasts.
-        self._wake_s = min(x for x in (watchdog_s, POLL_S, settings.interval_s) if x)
+        # Never sleep longer than the watchdog allows.
+        self._wake_s = min(x for x in (watchdog_s, settings.interval_s) if x)
         self._ping = watchdog_s is not None
         self._backlog: list[Tick] = []
         self._db_failing = ""
@@ -127,6 +127,9 @@ class Service:
         interval = self._settings.interval_s
         next_tick = mono + interval
         next_prune = mono
+        # Reads between ticks drain the driver's short buffers; spaced evenly,
+        # never right after a tick (an empty read would count as 0 % SM).
+        next_poll = mono + POLL_S
         while not self._stop.is_set() and (self._settings.ticks is None or self._ticks < self._settings.ticks):
             now = clock.monotonic()
             if now >= next_tick:
@@ -140,11 +143,15 @@ class Service:
                     next_tick += interval
                 if now >= next_prune:
                     next_prune = now + (PRUNE_EVERY_S if self._prune(clock.wall_ms()) else 1.0)
+                next_poll = now + POLL_S
                 self._ping_watchdog()
                 continue
-            sampler.poll()
+            if now >= next_poll and next_tick - now > 1.0:
+                sampler.poll()
+                next_poll = now + POLL_S
             self._ping_watchdog()
-            clock.sleep(min(next_tick - now, self._wake_s), self._stop)
+            wake_at = min(next_tick, next_poll) if next_poll > now else next_tick
+            clock.sleep(min(wake_at - now, self._wake_s), self._stop)
 
     def _record(self, tick: Tick) -> None:
         self._write(tick)

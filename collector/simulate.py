@@ -299,18 +299,23 @@ class SimBackend:
         return range(first, now + 1, SAMPLE_PERIOD_MS)
 
     def _samples(self, gpu: SimGpu, now: int, cursor: Cursor) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
-        """Device and per-process samples still in the driver's buffer and newer than the cursor."""
+        """Device samples still in the driver's buffer and newer than the cursor, and per-process use.
+
+        Like NVML, the process list has one entry per process with non-zero
+        SM since the cursor: its mean over that stretch.
+        """
         since_ms = min(cursor.util_us, cursor.process_us) // 1000
         first = max(since_ms + 1, now - BUFFER_MS + 1)
         first += -first % SAMPLE_PERIOD_MS
         util: list[tuple[int, int]] = []
-        procs: list[tuple[int, int, int]] = []
+        sm_sums: dict[int, int] = {}
         for t in range(first, now + 1, SAMPLE_PERIOD_MS):
             value, running = gpu.workload(t)
-            us = t * 1000
-            util.append((us, value))
-            # Like NVML, only processes with non-zero SM in the window appear.
-            procs.extend((p.pid, us, p.sm) for p in running if p.sm > 0)
+            util.append((t * 1000, value))
+            for p in running:
+                sm_sums[p.pid] = sm_sums.get(p.pid, 0) + p.sm
+        stamp = util[-1][0] if util else now * 1000
+        procs = [(pid, stamp, round(total / len(util))) for pid, total in sm_sums.items() if total > 0]
         return util, procs
 
     def _energy_counter(self, gpu: SimGpu, now: int, util: int) -> int:

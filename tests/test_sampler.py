@@ -42,6 +42,33 @@ def test_process_util_zero_without_samples() -> None:
     assert acc.take([10, 11, 12]) == {10: 70, 11: 0, 12: 0}
 
 
+def test_process_util_averages_over_reads_it_is_missing_from() -> None:
+    # Busy at 80 % in the first of four reads, then absent (NVML lists only non-zero).
+    acc = ProcUtilAccumulator()
+    acc.add([(10, 1, 80)])
+    for _ in range(3):
+        acc.add([])
+    assert acc.take([10]) == {10: 20}
+    assert acc.take([10]) == {10: 0}, "reset after a tick"
+
+
+def test_process_util_reads_weighted_by_their_span() -> None:
+    # A 10-sample read at 80 %, then a 30-sample read with no entry: 80 * 10 / 40.
+    acc = ProcUtilAccumulator()
+    acc.add([(10, 1, 80)], weight=10)
+    acc.add([], weight=30)
+    assert acc.take([10]) == {10: 20}
+
+
+def test_process_cursor_follows_the_device_samples() -> None:
+    """A read with no process entries still moves the process cursor, so reads never overlap."""
+    backend = FakeBackend({0: device(0, [], [(1_000_000, 50), (2_000_000, 50)], proc_util=[])}, FakeLookup({}))
+    sampler = Sampler(backend)
+    sampler.poll()
+    sampler.poll()
+    assert backend.cursors[-1] == Cursor(util_us=2_000_000, process_us=2_000_000)
+
+
 def test_merge_counts_a_pid_once_and_drops_garbage() -> None:
     total = 80 * 1024 * MIB
     merged = merge_processes(

@@ -203,7 +203,7 @@ class DriverUpgrade(SimBackend):
         from gua_collector.backend import DeviceError
 
         self.counts += 1
-        if self.counts == 30:
+        if self.counts == 12:
             raise DeviceError("Uninitialized")
         return super().device_count()
 
