@@ -115,7 +115,8 @@ class Service:
                 self._log.error(f"{error}; initialising NVML again")
                 self._safe_events([Event(self._clock.wall_ms(), "nvml_error", str(error))])
                 self._backend.shutdown()
-                self._gap_from = (self._last_ts, "NVML unavailable")
+                if self._last_ts:  # else the restart gap, if any, still stands
+                    self._gap_from = (self._last_ts, "NVML unavailable")
         return self._finish("stopped before the backend came up")
 
     def _sample(self, sampler: Sampler) -> None:
