@@ -33,7 +33,6 @@ BATCH = 360  # ticks per transaction while building (the collector writes one pe
 def build(path: str, days: int) -> float:
     from gua_collector.store import Store
 
-
     start = time.monotonic()
     end_ms = T0 + days * DAY
     store = Store.open(path + ".tmp", now_ms=T0)
