@@ -220,7 +220,8 @@ class SimBackend:
         self._gpus = SCENARIOS[scenario]()
         self._clock = clock
         self._lookup = SimLookup()
-        self._energy: dict[str, tuple[int, float]] = {}  # uuid -> (last ms, mJ)
+        self._energy: dict[str, tuple[int, float]] = {}  # uuid -> (last integrated instant, mJ)
+        self._recent: dict[str, dict[int, int]] = {}  # uuid -> instant -> util, reused by the energy counter
         self._t0_ms = 0
         self._full_reads = 0
         self._hang_after = hang_after
@@ -284,7 +285,7 @@ class SimBackend:
                 if not is_mig_parent
             ],
             process_util=proc_util,
-            energy_mj=self._energy_counter(gpu, now, util_now) if sampled else None,
+            energy_mj=self._energy_counter(gpu, now) if sampled else None,
             power_mw=(70_000 + 6_300 * util_now) if sampled else None,
             mig_enabled=is_mig_parent,
             mig_devices=[self._raw(m, index, now, Cursor(), True, gpu.uuid, s) for s, m in enumerate(gpu.mig)],
@@ -309,19 +310,26 @@ class SimBackend:
         first += -first % SAMPLE_PERIOD_MS
         util: list[tuple[int, int]] = []
         sm_sums: dict[int, int] = {}
+        recent = self._recent.setdefault(gpu.uuid, {})
         for t in range(first, now + 1, SAMPLE_PERIOD_MS):
             value, running = gpu.workload(t)
             util.append((t * 1000, value))
+            recent[t] = value
             for p in running:
                 sm_sums[p.pid] = sm_sums.get(p.pid, 0) + p.sm
         stamp = util[-1][0] if util else now * 1000
         procs = [(pid, stamp, round(total / len(util))) for pid, total in sm_sums.items() if total > 0]
         return util, procs
 
-    def _energy_counter(self, gpu: SimGpu, now: int, util: int) -> int:
-        last_ms, total = self._energy.get(gpu.uuid, (now, 1.0e9))
-        total += (70 + 6.3 * util) * max(0, now - last_ms)  # W * ms = mJ
-        self._energy[gpu.uuid] = (now, total)
+    def _energy_counter(self, gpu: SimGpu, now: int) -> int:
+        """mJ since "driver load": board power integrated over every sample instant since the last read."""
+        last_ms, total = self._energy.get(gpu.uuid, (now - now % SAMPLE_PERIOD_MS, 1.0e9))
+        seen = self._recent.pop(gpu.uuid, {})
+        for t in range(last_ms + SAMPLE_PERIOD_MS, now + 1, SAMPLE_PERIOD_MS):
+            util = seen[t] if t in seen else gpu.workload(t)[0]
+            total += (70 + 6.3 * util) * SAMPLE_PERIOD_MS  # W * ms = mJ
+            last_ms = t
+        self._energy[gpu.uuid] = (last_ms, total)
         return int(total)
 
 

@@ -226,3 +226,22 @@ def test_nvml_vanishing_mid_run_is_reinitialised(tmp_path: Path) -> None:
     assert gap is not None and gap[1] == "NVML unavailable" and gap[0] >= 7_000, gap  # 1 + 2 + 4 s of backoff
     pings = [t for t, m in notes.sent if m == "WATCHDOG=1"]
     assert max(b - a for a, b in zip(pings, pings[1:])) <= 5
+
+
+@pytest.mark.parametrize("interval_s", [10, 25, 60])
+def test_simulated_energy_does_not_depend_on_the_interval(tmp_path: Path, interval_s: int) -> None:
+    """Energy integrates every sample instant, so a duty cycle cannot alias with the tick rate."""
+    clock = SimClock(START)
+    ticks = 2 * 3600 // interval_s + 1
+    service, store, _, _ = make(tmp_path, SimBackend("lab", clock), clock, ticks=ticks, interval_s=interval_s)
+    assert service.run() == 0
+    store.close()
+    db = sqlite3.connect(tmp_path / "gua.db")
+    total_mj = db.execute("SELECT sum(energy_mj) FROM gpu_sample").fetchone()[0]
+    # Two hours of lab, from the simulator's own power model at 2 s resolution.
+    backend = SimBackend("lab", SimClock(START))
+    expected = sum(
+        (70 + 6.3 * gpu.workload(START + t)[0]) * 2000
+        for gpu in backend._gpus for t in range(2000, 2 * 3600 * 1000 + 1, 2000)
+    )
+    assert abs(total_mj - expected) / expected < 0.001, (total_mj, expected)
