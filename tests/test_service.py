@@ -39,6 +39,14 @@ def make(tmp_path: Path, backend, clock: SimClock, ticks: int, interval_s: float
     return service, store, notes, log
 
 
+def run_to_end(tmp_path: Path, backend, clock: SimClock, **kwargs):
+    """Run a service to its tick limit; return the database, what systemd heard and the log."""
+    service, store, notes, log = make(tmp_path, backend, clock, **kwargs)
+    assert service.run() == 0
+    store.close()
+    return sqlite3.connect(tmp_path / "gua.db"), notes, log
+
+
 class FlakyInit(SimBackend):
     """NVML that is missing for the first few tries (driver being upgraded)."""
 
@@ -55,9 +63,7 @@ class FlakyInit(SimBackend):
 
 def test_init_retried_with_backoff_and_watchdog_fed(tmp_path: Path) -> None:
     clock = SimClock(START)
-    service, store, notes, log = make(tmp_path, FlakyInit(clock, failures=4), clock, ticks=3, watchdog_s=5)
-    assert service.run() == 0
-    store.close()
+    conn, notes, log = run_to_end(tmp_path, FlakyInit(clock, failures=4), clock, ticks=3, watchdog_s=5)
     messages = [m for _, m in notes.sent]
     waits = [m for m in messages if m.startswith("STATUS=waiting for NVML")]
     assert len(waits) == 4 and "Driver Not Loaded" in waits[0]
@@ -66,19 +72,15 @@ def test_init_retried_with_backoff_and_watchdog_fed(tmp_path: Path) -> None:
     assert log.getvalue().count("Driver Not Loaded") == 1, "the same failure is logged once"
     pings = [t for t, m in notes.sent if m == "WATCHDOG=1"]
     assert max(b - a for a, b in zip(pings, pings[1:])) <= 5, "pinged while waiting"
-    conn = sqlite3.connect(tmp_path / "gua.db")
     assert conn.execute("SELECT count(*) FROM event WHERE kind = 'init_failed'").fetchone()[0] == 1
     assert conn.execute("SELECT count(*) FROM tick").fetchone()[0] == 3
 
 
 def test_long_interval_pings_between_ticks_and_drains_buffers(tmp_path: Path) -> None:
     clock = SimClock(START)
-    service, store, notes, _ = make(tmp_path, SimBackend("lab", clock), clock, ticks=4, interval_s=60, watchdog_s=4)
-    assert service.run() == 0
-    store.close()
+    conn, notes, _ = run_to_end(tmp_path, SimBackend("lab", clock), clock, ticks=4, interval_s=60, watchdog_s=4)
     pings = [t for t, m in notes.sent if m == "WATCHDOG=1"]
     assert max(b - a for a, b in zip(pings, pings[1:])) <= 4
-    conn = sqlite3.connect(tmp_path / "gua.db")
     # The driver keeps 14 s of samples; polling between 60 s ticks keeps coverage whole.
     coverage = [r[0] for r in conn.execute(
         "SELECT min(coverage_permille) FROM gpu_sample JOIN tick USING (tick_id) WHERE duration_ms > 0")]
@@ -122,10 +124,7 @@ def test_disk_full_is_retried_without_losing_ticks(tmp_path: Path) -> None:
 
 def test_faults_scenario_keeps_sampling_the_healthy_gpus(tmp_path: Path) -> None:
     clock = SimClock(START)
-    service, store, _, _ = make(tmp_path, SimBackend("faults", clock), clock, ticks=300)
-    assert service.run() == 0
-    store.close()
-    db = sqlite3.connect(tmp_path / "gua.db")
+    db, _, _ = run_to_end(tmp_path, SimBackend("faults", clock), clock, ticks=300)
     by_gpu = dict(db.execute(
         "SELECT g.gpu_index, group_concat(DISTINCT s.status) FROM gpu_sample s JOIN gpu g USING (gpu_id) GROUP BY 1"))
     assert by_gpu[0] == "0" and by_gpu[3] == "0"
@@ -162,10 +161,7 @@ class SuspendingClock(SimClock):
 
 def test_suspend_is_a_gap_not_gpu_time(tmp_path: Path) -> None:
     clock = SuspendingClock(START)
-    service, store, _, _ = make(tmp_path, SimBackend("lab", clock), clock, ticks=10)
-    assert service.run() == 0
-    store.close()
-    db = sqlite3.connect(tmp_path / "gua.db")
+    db, _, _ = run_to_end(tmp_path, SimBackend("lab", clock), clock, ticks=10)
     gap = db.execute("SELECT ts_ms, end_ms, detail FROM event WHERE kind = 'gap'").fetchone()
     assert gap is not None and "suspended" in gap[2]
     assert gap[1] - gap[0] == 3_600_000
@@ -211,13 +207,10 @@ class DriverUpgrade(SimBackend):
 def test_nvml_vanishing_mid_run_is_reinitialised(tmp_path: Path) -> None:
     clock = SimClock(START)
     backend = DriverUpgrade(clock)
-    service, store, notes, log = make(tmp_path, backend, clock, ticks=20, watchdog_s=5)
-    assert service.run() == 0
-    store.close()
+    db, notes, log = run_to_end(tmp_path, backend, clock, ticks=20, watchdog_s=5)
     assert backend.inits == 5, "init retried until the new driver answered"
     text = log.getvalue()
     assert text.count("NVML stopped answering") == 1 and text.count("version mismatch") == 1, text
-    db = sqlite3.connect(tmp_path / "gua.db")
     assert db.execute("SELECT count(*) FROM tick").fetchone()[0] == 20
     assert db.execute("SELECT count(*) FROM tick WHERE duration_ms = 0").fetchone()[0] == 2, "a fresh start after re-init"
     kinds = dict(db.execute("SELECT kind, count(*) FROM event GROUP BY kind"))
@@ -233,10 +226,7 @@ def test_simulated_energy_does_not_depend_on_the_interval(tmp_path: Path, interv
     """Energy integrates every sample instant, so a duty cycle cannot alias with the tick rate."""
     clock = SimClock(START)
     ticks = 2 * 3600 // interval_s + 1
-    service, store, _, _ = make(tmp_path, SimBackend("lab", clock), clock, ticks=ticks, interval_s=interval_s)
-    assert service.run() == 0
-    store.close()
-    db = sqlite3.connect(tmp_path / "gua.db")
+    db, _, _ = run_to_end(tmp_path, SimBackend("lab", clock), clock, ticks=ticks, interval_s=interval_s)
     total_mj = db.execute("SELECT sum(energy_mj) FROM gpu_sample").fetchone()[0]
     # Two hours of lab, from the simulator's own power model at 2 s resolution.
     backend = SimBackend("lab", SimClock(START))
