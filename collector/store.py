@@ -189,6 +189,7 @@ class Store:
         self._gpus: dict[str, tuple[int, int]] = {}
         self._accounts: dict[tuple[int | None, str], int] = {}
         self._procs: dict[tuple[int, int], int] = {}
+        self._meta_loaded = False  # rollup settings are read from meta on first use
         self._rollup_next: int | None = None
         self._rollup_active = schema.ROLLUP_ACTIVE_PERMILLE
         self._rollup_held = schema.ROLLUP_HELD_BYTES
@@ -216,9 +217,7 @@ class Store:
         except BaseException:
             lock.close()
             raise
-        store = cls(conn, lock, path)
-        store._load_meta()
-        return store
+        return cls(conn, lock, path)
 
     def close(self) -> None:
         """Checkpoint and close; the lock goes with the process."""
@@ -360,9 +359,12 @@ class Store:
         self._rollup_next = int(next_hour) if next_hour is not None else None
         self._rollup_active = int(meta("rollup_active_permille") or schema.ROLLUP_ACTIVE_PERMILLE)
         self._rollup_held = int(meta("rollup_held_bytes") or schema.ROLLUP_HELD_BYTES)
+        self._meta_loaded = True
 
     def _roll_up_before(self, hour: int) -> None:
         """Roll up every hour before `hour` not yet done; redo `hour` if the clock went back."""
+        if not self._meta_loaded:
+            self._load_meta()
         if self._rollup_next is None:
             row = self._conn.execute(SELECT_MIN_TICK_HOUR).fetchone()
             self._rollup_next = int(row[0]) if row and row[0] is not None else hour
@@ -402,11 +404,11 @@ class Store:
         return _Transaction(self)
 
     def _forget_caches(self) -> None:
-        """After a rollback, ids handed out inside it are void."""
+        """After a rollback, ids and rollup progress cached inside it are void (reloaded lazily)."""
         self._gpus.clear()
         self._accounts.clear()
         self._procs.clear()
-        self._load_meta()
+        self._meta_loaded = False
 
 
 class _Transaction:
@@ -436,12 +438,7 @@ class _Transaction:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-        try:
-            self._store._forget_caches()
-        except sqlite3.Error:
-            self._store._gpus.clear()
-            self._store._accounts.clear()
-            self._store._procs.clear()
+        self._store._forget_caches()
 
 
 def _check_header(path: str) -> None:
