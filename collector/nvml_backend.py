@@ -14,6 +14,9 @@ from .procinfo import ProcReader
 # NVML_ERROR_FUNCTION_NOT_FOUND; spelled out because old pynvml releases lack the name.
 _FUNCTION_NOT_FOUND = 13
 
+# What the capability cache is keyed by: an NVML index, or (index, MIG slot).
+Device = int | tuple[int, int]
+
 # The deb ships pynvml privately here (Debian 12 has no python3-pynvml).
 VENDOR_DIR = "/usr/lib/gua-collector/vendor"
 
@@ -41,8 +44,9 @@ class NvmlBackend:
         self._nvml = nvml
         self._lookup = lookup
         self._handles: dict[int, Any] = {}
-        # (index, capability) -> False once NVML said NOT_SUPPORTED.
-        self._supported: dict[tuple[int, str], bool] = {}
+        # (device, capability) -> False once NVML said NOT_SUPPORTED. A device
+        # is its index, or (index, slot) for a MIG instance.
+        self._supported: dict[tuple[Device, str], bool] = {}
         self._proc_versions: dict[str, list[str]] = {}
 
     def init(self) -> None:
@@ -119,18 +123,18 @@ class NvmlBackend:
             mig_devices=self._mig_devices(index, handle, uuid) if mig_enabled else [],
         )
 
-    def _optional(self, index: int, what: str, call: Callable[[], Any]) -> Any:
+    def _optional(self, device: Device, what: str, call: Callable[[], Any]) -> Any:
         """Value of call(), or None where the device does not support it (probed once)."""
         nvml = self._nvml
         assert nvml is not None
-        if self._supported.get((index, what)) is False:
+        if self._supported.get((device, what)) is False:
             return None
         try:
             return call()
         except nvml.NVMLError as error:
             code = getattr(error, "value", None)
             if code in (nvml.NVML_ERROR_NOT_SUPPORTED, _FUNCTION_NOT_FOUND):
-                self._supported[(index, what)] = False
+                self._supported[(device, what)] = False
                 return None
             raise
 
@@ -164,17 +168,17 @@ class NvmlBackend:
 
         return self._optional(index, "process_util", call)
 
-    def _memory(self, index: int, handle: Any) -> tuple[int | None, int | None]:
+    def _memory(self, device: Device, handle: Any) -> tuple[int | None, int | None]:
         """(total, used) bytes; v2 first, as v1 counts the driver's reserve as used."""
         nvml = self._nvml
         assert nvml is not None
-        if self._supported.get((index, "memory_v2")) is not False:
+        if self._supported.get((device, "memory_v2")) is not False:
             try:
                 info = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
                 return int(info.total), int(info.used)
             except (nvml.NVMLError, AttributeError, TypeError):
-                self._supported[(index, "memory_v2")] = False
-        info = self._optional(index, "memory", lambda: nvml.nvmlDeviceGetMemoryInfo(handle))
+                self._supported[(device, "memory_v2")] = False
+        info = self._optional(device, "memory", lambda: nvml.nvmlDeviceGetMemoryInfo(handle))
         if info is None:
             return None, None
         return int(info.total), int(info.used)
@@ -227,7 +231,7 @@ class NvmlBackend:
                 if getattr(error, "value", None) == nvml.NVML_ERROR_NOT_FOUND:
                     continue  # empty slot
                 raise
-            total, used = self._memory(-1 - index * 1000 - slot, mig)
+            total, used = self._memory((index, slot), mig)
             out.append(
                 RawDevice(
                     uuid=_text(nvml.nvmlDeviceGetUUID(mig)),
