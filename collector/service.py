@@ -7,7 +7,7 @@ import sqlite3
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TextIO
 
 from . import schema
@@ -280,15 +280,14 @@ class Service:
         # Any stretch longer than one interval is time no tick covers: say so.
         if tick.ts_ms - since <= self._settings.interval_s * 1000:
             return tick
-        gap = Event(since, "gap", why, end_ms=tick.ts_ms)
-        return Tick(tick.ts_ms, tick.duration_ms, tick.gpus, tick.events + (gap,))
+        return replace(tick, events=tick.events + (Event(since, "gap", why, end_ms=tick.ts_ms),))
 
     def _with_suspend_gap(self, tick: Tick, suspended_s: float, duration_ms: int) -> Tick:
         if suspended_s < 1.0:
             return tick
         start = tick.ts_ms - duration_ms - round(suspended_s * 1000)
         gap = Event(start, "gap", f"host suspended for {suspended_s:.0f} s", end_ms=tick.ts_ms - duration_ms)
-        return Tick(tick.ts_ms, tick.duration_ms, tick.gpus, tick.events + (gap,))
+        return replace(tick, events=tick.events + (gap,))
 
     def _status(self, tick: Tick) -> None:
         self._notify("STATUS=" + status_line(tick, self._db_failing))

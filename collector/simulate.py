@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import schema
 from .backend import Cursor, DeviceError, RawDevice, RawProcess
@@ -84,7 +84,7 @@ def alice_training(offset_h: int = 0, pid_base: int = 20_000) -> Workload:
         proc = SimProc(pid, run_start, "alice", "python", _session_cgroup("alice"), 30 * GIB_MIB, 0)
         if in_day < 17 * HOUR_MS:
             util = 88 + (t_ms // 60_000) % 11  # 88..98 %, varying by minute
-            return util, (SimProc(**{**proc.__dict__, "sm": util}),)
+            return util, (replace(proc, sm=util),)
         return 0, (proc,)
 
     return workload
@@ -266,7 +266,7 @@ class SimBackend:
         util_now, procs = gpu.workload(now)
         if self._scenario == "faults" and index == 0:
             # Memory NVML cannot report (as under MIG or WDDM) for alice's job.
-            procs = tuple(SimProc(**{**p.__dict__, "mem_mib": None}) for p in procs)
+            procs = tuple(replace(p, mem_mib=None) for p in procs)
         util, proc_util = self._samples(gpu, now, cursor) if sampled else (None, None)
         if not full:
             return RawDevice(gpu.uuid, index, "", None, None, util, [], proc_util, None, None, is_mig_parent)
