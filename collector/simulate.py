@@ -305,13 +305,10 @@ class SimBackend:
         Like NVML, the process list has one entry per process with non-zero
         SM since the cursor: its mean over that stretch.
         """
-        since_ms = min(cursor.util_us, cursor.process_us) // 1000
-        first = max(since_ms + 1, now - BUFFER_MS + 1)
-        first += -first % SAMPLE_PERIOD_MS
         util: list[tuple[int, int]] = []
         sm_sums: dict[int, int] = {}
         recent = self._recent.setdefault(gpu.uuid, {})
-        for t in range(first, now + 1, SAMPLE_PERIOD_MS):
+        for t in self._sample_times(now, min(cursor.util_us, cursor.process_us)):
             value, running = gpu.workload(t)
             util.append((t * 1000, value))
             recent[t] = value
