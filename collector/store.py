@@ -15,9 +15,9 @@ from typing import IO
 
 from . import schema
 from .records import Event, GpuInfo, ProcessInfo, Tick
+from .rollup import HOUR_MS, Rollups
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
-HOUR_MS = 3_600_000
 
 # --- dimensions -------------------------------------------------------------
 SELECT_GPU = "SELECT gpu_id, gpu_index FROM gpu WHERE uuid = ?"
@@ -73,94 +73,6 @@ DELETE_PRUNE = (
     "DELETE FROM tick WHERE tick_id IN (SELECT value FROM json_each(?))",
 )
 
-# --- meta ------------------------------------------------------------------------
-SELECT_META = "SELECT value FROM meta WHERE key = ?"
-UPSERT_META = """
-INSERT INTO meta (key, value) VALUES (?, ?)
-ON CONFLICT (key) DO UPDATE SET value = excluded.value
-"""
-SELECT_MIN_TICK_HOUR = "SELECT min(ts_ms) / 3600000 FROM tick"
-
-# --- rollups (classification rules: SCHEMA.md) -----------------------------------
-# :lo/:hi bound ts_ms to whole hours; :active is permille, :held bytes.
-DELETE_ROLLUP = (
-    "DELETE FROM hour_gpu WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
-    "DELETE FROM hour_account WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
-    "DELETE FROM hour_unit WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
-)
-ROLLUP_GPU = """
-WITH held AS (
-    -- Driven from tick_ts, not from a materialized tick CTE: SQLite would
-    -- answer that join with a full scan of proc_sample.
-    SELECT ps.tick_id, ps.gpu_id,
-           max(ps.mem_mib IS NULL) = 1 OR sum(ps.mem_mib) * 1048576 > :held AS held
-    FROM tick AS t
-    JOIN proc_sample AS ps ON ps.tick_id = t.tick_id
-    WHERE t.ts_ms >= :lo AND t.ts_ms < :hi AND ps.kind & 1
-    GROUP BY ps.tick_id, ps.gpu_id
-),
-classified AS (
-    SELECT t.ts_ms / 3600000 AS hour, g.gpu_id, t.duration_ms AS d,
-           g.coverage_permille, g.energy_mj,
-           CASE
-               WHEN g.status != 0 OR g.util_permille IS NULL THEN 3
-               WHEN g.util_permille >= :active THEN 0
-               WHEN coalesce(h.held, 0) THEN 1
-               ELSE 2
-           END AS state
-    FROM tick AS t
-    JOIN gpu_sample AS g ON g.tick_id = t.tick_id
-    LEFT JOIN held AS h ON h.tick_id = g.tick_id AND h.gpu_id = g.gpu_id
-    WHERE t.ts_ms >= :lo AND t.ts_ms < :hi
-)
-INSERT INTO hour_gpu
-SELECT hour, gpu_id, count(*), sum(d),
-       sum(CASE state WHEN 0 THEN d ELSE 0 END),
-       sum(CASE state WHEN 1 THEN d ELSE 0 END),
-       sum(CASE state WHEN 2 THEN d ELSE 0 END),
-       sum(CASE state WHEN 3 THEN d ELSE 0 END),
-       sum(d * coalesce(coverage_permille, 0)),
-       sum(CASE state WHEN 0 THEN energy_mj END),
-       sum(CASE state WHEN 1 THEN energy_mj END),
-       sum(CASE state WHEN 2 THEN energy_mj END)
-FROM classified
-GROUP BY hour, gpu_id
-"""
-# Shared by the account and unit rollups: one row per holder per GPU per tick.
-_HOLDERS = """
-WITH t AS (
-    SELECT tick_id, duration_ms AS d, ts_ms / 3600000 AS hour
-    FROM tick
-    WHERE ts_ms >= :lo AND ts_ms < :hi
-),
-per AS (
-    SELECT t.hour, t.d, ps.gpu_id, p.account_id, {unit} AS unit,
-           max(ps.mem_mib IS NULL) AS mem_unknown,
-           coalesce(sum(ps.mem_mib), 0) AS mem,
-           max(ps.sm_util IS NULL) AS sm_unknown,
-           coalesce(sum(ps.sm_util), 0) AS sm
-    FROM t
-    JOIN proc_sample AS ps USING (tick_id)
-    JOIN process AS p USING (proc_id)
-    WHERE ps.kind & 1 {where}
-    GROUP BY ps.tick_id, ps.gpu_id, p.account_id, {unit}
-)
-SELECT hour, gpu_id, account_id, {select_unit}
-       sum(d),
-       sum(CASE WHEN sm_unknown = 0 AND sm * 10 < :active THEN d ELSE 0 END),
-       sum(mem * d),
-       sum(CASE WHEN mem_unknown THEN d ELSE 0 END)
-FROM per
-WHERE mem_unknown OR mem * 1048576 > :held
-GROUP BY hour, gpu_id, account_id {group_unit}
-"""
-ROLLUP_ACCOUNT = "INSERT INTO hour_account " + _HOLDERS.format(
-    unit="''", where="", select_unit="", group_unit=""
-)
-ROLLUP_UNIT = "INSERT INTO hour_unit " + _HOLDERS.format(
-    unit="p.unit", where="AND p.unit != ''", select_unit="unit,", group_unit=", unit"
-)
-
 
 class StoreError(Exception):
     """The database cannot be used; kind names which problem, for the exit code."""
@@ -189,10 +101,7 @@ class Store:
         self._gpus: dict[str, tuple[int, int]] = {}
         self._accounts: dict[tuple[int | None, str], int] = {}
         self._procs: dict[tuple[int, int], int] = {}
-        self._meta_loaded = False  # rollup settings are read from meta on first use
-        self._rollup_next: int | None = None
-        self._rollup_active = schema.ROLLUP_ACTIVE_PERMILLE
-        self._rollup_held = schema.ROLLUP_HELD_BYTES
+        self._rollups = Rollups(conn)
 
     # --- opening -------------------------------------------------------------
     @classmethod
@@ -289,7 +198,7 @@ class Store:
         conn.executemany(INSERT_PROC_SAMPLE, proc_rows)
         for event in tick.events:
             self._write_event(event)
-        self._roll_up_before(tick.ts_ms // HOUR_MS)
+        self._rollups.before(tick.ts_ms // HOUR_MS)
 
     def _write_event(self, event: Event) -> None:
         gpu_id = self._gpus[event.gpu_uuid][0] if event.gpu_uuid in self._gpus else None
@@ -349,44 +258,6 @@ class Store:
             self._procs[key] = int(row[0])
         return self._procs[key]
 
-    # --- rollups ------------------------------------------------------------------
-    def _load_meta(self) -> None:
-        def meta(key: str) -> str | None:
-            row = self._conn.execute(SELECT_META, (key,)).fetchone()
-            return None if row is None else str(row[0])
-
-        next_hour = meta("rollup_next_hour")
-        self._rollup_next = int(next_hour) if next_hour is not None else None
-        self._rollup_active = int(meta("rollup_active_permille") or schema.ROLLUP_ACTIVE_PERMILLE)
-        self._rollup_held = int(meta("rollup_held_bytes") or schema.ROLLUP_HELD_BYTES)
-        self._meta_loaded = True
-
-    def _roll_up_before(self, hour: int) -> None:
-        """Roll up every hour before `hour` not yet done; redo `hour` if the clock went back."""
-        if not self._meta_loaded:
-            self._load_meta()
-        if self._rollup_next is None:
-            row = self._conn.execute(SELECT_MIN_TICK_HOUR).fetchone()
-            self._rollup_next = int(row[0]) if row and row[0] is not None else hour
-        if hour > self._rollup_next:
-            self._roll_up(self._rollup_next, hour)
-            self._rollup_next = hour
-            self._conn.execute(UPSERT_META, ("rollup_next_hour", str(hour)))
-        elif hour < self._rollup_next:
-            self._roll_up(hour, hour + 1)
-
-    def _roll_up(self, first_hour: int, end_hour: int) -> None:
-        params = {
-            "lo": first_hour * HOUR_MS,
-            "hi": end_hour * HOUR_MS,
-            "active": self._rollup_active,
-            "held": self._rollup_held,
-        }
-        for statement in DELETE_ROLLUP:
-            self._conn.execute(statement, {"lo": params["lo"], "hi": params["hi"]})
-        for statement in (ROLLUP_GPU, ROLLUP_ACCOUNT, ROLLUP_UNIT):
-            self._conn.execute(statement, params)
-
     # --- retention -------------------------------------------------------------------
     def prune(self, before_ms: int, batch: int = 2000) -> int:
         """Delete one batch of raw ticks older than before_ms; returns how many ticks went."""
@@ -396,7 +267,7 @@ class Store:
                 as_json = "[" + ",".join(map(str, ids)) + "]"
                 for statement in DELETE_PRUNE:
                     self._conn.execute(statement, (as_json,))
-                self._conn.execute(UPSERT_META, ("raw_pruned_before_ms", str(before_ms)))
+                self._rollups.set_meta("raw_pruned_before_ms", str(before_ms))
         return len(ids)
 
     # --- transactions -------------------------------------------------------------------
@@ -408,7 +279,7 @@ class Store:
         self._gpus.clear()
         self._accounts.clear()
         self._procs.clear()
-        self._meta_loaded = False
+        self._rollups.forget()
 
 
 class _Transaction:

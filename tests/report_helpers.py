@@ -124,7 +124,7 @@ class HandDb:
 
     def roll_up(self, end_hour: int) -> None:
         """Roll up every hour before end_hour with the collector's own rollup SQL."""
-        from gua_collector import store
+        from gua_collector import rollup as store
 
         row = self.conn.execute("SELECT min(ts_ms) / 3600000 FROM tick").fetchone()
         params = {"lo": row[0] * HOUR, "hi": end_hour * HOUR,
