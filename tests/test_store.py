@@ -192,7 +192,7 @@ def test_retention_prunes_in_batches_and_keeps_rollups(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["ROLLUP_GPU", "ROLLUP_ACCOUNT", "ROLLUP_UNIT"])
 def test_rollups_seek_by_time_never_scan_facts(tmp_path: Path, name: str) -> None:
     """An hourly rollup must cost the hour's rows, not the database's size."""
-    from gua_collector import store as store_module
+    from gua_collector import rollup as store_module
 
     Store.open(str(tmp_path / "gua.db"), now_ms=START).close()
     conn = sqlite3.connect(tmp_path / "gua.db")
