@@ -27,6 +27,10 @@ STATUS_LOST = 2  # NVML_ERROR_GPU_IS_LOST (e.g. Xid 79)
 # proc_sample.kind bit flags: which NVML list(s) the pid came from.
 KIND_COMPUTE = 1
 KIND_GRAPHICS = 2
+# Set (with KIND_COMPUTE) on a row for a process that ran SM work during the
+# tick but had left the GPU by its end: mem_mib is 0, sm_util its share of the
+# tick. Its owner's verdict needs that work; it holds nothing.
+KIND_EXITED = 4
 
 _V1 = """
 CREATE TABLE meta (
