@@ -8,7 +8,9 @@ collector started (counters reset on restart, as Prometheus expects).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -119,11 +121,41 @@ class Textfile:
         return "\n".join(out) + "\n"
 
     def publish(self, tick: Tick) -> None:
-        """Render and replace the file atomically (node_exporter never sees half a file)."""
-        text = self.render(tick)
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.fchmod(fd, 0o644)  # node_exporter runs as another user
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, self.path)
+        """Render and replace the file atomically (node_exporter never sees half a file).
+
+        The directory may be writable by others (node_exporter's is often
+        group-writable), so nothing here may follow a link planted there or
+        use a name someone can guess: the text goes into a fresh file with an
+        unpredictable name, created exclusively, and rename() puts it in
+        place. rename() replaces whatever the final name is, a symlink
+        included; it never writes through it.
+
+        No fsync: the file is a mirror rebuilt every tick, and a flush per
+        tick would cost more than a stale or empty file after a power loss,
+        which the next tick replaces anyway.
+        """
+        data = self.render(tick).encode("utf-8")
+        try:
+            _replace(self.path, data)
+        except OSError as error:
+            if error.errno is None:
+                raise
+            # Name the file the admin configured, not the random temporary, so
+            # one lasting fault reads the same every tick and is logged once.
+            raise type(error)(error.errno, error.strerror, self.path) from error
+
+
+def _replace(path: str, data: bytes) -> None:
+    """Write data to a new file beside path and rename it over path; never leave the new file behind."""
+    # mkstemp: O_CREAT | O_EXCL | O_NOFOLLOW with a random name, retried on a clash.
+    # The dot prefix and .tmp suffix keep node_exporter (it reads *.prom) off it.
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".gua-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o644)  # node_exporter runs as another user; our umask is 0077
+            handle.write(data)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import sqlite3
 import stat
+import tempfile
 import threading
 from pathlib import Path
 
@@ -99,3 +101,96 @@ def test_textfile_option(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     metrics = parse((tmp_path / "gua.prom").read_text())
     assert sum(1 for (name, _l) in metrics if name == "gua_gpu_state") == 4 * 4
+
+
+def _victim(tmp_path: Path) -> Path:
+    """A file the collector can write (like its own database) that a planted link points at."""
+    victim = tmp_path / "state" / "gua.db"
+    victim.parent.mkdir()
+    victim.write_bytes(b"SQLite format 3\x00precious")
+    victim.chmod(0o640)
+    return victim
+
+
+def _one_gpu_tick() -> Tick:
+    return Tick(10_000, 10_000, (GpuSample(GpuInfo("GPU-0", 0, "T", None), util_permille=0),))
+
+
+def _assert_published(path: Path) -> None:
+    info = path.lstat()
+    assert stat.S_ISREG(info.st_mode), "the final path is a regular file, not the planted link"
+    assert stat.S_IMODE(info.st_mode) == 0o644
+    assert parse(path.read_text())
+
+
+def test_link_at_the_old_predictable_temp_name_is_not_followed(tmp_path: Path) -> None:
+    victim = _victim(tmp_path)
+    exporter = tmp_path / "textfile"
+    exporter.mkdir()
+    path = exporter / "gua.prom"
+    # Anyone who can write the exporter directory could plant this before a tick.
+    (exporter / f"gua.prom.{os.getpid()}.tmp").symlink_to(victim)
+    Textfile(str(path)).publish(_one_gpu_tick())
+    assert victim.read_bytes() == b"SQLite format 3\x00precious"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o640, "the victim did not become world-readable"
+    _assert_published(path)
+
+
+def test_link_at_the_final_path_is_replaced_not_written_through(tmp_path: Path) -> None:
+    victim = _victim(tmp_path)
+    exporter = tmp_path / "textfile"
+    exporter.mkdir()
+    path = exporter / "gua.prom"
+    path.symlink_to(victim)
+    Textfile(str(path)).publish(_one_gpu_tick())
+    assert victim.read_bytes() == b"SQLite format 3\x00precious"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o640
+    _assert_published(path)
+    assert sorted(p.name for p in exporter.iterdir()) == ["gua.prom"]
+
+
+def test_links_at_the_random_temp_names_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even a link at the very name the temp-name generator picks is never opened."""
+    if not hasattr(tempfile, "_get_candidate_names"):
+        pytest.skip("this Python's tempfile draws names differently")
+    victim = _victim(tmp_path)
+    exporter = tmp_path / "textfile"
+    exporter.mkdir()
+    (exporter / ".gua-taken.tmp").symlink_to(victim)
+    (exporter / ".gua-dangling.tmp").symlink_to(tmp_path / "state" / "created-through-a-link")
+    monkeypatch.setattr(tempfile, "_get_candidate_names", lambda: iter(["taken", "dangling", "free"]))
+    path = exporter / "gua.prom"
+    Textfile(str(path)).publish(_one_gpu_tick())
+    assert victim.read_bytes() == b"SQLite format 3\x00precious"
+    assert not (tmp_path / "state" / "created-through-a-link").exists()
+    _assert_published(path)
+
+
+def test_failed_rename_leaves_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "gua.prom"
+    path.mkdir()
+    (path / "keep").write_text("x")  # rename() cannot replace a non-empty directory
+    with pytest.raises(OSError) as info:
+        Textfile(str(path)).publish(_one_gpu_tick())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gua.prom"], "no temporary left behind"
+    assert info.value.filename == str(path), "the error names the configured file, not a random temporary"
+    assert sorted(p.name for p in path.iterdir()) == ["keep"]
+
+
+def test_mode_is_set_on_the_open_file_whatever_the_umask(tmp_path: Path) -> None:
+    path = tmp_path / "gua.prom"
+    old = os.umask(0o077)  # the unit's UMask=
+    try:
+        Textfile(str(path)).publish(_one_gpu_tick())
+    finally:
+        os.umask(old)
+    _assert_published(path)
+
+
+def test_symlinked_directory_is_the_admins_choice(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "textfile").symlink_to(real)
+    Textfile(str(tmp_path / "textfile" / "gua.prom")).publish(_one_gpu_tick())
+    _assert_published(real / "gua.prom")
+    assert sorted(p.name for p in real.iterdir()) == ["gua.prom"]
