@@ -8,8 +8,10 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from functools import partial
+from datetime import UTC, datetime
 
 from . import __version__
 from .backend import Backend
@@ -18,7 +20,7 @@ from .durations import parse_duration_ms
 from .notify import SystemdNotifier, watchdog_interval_s
 from .service import Log, Service, Settings, install_signal_handlers
 from .simulate import SimBackend, check_scenario
-from .store import Store, StoreError
+from .store import LastTick, Store, StoreError
 from .textfile import Textfile
 
 DEFAULT_CONFIG = "/etc/gua/gua-collector.conf"
@@ -40,6 +42,9 @@ EXIT_NOT_GUA = 5
 EXIT_NEWER = 6
 EXIT_CORRUPT = 7
 EXIT_LOCKED = 8
+EXIT_UNAVAILABLE = 9
+MAX_TICKS = 1_000_000_000  # 300 years at 10 s: more is a typo
+MAX_INTERVAL_MS = 3_600_000
 STORE_EXIT = {
     "path": EXIT_DB_PATH,
     "permission": EXIT_PERMISSION,
@@ -48,13 +53,15 @@ STORE_EXIT = {
     "newer": EXIT_NEWER,
     "corrupt": EXIT_CORRUPT,
     "locked": EXIT_LOCKED,
+    "transient": EXIT_UNAVAILABLE,
 }
 
 EPILOG = """\
 exit status: 0 stopped cleanly, 2 bad option or config, 3 database directory
 missing, 4 permission denied, 5 not a gua database, 6 database schema newer
 than this collector, 7 corrupt database, 8 another collector holds the
-database, 1 internal error.
+database, 9 database unusable for now (disk full, I/O error; only with --ticks:
+the service waits instead), 1 internal error.
 """
 
 
@@ -122,6 +129,8 @@ def parse_options(argv: list[str]) -> Options:
         raise UsageError(str(error)) from None
     if interval_ms < 1000:
         raise UsageError(f"interval must be at least 1s, got {values['interval']!r}")
+    if interval_ms > MAX_INTERVAL_MS:
+        raise UsageError(f"interval must be at most 1h, got {values['interval']!r}")
     if retention_ms < interval_ms:
         raise UsageError("retention must be longer than the interval")
     backend = values["backend"].strip()
@@ -134,8 +143,8 @@ def parse_options(argv: list[str]) -> Options:
             raise UsageError(str(error)) from None
     elif backend != "nvml":
         raise UsageError(f"unknown backend {backend!r} (use nvml or simulate[:SCENARIO])")
-    if args.ticks is not None and args.ticks < 1:
-        raise UsageError("--ticks must be at least 1")
+    if args.ticks is not None and not 1 <= args.ticks <= MAX_TICKS:
+        raise UsageError(f"--ticks must be between 1 and {MAX_TICKS}")
     start_ms = _parse_start(args.start) if args.start else None
     if start_ms is not None and not (backend.startswith("simulate:") and args.ticks):
         raise UsageError("--start needs a simulated backend and --ticks")
@@ -150,12 +159,15 @@ def _read_config(path: str | None) -> dict[str, str]:
         if not os.path.exists(DEFAULT_CONFIG):
             return {}
         path = DEFAULT_CONFIG
-    parser = configparser.ConfigParser()
+    # No interpolation: a '%' in a value (a path, a label) is just a character.
+    parser = configparser.ConfigParser(interpolation=None)
     try:
         with open(path, encoding="utf-8") as handle:
             parser.read_file(handle)
     except OSError as error:
         raise UsageError(f"cannot read config {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"config {path}: not UTF-8 text (byte {error.start})") from None
     except configparser.Error as error:
         raise UsageError(f"config {path}: {str(error).splitlines()[0]}") from None
     if not parser.has_section("collector"):
@@ -173,8 +185,14 @@ def _parse_start(text: str) -> int:
     except ValueError:
         raise UsageError(f"--start: not an ISO date/time: {text!r}") from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return int(when.timestamp() * 1000)
+        when = when.replace(tzinfo=UTC)
+    try:
+        ms = int(when.timestamp() * 1000)
+    except (OverflowError, OSError, ValueError):
+        raise UsageError(f"--start: out of range: {text!r}") from None
+    if ms < 0:
+        raise UsageError(f"--start: before 1970: {text!r}")
+    return ms
 
 
 def make_backend(options: Options, clock: Clock) -> Backend:
@@ -185,6 +203,27 @@ def make_backend(options: Options, clock: Clock) -> Backend:
     return NvmlBackend()
 
 
+def _simulated_start(options: Options, last: LastTick | None, log: Log) -> int:
+    """Where a fast-forward run's clock starts: never inside time the DB already holds."""
+    ticks = options.ticks or 0
+    start = options.start_ms
+    if start is None:
+        start = max(0, RealClock().wall_ms() - ticks * options.interval_ms)
+    if last is not None and start <= last.ts_ms:
+        shifted = last.ts_ms + options.interval_ms
+        log.info(f"the database already holds ticks up to {_iso(last.ts_ms)}; the simulated run starts after them")
+        start = shifted
+    return start
+
+
+def _open_store(path: str, clock: Clock) -> Store:
+    return Store.open(path, now_ms=clock.wall_ms())
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def main(argv: list[str] | None = None) -> int:
     log = Log()
     try:
@@ -193,21 +232,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gua-collector: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     fast_forward = options.backend.startswith("simulate:") and options.ticks is not None
-    if fast_forward:
-        start = options.start_ms
-        if start is None:
-            start = RealClock().wall_ms() - (options.ticks or 0) * options.interval_ms
-        clock: Clock = SimClock(start)
-    else:
-        clock = RealClock()
+    store: Store | Callable[[], Store]
     try:
-        store = Store.open(options.db, now_ms=clock.wall_ms())
+        if fast_forward:
+            # A one-off run: open now (no waiting) to start the simulated clock after stored time.
+            store = Store.open(options.db, now_ms=RealClock().wall_ms())
+            clock: Clock = SimClock(_simulated_start(options, store.last_tick(), log))
+        else:
+            clock = RealClock()
+            store = partial(_open_store, options.db, clock)
     except StoreError as error:
         print(f"gua-collector: error: {error}", file=sys.stderr)
         return STORE_EXIT[error.kind]
     notifier = SystemdNotifier()
     stop = threading.Event()
-    install_signal_handlers(stop, notifier.send)
     service = Service(
         Settings(
             interval_s=options.interval_ms / 1000,
@@ -215,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             ticks=options.ticks,
             hostname=socket.gethostname(),
             version=__version__,
+            wait_for_db=not fast_forward,
         ),
         store,
         make_backend(options, clock),
@@ -225,13 +264,17 @@ def main(argv: list[str] | None = None) -> int:
         None if fast_forward else watchdog_interval_s(os.environ),
         Textfile(options.textfile) if options.textfile else None,
     )
+    install_signal_handlers(stop, notifier.send, service.on_signal)
     try:
         return service.run()
-    except Exception as error:  # a bug: one line for the journal, and a non-zero exit for Restart=
+    except StoreError as error:
+        log.error(str(error))
+        return STORE_EXIT[error.kind]
+    except Exception as error:  # noqa: BLE001 -- a bug: one line for the journal, and a non-zero exit for Restart=
         log.error(f"internal error: {type(error).__name__}: {error}")
         return EXIT_INTERNAL
     finally:
-        store.close()
+        service.close()
 
 
 if __name__ == "__main__":

@@ -7,17 +7,23 @@ sleep, so readers and the WAL checkpointer are never starved.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 import sqlite3
 from dataclasses import dataclass
-from typing import IO
 
 from . import schema
 from .records import Event, GpuInfo, ProcessInfo, Tick
 from .rollup import HOUR_MS, Rollups
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+DB_MODE = 0o640  # the gua group reads; nobody else
+# The WAL is trimmed back to this whenever it restarts (and at stop); it
+# grows past it only while a reader holds an old snapshot.
+WAL_LIMIT_BYTES = 4 * 1024 * 1024
+_TRANSIENT_ERRNO = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.ENOMEM})
 
 # --- dimensions -------------------------------------------------------------
 SELECT_GPU = "SELECT gpu_id, gpu_index FROM gpu WHERE uuid = ?"
@@ -79,7 +85,8 @@ class StoreError(Exception):
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
-        self.kind = kind  # 'path', 'permission', 'not_sqlite', 'not_gua', 'newer', 'corrupt', 'locked'
+        # 'path', 'permission', 'not_sqlite', 'not_gua', 'newer', 'corrupt', 'locked', 'transient'
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -91,12 +98,13 @@ class LastTick:
 
 
 class Store:
-    """One open gua database, held by this process alone (lock file beside it)."""
+    """One open gua database, held by this process alone (an flock on the file itself)."""
 
-    def __init__(self, conn: sqlite3.Connection, lock: IO[str], path: str) -> None:
+    def __init__(self, conn: sqlite3.Connection, lock: _InodeLock, path: str) -> None:
         self._conn = conn
         self._lock = lock
         self.path = path
+        self.notes: list[str] = []  # what opening changed (file modes), for the log
         self._run_id: int | None = None
         self._gpus: dict[str, tuple[int, int]] = {}
         self._accounts: dict[tuple[int | None, str], int] = {}
@@ -106,7 +114,11 @@ class Store:
     # --- opening -------------------------------------------------------------
     @classmethod
     def open(cls, path: str, *, now_ms: int) -> Store:
-        """Open (creating 0640 if absent) and migrate; raises StoreError, leaving foreign files untouched."""
+        """Open (creating 0640 if absent), lock by inode and migrate.
+
+        Raises StoreError, leaving foreign files untouched. kind 'transient'
+        (disk full, I/O error, busy) means the file is fine and a later try may work.
+        """
         path = os.path.abspath(path)
         directory = os.path.dirname(path)
         try:
@@ -120,22 +132,47 @@ class Store:
         if not os.access(directory, os.W_OK | os.X_OK):
             raise StoreError("permission", f"cannot write database directory {directory}: permission denied")
         _check_header(path)
-        lock = _take_lock(path)
+        lock = _lock_database(path)
         try:
             conn = _connect(path, now_ms)
+            notes = _tighten_modes(path)
         except BaseException:
             lock.close()
             raise
-        return cls(conn, lock, path)
+        store = cls(conn, lock, path)
+        store.notes = notes
+        return store
 
     def close(self) -> None:
-        """Checkpoint and close; the lock goes with the process."""
+        """Checkpoint, truncate the WAL and close; the inode lock goes last (see _lock_database)."""
         try:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error:
             pass
         self._conn.close()
         self._lock.close()
+
+    def bound_wal(self) -> None:
+        """Truncate a WAL that outgrew its limit, once no reader still needs its frames.
+
+        SQLite restarts the WAL from its start when a checkpoint completes,
+        but keeps the file's size; a reader holding a snapshot for minutes
+        lets it grow without bound meanwhile. journal_size_limit trims it at
+        each restart; this catches the case where no restart happens soon.
+        """
+        try:
+            size = os.stat(self.path + "-wal").st_size
+        except OSError:
+            return
+        if size <= WAL_LIMIT_BYTES:
+            return
+        try:
+            # PASSIVE never waits for readers: the loop must not block on them.
+            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if not busy:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
 
     # --- runs ------------------------------------------------------------------
     def last_tick(self) -> LastTick | None:
@@ -327,28 +364,125 @@ def _check_header(path: str) -> None:
         raise StoreError("not_sqlite", f"{path} is not an SQLite database; refusing to touch it")
 
 
-def _take_lock(path: str) -> IO[str]:
-    """Hold an exclusive lock beside the DB for the process's life: two writers would double-count."""
-    lock_path = path + ".lock"
+class _InodeLock:
+    """An exclusive flock on the database file, held for the process's life."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def close(self) -> None:
+        # Closing any descriptor of the file drops the process's POSIX locks
+        # on it, SQLite's included: only ever close after the connection.
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _lock_database(path: str) -> _InodeLock:
+    """Lock the database inode so that every path to it (symlink, hard link) is refused.
+
+    flock locks are separate from the POSIX locks SQLite takes on the same
+    file, so the two never interfere; a lock file beside the DB would be
+    bypassed by a second path to the same inode.
+    """
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        fd = _open_or_create(path)
     except PermissionError:
-        raise StoreError("permission", f"cannot create {lock_path}: permission denied") from None
-    lock = os.fdopen(fd, "r+")
+        raise StoreError("permission", f"cannot open {path} for writing: permission denied") from None
+    except IsADirectoryError:
+        raise StoreError("not_sqlite", f"{path} is a directory, not an SQLite database") from None
+    except OSError as error:
+        if error.errno in _TRANSIENT_ERRNO:
+            raise StoreError("transient", f"cannot create {path}: {error.strerror}") from None
+        raise StoreError("path", f"cannot open {path}: {error.strerror}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise StoreError("locked", f"another gua-collector is already writing {path}") from None
-    return lock
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StoreError("not_sqlite", f"{path} is not a regular file; refusing to touch it")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError("locked", f"another gua-collector is already writing {path}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return _InodeLock(fd)
+
+
+def _open_or_create(path: str) -> int:
+    """The DB file's descriptor; a new file gets 0640 whatever the umask (readers need the group bit)."""
+    flags = os.O_RDWR | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, DB_MODE)
+    except FileExistsError:
+        return os.open(path, flags)
+    os.fchmod(fd, DB_MODE)
+    return fd
+
+
+def _tighten_modes(path: str) -> list[str]:
+    """Take away any permission beyond 0640 on the DB, -wal and -shm; say what changed.
+
+    A DB touched by an admin (0644) would let every local account read it;
+    -wal and -shm copy the DB's mode when SQLite creates them.
+    """
+    notes = []
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            mode = stat.S_IMODE(os.lstat(name).st_mode)
+        except FileNotFoundError:
+            continue
+        wanted = mode & DB_MODE
+        if wanted == mode:
+            continue
+        try:
+            os.chmod(name, wanted, follow_symlinks=False)
+            notes.append(f"mode of {name} was {mode:04o}, now {wanted:04o}")
+        except OSError as error:
+            notes.append(f"mode of {name} is {mode:04o}, cannot change it: {error.strerror}")
+    return notes
+
+
+def _transient(error: BaseException) -> bool:
+    """True for SQLite errors that say nothing about the file: full disk, I/O, busy.
+
+    The error that reaches us may be a follow-up (a ROLLBACK that failed
+    because SQLite had already rolled back on SQLITE_FULL); the cause is
+    then in __context__.
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        name = getattr(seen, "sqlite_errorname", "") or ""
+        if name.startswith(("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_NOMEM")):
+            return True
+        if isinstance(seen, OSError) and seen.errno in _TRANSIENT_ERRNO:
+            return True
+        seen = seen.__context__
+    return False
+
+
+def _intact(path: str) -> bool:
+    """quick_check on a fresh read-only connection: only this may call a file corrupt."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return True  # cannot even look: not evidence of corruption
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        return bool(conn.execute("PRAGMA quick_check").fetchone()[0] == "ok")
+    except sqlite3.DatabaseError as error:
+        return _transient(error) or "malformed" not in str(error) and "not a database" not in str(error)
+    finally:
+        conn.close()
+
+
+def _database_error(path: str, error: sqlite3.DatabaseError) -> StoreError:
+    """Corrupt only when an integrity check says so; anything else may pass."""
+    if _transient(error) or _intact(path):
+        return StoreError("transient", f"cannot use {path} now: {error}")
+    return StoreError("corrupt", f"{path} is corrupt: {error}")
 
 
 def _connect(path: str, now_ms: int) -> sqlite3.Connection:
-    if not os.path.exists(path):
-        # The service runs with UMask=0077; readers in the gua group need 0640.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        os.fchmod(fd, 0o640)
-        os.close(fd)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         conn.execute("PRAGMA busy_timeout = 5000")
@@ -359,7 +493,7 @@ def _connect(path: str, now_ms: int) -> sqlite3.Connection:
             else:
                 foreign = not schema.is_gua(conn)
         except sqlite3.DatabaseError as error:
-            raise StoreError("corrupt", f"{path} is corrupt: {error}") from None
+            raise _database_error(path, error) from None
         if version > schema.SCHEMA_VERSION:
             raise StoreError(
                 "newer",
@@ -370,11 +504,12 @@ def _connect(path: str, now_ms: int) -> sqlite3.Connection:
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
             schema.ensure_schema(conn, now_ms)
         except schema.SchemaError as error:
             raise StoreError("not_gua", f"{path}: {error}") from None
         except sqlite3.DatabaseError as error:
-            raise StoreError("corrupt", f"{path} is corrupt: {error}") from None
+            raise _database_error(path, error) from None
     except BaseException:
         conn.close()
         raise

@@ -68,12 +68,19 @@ def test_init_retried_with_backoff_and_watchdog_fed(tmp_path: Path) -> None:
     waits = [m for m in messages if m.startswith("STATUS=waiting for NVML")]
     assert len(waits) == 4 and "Driver Not Loaded" in waits[0]
     assert "(retry in 1s)" in waits[0] and "(retry in 8s)" in waits[3], "exponential backoff"
-    assert messages.index("READY=1") > messages.index(waits[-1])
+    # Waiting for a driver loaded late at boot is the service's job, not a slow start:
+    # READY=1 comes first, so systemd's start timeout cannot kill it.
+    assert messages.index("READY=1") < messages.index(waits[0])
     assert log.getvalue().count("Driver Not Loaded") == 1, "the same failure is logged once"
     pings = [t for t, m in notes.sent if m == "WATCHDOG=1"]
     assert max(b - a for a, b in zip(pings, pings[1:])) <= 5, "pinged while waiting"
     assert conn.execute("SELECT count(*) FROM event WHERE kind = 'init_failed'").fetchone()[0] == 1
     assert conn.execute("SELECT count(*) FROM tick").fetchone()[0] == 3
+    # The outage is a stretch with a start and an end, up to the first tick.
+    gap = conn.execute("SELECT ts_ms, end_ms, detail FROM event WHERE kind = 'gap'").fetchone()
+    first_tick = conn.execute("SELECT min(ts_ms) FROM tick").fetchone()[0]
+    assert gap is not None and gap[0] == START and gap[1] == first_tick, gap
+    assert gap[1] - gap[0] >= 15_000 and "Driver Not Loaded" in gap[2], "1 + 2 + 4 + 8 s of backoff"
 
 
 def test_long_interval_pings_between_ticks_and_drains_buffers(tmp_path: Path) -> None:
@@ -216,7 +223,7 @@ def test_nvml_vanishing_mid_run_is_reinitialised(tmp_path: Path) -> None:
     kinds = dict(db.execute("SELECT kind, count(*) FROM event GROUP BY kind"))
     assert kinds["nvml_error"] == 1 and kinds["init_failed"] == 1
     gap = db.execute("SELECT end_ms - ts_ms, detail FROM event WHERE kind = 'gap'").fetchone()
-    assert gap is not None and gap[1] == "NVML unavailable" and gap[0] >= 7_000, gap  # 1 + 2 + 4 s of backoff
+    assert gap is not None and gap[1].startswith("NVML unavailable: ") and "mismatch" in gap[1] and gap[0] >= 7_000, gap  # 1 + 2 + 4 s of backoff
     pings = [t for t, m in notes.sent if m == "WATCHDOG=1"]
     assert max(b - a for a, b in zip(pings, pings[1:])) <= 5
 
