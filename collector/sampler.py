@@ -7,7 +7,7 @@ from statistics import median
 
 from . import schema
 from .backend import Backend, BackendInitError, Cursor, DeviceError, RawDevice, RawProcess
-from .records import Event, GpuInfo, GpuSample, ProcSample, Tick
+from .records import Event, GpuInfo, GpuSample, ProcessInfo, ProcSample, Tick
 
 MIB = 1024 * 1024
 # Until a device shows its own cadence, assume the driver's usual 1/6 s.
@@ -52,7 +52,9 @@ class ProcUtilAccumulator:
 
     NVML lists only processes with non-zero SM since the cursor, one entry
     each (some drivers give several): a read without a pid means 0 % for it
-    over that read's stretch. Reads are weighted by the stretch they cover.
+    over that read's stretch. Reads are weighted by the stretch they cover,
+    so every share is over the whole tick, also for a process that started
+    or exited inside it.
     """
 
     sums: dict[int, float] = field(default_factory=dict)
@@ -65,15 +67,27 @@ class ProcUtilAccumulator:
             if 0 <= sm <= 100:
                 per_pid.setdefault(pid, []).append(sm)
         for pid, values in per_pid.items():
-            self.sums[pid] = self.sums.get(pid, 0.0) + weight * sum(values) / len(values)
+            if any(values):  # a zero entry says no more than no entry
+                self.sums[pid] = self.sums.get(pid, 0.0) + weight * sum(values) / len(values)
         self.weight += weight
 
-    def take(self, pids: list[int]) -> dict[int, int]:
-        """Mean SM percent per running pid; then reset."""
-        out = {pid: round(self.sums.get(pid, 0.0) / self.weight) if self.weight else 0 for pid in pids}
+    def take(self) -> dict[int, int]:
+        """Mean SM percent over the tick of every pid that did SM work in it; then reset.
+
+        A pid that is not in the result had 0 % all tick.
+        """
+        out = {pid: round(total / self.weight) if self.weight else 0 for pid, total in self.sums.items()}
         self.sums.clear()
         self.weight = 0.0
         return out
+
+
+@dataclass(frozen=True)
+class Seen:
+    """Who a pid on a device was, looked up while it was alive, so its work counts after it exits."""
+
+    who: ProcessInfo
+    kind: int = 0  # its running-list bits when last listed; 0: only seen in utilization samples
 
 
 @dataclass
@@ -88,6 +102,9 @@ class DeviceState:
     proc_util_supported: bool = True
     energy_mj: int | None = None
     failing: str = ""  # last error text, to log a failure once, not every tick
+    # pid -> identity for the pids this tick may report: those running at the
+    # last tick and those seen doing SM work since. Rebuilt every tick.
+    seen: dict[int, Seen] = field(default_factory=dict)
 
     def absorb(self, raw: RawDevice) -> None:
         """Fold a read's sample buffers in and move the cursors past them."""
@@ -154,8 +171,11 @@ class Sampler:
             except DeviceError:
                 continue  # the tick records it
             state.absorb(raw)
+            self._identify(state, raw)
             for mig in raw.mig_devices:
-                self._state(mig.uuid).absorb(mig)
+                mig_state = self._state(mig.uuid)
+                mig_state.absorb(mig)
+                self._identify(mig_state, mig)
 
     def tick(self, ts_ms: int, duration_ms: int) -> Tick:
         """Read every device fully and return what this interval observed."""
@@ -180,11 +200,12 @@ class Sampler:
                 events.append(Event(ts_ms, "nvml_recovered", state.failing, raw.uuid))
                 state.failing = ""
             state.absorb(raw)
-            samples.append(self._sample(raw, state, duration_ms, live))
+            samples.append(self._sample(raw, state, duration_ms, live, events, ts_ms))
             for mig in raw.mig_devices:
                 mig_state = self._state(mig.uuid)
                 mig_state.absorb(mig)
-                samples.append(self._sample(mig, mig_state, duration_ms, live))
+                samples.append(self._sample(mig, mig_state, duration_ms, live, events, ts_ms))
+        # Exited processes are not kept live: their identities live in DeviceState.seen.
         self._lookup.retain(live)
         return Tick(ts_ms=ts_ms, duration_ms=duration_ms, gpus=tuple(samples), events=tuple(events))
 
@@ -211,14 +232,62 @@ class Sampler:
             events.append(Event(ts_ms, kind, detail, uuid))
         state.failing = text
         state.util.take(0)
-        state.proc_util.take([])
+        state.proc_util.take()
+        state.seen.clear()
         state.energy_mj = None
         if state.info is None:
             return None  # never identified: no UUID to file a sample under
         status = schema.STATUS_LOST if error.lost else schema.STATUS_ERROR
         return GpuSample(gpu=state.info, status=status, error=text)
 
-    def _sample(self, raw: RawDevice, state: DeviceState, duration_ms: int, live: set[tuple[int, int]]) -> GpuSample:
+    def _identify(self, state: DeviceState, raw: RawDevice) -> None:
+        """Look up, while it may still be alive, each pid a read shows doing SM work that is not known yet.
+
+        A job can exit before the tick that accounts for its work: its owner
+        is only known if it was asked now. A pid /proc no longer has stays
+        unknown (asked again only if a later read shows it again).
+        """
+        for pid, _ts, sm in raw.process_util or ():
+            if 0 < sm <= 100 and pid not in state.seen:
+                who = self._lookup.lookup(pid)
+                if who is not None:
+                    state.seen[pid] = Seen(who)
+
+    def _running(self, raw: RawDevice, state: DeviceState) -> dict[int, tuple[ProcessInfo, int, int | None]]:
+        """pid -> (identity, kind, used bytes) for the live pids in the running lists; remembered in state.seen."""
+        running = {}
+        for pid, (kind, used) in merge_processes(raw.processes, raw.memory_total).items():
+            who = self._lookup.lookup(pid)  # asked every tick: a reused pid is a new process
+            if who is not None:  # not a live process: a stale or garbage entry
+                running[pid] = (who, kind, used)
+                state.seen[pid] = Seen(who, kind)
+        return running
+
+    def _exited(self, state: DeviceState, sm: dict[int, int], running: set[int]) -> tuple[list[ProcSample], int]:
+        """Rows for pids that did SM work this tick but are no longer listed, and how many had no known owner."""
+        rows: list[ProcSample] = []
+        unattributed = 0
+        for pid, share in sorted(sm.items()):
+            if pid in running:
+                continue
+            seen = state.seen.get(pid)
+            if seen is None:
+                unattributed += 1  # never identified: no owner is invented
+            elif seen.kind == 0 or seen.kind & schema.KIND_COMPUTE:
+                # Holds nothing any more (mem 0); its work still counts for its owner.
+                rows.append(ProcSample(seen.who, schema.KIND_COMPUTE | schema.KIND_EXITED, 0, share))
+            # A graphics-only process's SM never counts for its owner; gone, it does not either.
+        return rows, unattributed
+
+    def _sample(
+        self,
+        raw: RawDevice,
+        state: DeviceState,
+        duration_ms: int,
+        live: set[tuple[int, int]],
+        events: list[Event],
+        ts_ms: int,
+    ) -> GpuSample:
         info = GpuInfo(
             uuid=raw.uuid,
             index=raw.index,
@@ -231,25 +300,29 @@ class Sampler:
         util, coverage = state.util.take(duration_ms)
         if not state.util_supported:
             util, coverage = None, None
-        merged = merge_processes(raw.processes, raw.memory_total)
+        running = self._running(raw, state)
+        self._identify(state, raw)
+        sm = state.proc_util.take()
         procs: list[ProcSample] = []
-        known = {}
-        for pid in merged:
-            who = self._lookup.lookup(pid)
-            if who is not None:  # not a live process: a stale or garbage entry
-                known[pid] = who
-        sm = state.proc_util.take(list(known))
-        for pid, who in known.items():
-            kind, used = merged[pid]
+        for pid, (who, kind, used) in running.items():
             live.add((who.pid, who.start_ms))
             procs.append(
                 ProcSample(
                     process=who,
                     kind=kind,
                     mem_mib=None if used is None else round(used / MIB),
-                    sm_util=sm[pid] if state.proc_util_supported else None,
+                    sm_util=sm.get(pid, 0) if state.proc_util_supported else None,
                 )
             )
+        if state.proc_util_supported:  # else no share is known, not even a departed one's
+            exited, unattributed = self._exited(state, sm, set(running))
+            procs.extend(exited)
+            if unattributed:
+                events.append(Event(ts_ms, "proc_unattributed",
+                                    f"{unattributed} process(es) did SM work but left before they could be identified",
+                                    info.uuid))
+        # What the next tick may need: the pids running now. Reported exits are dropped.
+        state.seen = {pid: state.seen[pid] for pid in running}
         return GpuSample(
             gpu=info,
             status=schema.STATUS_OK,

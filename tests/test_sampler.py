@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from gua_collector import schema
 from gua_collector.backend import Cursor, DeviceError, RawDevice, RawProcess
-from gua_collector.records import ProcessInfo
+from gua_collector.records import GpuSample, ProcessInfo, ProcSample, Tick
 from gua_collector.sampler import ProcUtilAccumulator, Sampler, UtilAccumulator, merge_processes
+from gua_collector.states import holds
 
 pytestmark = pytest.mark.timeout(30)
 MIB = 1024 * 1024
@@ -39,7 +42,7 @@ def test_out_of_range_samples_dropped() -> None:
 def test_process_util_zero_without_samples() -> None:
     acc = ProcUtilAccumulator()
     acc.add([(10, 1, 80), (10, 2, 60), (11, 1, 300)])  # 300 % is garbage
-    assert acc.take([10, 11, 12]) == {10: 70, 11: 0, 12: 0}
+    assert acc.take() == {10: 70}, "pids without an entry (11's was garbage) had 0 %"
 
 
 def test_process_util_averages_over_reads_it_is_missing_from() -> None:
@@ -48,8 +51,8 @@ def test_process_util_averages_over_reads_it_is_missing_from() -> None:
     acc.add([(10, 1, 80)])
     for _ in range(3):
         acc.add([])
-    assert acc.take([10]) == {10: 20}
-    assert acc.take([10]) == {10: 0}, "reset after a tick"
+    assert acc.take() == {10: 20}
+    assert acc.take() == {}, "reset after a tick"
 
 
 def test_process_util_reads_weighted_by_their_span() -> None:
@@ -57,7 +60,7 @@ def test_process_util_reads_weighted_by_their_span() -> None:
     acc = ProcUtilAccumulator()
     acc.add([(10, 1, 80)], weight=10)
     acc.add([], weight=30)
-    assert acc.take([10]) == {10: 20}
+    assert acc.take() == {10: 20}
 
 
 def test_process_cursor_follows_the_device_samples() -> None:
@@ -256,3 +259,185 @@ def test_hidden_proc_is_reported_once() -> None:
     sampler = Sampler(FakeBackend({0: device(0, [], [(1, 0)])}, lookup))
     assert [(e.kind, e.detail) for e in sampler.tick(0, 0).events] == [("proc_hidden", "/proc is mounted hidepid=2")]
     assert sampler.tick(10, 10).events == ()
+
+
+# ---------------------------------------------------------------- job churn
+
+T0_MS = 1_772_438_400_000  # a wall-clock origin; the timeline below is in ms after it
+PERIOD_MS = 500  # the driver's sampling period in this script
+BUFFER_MS = 14_000  # the driver keeps ~14 s of samples
+
+
+@dataclass(frozen=True)
+class Job:
+    """A GPU process alive on [start_s, end_s): warm-up at low SM, then its steady SM."""
+
+    pid: int
+    user: str
+    start_s: float
+    end_s: float
+    sm: int = 100
+    warmup_s: float = 1.0
+    warmup_sm: int = 5
+    mem_mib: int = 8 * 1024
+
+    def alive(self, t_ms: int) -> bool:
+        return self.start_s * 1000 <= t_ms - T0_MS < self.end_s * 1000
+
+    def sm_at(self, t_ms: int) -> int:
+        if not self.alive(t_ms):
+            return 0
+        return self.warmup_sm if t_ms - T0_MS < (self.start_s + self.warmup_s) * 1000 else self.sm
+
+
+class Timeline:
+    """One GPU and /proc, scripted: NVML's answers at `now` are a function of the jobs.
+
+    Like NVML, per-process utilization has one entry per process with
+    non-zero SM since the cursor (its mean over the read's samples), and a
+    pid is in /proc only while its job runs.
+    """
+
+    name = "timeline"
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.jobs = jobs
+        self.now_ms = T0_MS
+        self.retained: set[tuple[int, int]] = set()
+
+    def at(self, t_s: float) -> Timeline:
+        self.now_ms = T0_MS + round(t_s * 1000)
+        return self
+
+    # ProcessLookup
+    def lookup(self, pid: int) -> ProcessInfo | None:
+        job = next((j for j in self.jobs if j.pid == pid and j.alive(self.now_ms)), None)
+        return None if job is None else person(pid, job.user, start=T0_MS + round(job.start_s * 1000))
+
+    def retain(self, live: set[tuple[int, int]]) -> None:
+        self.retained = live
+
+    def hidden(self) -> str:
+        return ""
+
+    # Backend
+    def init(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def processes(self) -> Timeline:
+        return self
+
+    def device_count(self) -> int:
+        return 1
+
+    def read_device(self, index: int, cursor: Cursor, *, full: bool) -> RawDevice:
+        first = max(min(cursor.util_us, cursor.process_us) // 1000 + 1, self.now_ms - BUFFER_MS + 1)
+        instants = range(first + -first % PERIOD_MS, self.now_ms + 1, PERIOD_MS)
+        util = [(t * 1000, min(100, sum(j.sm_at(t) for j in self.jobs))) for t in instants]
+        proc_util = []
+        for job in self.jobs:
+            total = sum(job.sm_at(t) for t in instants)
+            if total:
+                proc_util.append((job.pid, instants[-1] * 1000, round(total / len(instants))))
+        running = [RawProcess(j.pid, j.mem_mib * MIB, schema.KIND_COMPUTE) for j in self.jobs if j.alive(self.now_ms)]
+        return device(0, running if full else [], util, proc_util=proc_util)
+
+
+def idle_held(sample: GpuSample) -> set[str]:
+    """Users idle-held on this GPU in this tick, by SCHEMA.md's per-account rule."""
+    return {user for user, procs in _by_user(sample).items()
+            if holds(procs) and all(p.sm_util is not None for p in procs)
+            and sum(p.sm_util or 0 for p in procs) * 10 < schema.ROLLUP_ACTIVE_PERMILLE}
+
+
+def holders(sample: GpuSample) -> set[str]:
+    return {user for user, procs in _by_user(sample).items() if holds(procs)}
+
+
+def _by_user(sample: GpuSample) -> dict[str, list[ProcSample]]:
+    out: dict[str, list[ProcSample]] = {}
+    for proc in sample.procs:
+        if proc.kind & schema.KIND_COMPUTE:
+            out.setdefault(proc.process.username, []).append(proc)
+    return out
+
+
+def run_ticks(timeline: Timeline, ticks_s: list[float], polls_s: tuple[float, ...] = ()) -> list[Tick]:
+    """Tick (and poll) the sampler at the given seconds; the first tick has no duration."""
+    sampler = Sampler(timeline)
+    out = []
+    previous = None
+    for t in sorted([*ticks_s, *polls_s]):
+        timeline.at(t)
+        if t in polls_s:
+            sampler.poll()
+            continue
+        duration = 0 if previous is None else round((t - previous) * 1000)
+        out.append(sampler.tick(timeline.now_ms, duration))
+        previous = t
+    return out
+
+
+@pytest.mark.parametrize("polls", [(), tuple(t + 5.0 for t in range(0, 90, 10))], ids=["ticks-only", "with-polls"])
+def test_back_to_back_busy_jobs_are_never_idle_held(polls: tuple[float, ...]) -> None:
+    # Four busy 25 s jobs, a new pid each; two hand-overs fall 0.5 s before a
+    # tick, when the new job has done only 0.5 s of warm-up at 5 % SM.
+    jobs = [Job(100 + k, "dave", -15.5 + 25 * k, 9.5 + 25 * k) for k in range(4)]
+    ticks = run_ticks(Timeline(jobs), [float(t) for t in range(0, 100, 10)], polls)
+    measured = [t for t in ticks if t.duration_ms > 0]
+    assert [t.duration_ms for t in measured] == [10_000] * 9
+    held = [t for t in measured if "dave" in holders(t.gpus[0])]
+    assert len(held) == 8, "dave holds the card until his last job exits at 84.5 s"
+    assert [t.ts_ms for t in measured if "dave" in idle_held(t.gpus[0])] == []
+    tick_10 = measured[0].gpus[0]
+    exited = [p for p in tick_10.procs if p.kind & schema.KIND_EXITED]
+    assert [(p.process.pid, p.kind, p.mem_mib, p.sm_util) for p in exited] == [
+        (100, schema.KIND_COMPUTE | schema.KIND_EXITED, 0, 90)  # busy 9 of the 10 s sampled
+    ]
+
+
+def test_a_job_that_exits_and_leaves_nothing_running_holds_nothing() -> None:
+    ticks = run_ticks(Timeline([Job(100, "dave", 0, 14.5)]), [0.0, 10.0, 20.0, 30.0])
+    last = ticks[2].gpus[0]
+    assert [(p.process.username, p.kind, p.mem_mib, p.sm_util) for p in last.procs] == [
+        ("dave", schema.KIND_COMPUTE | schema.KIND_EXITED, 0, 40)
+    ]
+    assert holders(last) == set() and idle_held(last) == set()
+    assert ticks[3].gpus[0].procs == (), "an exit is reported in one tick only"
+
+
+def test_a_genuinely_idle_holder_is_still_idle_held() -> None:
+    # erin's notebook holds 8 GB at 0 % while dave's jobs churn busily beside it.
+    jobs = [Job(200, "erin", -100, 1000, sm=0, warmup_sm=0)]
+    jobs += [Job(100 + k, "dave", -15.5 + 25 * k, 9.5 + 25 * k) for k in range(4)]
+    measured = run_ticks(Timeline(jobs), [float(t) for t in range(0, 100, 10)])[1:]
+    assert all(idle_held(t.gpus[0]) == {"erin"} for t in measured)
+
+
+def test_a_job_that_started_late_in_the_tick_counts_over_the_whole_tick() -> None:
+    # dave's busy job exits at 9.5 s; his next one warms up at 5 % for the last
+    # 0.5 s. Shares are over the whole tick, so the sum is 90 + 0, not 5.
+    ticks = run_ticks(Timeline([Job(100, "dave", -20, 9.5), Job(101, "dave", 9.5, 60)]), [0.0, 10.0])
+    sm = {p.process.pid: p.sm_util for p in ticks[1].gpus[0].procs}
+    assert sm == {101: 0, 100: 90}
+    assert "dave" in holders(ticks[1].gpus[0]) and idle_held(ticks[1].gpus[0]) == set()
+
+
+def test_identity_is_taken_at_a_poll_while_the_process_lives() -> None:
+    # Started after one tick, seen only by the poll in between, gone by the next tick.
+    timeline = Timeline([Job(300, "frank", 11, 18, warmup_s=0)])
+    ticks = run_ticks(timeline, [0.0, 10.0, 20.0], polls_s=(15.0,))
+    assert [(p.process.username, p.kind, p.mem_mib, p.sm_util) for p in ticks[2].gpus[0].procs] == [
+        ("frank", schema.KIND_COMPUTE | schema.KIND_EXITED, 0, 70)
+    ]
+    assert ticks[2].events == ()
+    assert timeline.retained == set(), "an exited process is not kept in the /proc cache"
+
+
+def test_a_process_never_identified_is_counted_not_invented() -> None:
+    # Lived between two reads: nobody ever saw it in /proc.
+    ticks = run_ticks(Timeline([Job(300, "frank", 11, 14, warmup_s=0)]), [0.0, 10.0, 20.0])
+    assert ticks[2].gpus[0].procs == ()
+    assert [(e.kind, e.gpu_uuid) for e in ticks[2].events] == [("proc_unattributed", "GPU-0")]
+    assert "1 process" in ticks[2].events[0].detail
