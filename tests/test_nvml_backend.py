@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import sqlite3
 import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from gua_collector import schema
 from gua_collector.backend import BackendInitError, Cursor, DeviceError
 from gua_collector.nvml_backend import NvmlBackend
+from gua_collector.records import ProcessInfo
+from gua_collector.sampler import Sampler
+from gua_collector.store import Store
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -197,3 +202,73 @@ def test_mig_instances_listed_and_empty_slots_skipped() -> None:
     assert [m.uuid for m in raw.mig_devices] == ["MIG-mig0", "MIG-mig2"]
     assert raw.mig_devices[0].parent_uuid == "GPU-abc" and raw.mig_devices[0].util_samples is None
     assert nvml.calls.get("nvmlDeviceGetSamples", 0) == 0, "utilization is not asked of a MIG GPU"
+
+
+START_MS = 1_772_438_400_000
+
+
+class People:
+    """/proc for the fake card's three processes."""
+
+    def lookup(self, pid: int) -> ProcessInfo | None:
+        if pid not in (10, 11, 12):
+            return None
+        return ProcessInfo(pid, 1_000, 1000 + pid, f"user{pid}", "python", "/user.slice", "")
+
+    def retain(self, live: set[tuple[int, int]]) -> None:
+        pass
+
+    def hidden(self) -> str:
+        return ""
+
+
+def stored_sm(tmp_path: Path, nvml: types.SimpleNamespace, *, poll_first: bool) -> dict[int, int | None]:
+    """pid -> proc_sample.sm_util as stored for one tick read through NvmlBackend and the Sampler."""
+    b = NvmlBackend(nvml, People())  # type: ignore[arg-type]
+    b.init()
+    sampler = Sampler(b)
+    if poll_first:
+        sampler.poll()
+    tick = sampler.tick(START_MS, 10_000)
+    store = Store.open(str(tmp_path / "gua.db"), now_ms=START_MS)
+    store.begin_run(START_MS, 10_000, "nvml", "host", "0")
+    store.write_ticks([tick])
+    store.close()
+    with sqlite3.connect(tmp_path / "gua.db") as db:
+        rows = db.execute("SELECT p.pid, s.sm_util FROM proc_sample AS s JOIN process AS p USING (proc_id)").fetchall()
+    return dict(rows)
+
+
+def test_unsupported_process_utilization_is_stored_as_unknown(tmp_path: Path) -> None:
+    def unsupported(handle, since):
+        raise NVMLError(3)
+
+    assert stored_sm(tmp_path, fake_nvml(nvmlDeviceGetProcessUtilization=unsupported), poll_first=True) == {
+        10: None, 11: None, 12: None
+    }
+
+
+def test_process_utilization_unsupported_at_the_tick_after_a_poll_read_it(tmp_path: Path) -> None:
+    """A poll read that gave per-process SM does not make a NOT_SUPPORTED tick read look known."""
+    answers = iter([[ProcUtil(10, 2_000_000, 70)]])
+
+    def supported_once(handle, since):
+        for answer in answers:
+            return answer
+        raise NVMLError(3)
+
+    assert stored_sm(tmp_path, fake_nvml(nvmlDeviceGetProcessUtilization=supported_once), poll_first=True) == {
+        10: None, 11: None, 12: None
+    }
+
+
+def test_no_new_process_samples_is_zero_not_unknown(tmp_path: Path) -> None:
+    """NOT_FOUND says no process did SM work since the cursor: running pids read 0 %, not NULL."""
+    def none_newer(handle, since):
+        raise NVMLError(6)
+
+    assert stored_sm(tmp_path, fake_nvml(nvmlDeviceGetProcessUtilization=none_newer), poll_first=True) == {
+        10: 0, 11: 0, 12: 0
+    }
+    (tmp_path / "b").mkdir()
+    assert stored_sm(tmp_path / "b", fake_nvml(), poll_first=False) == {10: 70, 11: 0, 12: 0}
