@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return service.run()
     except StoreError as error:
-        log.error(str(error))
+        print(f"gua-collector: error: {error}", file=sys.stderr)
         return STORE_EXIT[error.kind]
     except Exception as error:  # noqa: BLE001 -- a bug: one line for the journal, and a non-zero exit for Restart=
         log.error(f"internal error: {type(error).__name__}: {error}")

@@ -19,6 +19,7 @@ from .records import Event, GpuInfo, ProcessInfo, Tick
 from .rollup import HOUR_MS, Rollups
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+BUSY_TIMEOUT_MS = 5000
 DB_MODE = 0o640  # the gua group reads; nobody else
 # The WAL is trimmed back to this whenever it restarts (and at stop); it
 # grows past it only while a reader holds an old snapshot.
@@ -167,17 +168,25 @@ class Store:
         if size <= WAL_LIMIT_BYTES:
             return
         try:
-            # PASSIVE never waits for readers: the loop must not block on them.
-            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if not busy:
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            # Neither call may wait for a reader: the loop must not block on them.
+            _, log, done = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if log == done:
+                self._conn.execute("PRAGMA busy_timeout = 0")
+                try:
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                finally:
+                    self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except sqlite3.Error:
             pass
 
     # --- runs ------------------------------------------------------------------
     def last_tick(self) -> LastTick | None:
         """The newest tick already stored, if any."""
-        row = self._conn.execute(SELECT_LAST_TICK).fetchone()
+        try:
+            row = self._conn.execute(SELECT_LAST_TICK).fetchone()
+        except sqlite3.DatabaseError as error:
+            # The first query that reads data pages: where a damaged file shows.
+            raise _database_error(self.path, error) from None
         return None if row is None else LastTick(row[0], row[1] is not None)
 
     def begin_run(self, started_ms: int, interval_ms: int, backend: str, hostname: str, version: str) -> int:
@@ -485,7 +494,7 @@ def _database_error(path: str, error: sqlite3.DatabaseError) -> StoreError:
 def _connect(path: str, now_ms: int) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
-        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         try:
             version = schema.read_version(conn)
             if version == 0:
