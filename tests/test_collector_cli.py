@@ -42,6 +42,11 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, nee
         (["--ticks", "0", "--backend", "simulate"], "--ticks"),
         (["--bogus"], "unrecognized arguments"),
         (["--start", "yesterday", "--backend", "simulate", "--ticks", "2"], "ISO"),
+        (["--start", "0001-01-01", "--backend", "simulate", "--ticks", "2"], "--start"),
+        (["--backend", "simulate", "--ticks", "99999999999999999999"], "--ticks must be between"),
+        (["--interval", "2h"], "at most 1h"),
+        (["--retention", "9999999999999999999999d"], "too long"),
+        (["--retention", "9" * 400], "too long"),
     ],
 )
 def test_bad_flags_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
@@ -57,6 +62,18 @@ def test_bad_config_file_exit_2(tmp_path: Path) -> None:
     config.write_text("this is not ini\n")
     assert_one_line_error(run_collector("--config", str(config)), 2, "config")
     assert_one_line_error(run_collector("--config", str(tmp_path / "missing.conf")), 2, "cannot read config")
+    config.write_bytes(b"[collector]\ninterval = 10s\ntextfile = /tmp/\xff\xfe.prom\n")
+    assert_one_line_error(run_collector("--config", str(config)), 2, "not UTF-8")
+
+
+def test_percent_in_a_config_value_is_a_character(tmp_path: Path) -> None:
+    config = tmp_path / "gua.conf"
+    db = tmp_path / "100%" / "gua.db"
+    db.parent.mkdir()
+    config.write_text(f"[collector]\ndb = {db}\nbackend = simulate\n")
+    proc = run_collector("--config", str(config), "--ticks", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert db.exists()
 
 
 def test_config_file_values_are_used_and_flags_win(tmp_path: Path) -> None:
