@@ -10,8 +10,8 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from datetime import UTC, datetime
+from functools import partial
 
 from . import __version__
 from .backend import Backend

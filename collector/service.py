@@ -10,14 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TextIO
 
-from . import schema
+from . import schema, unsaved
 from .backend import Backend, BackendInitError
 from .clock import Clock
 from .notify import Notifier
 from .records import Event, Tick
 from .sampler import Sampler
 from .states import IDLE_HELD, gpu_state
-from . import unsaved
 from .store import Store, StoreError
 from .textfile import Textfile
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import stat
 import sqlite3
+import stat
 from dataclasses import dataclass
 
 from . import schema

@@ -113,7 +113,8 @@ class Textfile:
         family("gua_gpu_memory_used_bytes", "gauge", "Device memory in use.", memory)
         family("gua_gpu_power_watts", "gauge", "Board power draw.", power)
         family("gua_gpu_energy_joules_total", "counter", "Energy since the collector started.", energy)
-        family("gua_user_gpu_memory_bytes", "gauge", "GPU memory held by a user's compute processes (NaN: NVML cannot report it).", users_memory)
+        family("gua_user_gpu_memory_bytes", "gauge",
+               "GPU memory held by a user's compute processes (NaN: NVML cannot report it).", users_memory)
         family("gua_user_idle_held", "gauge",
                "1 when the user holds the GPU while their own processes do < 10 % SM.", users_idle)
         family("gua_collector_last_tick_timestamp_seconds", "gauge", "When the last tick ended.",

@@ -1,5 +1,5 @@
 """`python -m gua_report` runs the gua-report CLI."""
 
-from gua_report.cli import main
+from .cli import main
 
 main()
