@@ -4,51 +4,19 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 from collections.abc import Callable
 
+from .attribution import Layout, hierarchy_layout, label, label_path, split_cgroup_file
 from .records import ProcessInfo
 
-_SLURM_JOB = re.compile(r"/job_(\d+)(?:/|$)")
-_CONTAINER = (
-    (re.compile(r"docker-([0-9a-f]{12,64})\.scope"), "docker"),
-    (re.compile(r"/docker/([0-9a-f]{12,64})"), "docker"),
-    (re.compile(r"libpod-([0-9a-f]{12,64})\.scope"), "podman"),
-    (re.compile(r"cri-containerd-([0-9a-f]{12,64})\.scope"), "containerd"),
-    (re.compile(r"crio-([0-9a-f]{12,64})\.scope"), "crio"),
-    (re.compile(r"/kubepods[^ ]*/([0-9a-f]{64})(?:/|$)"), "kubepods"),
-)
-_SYSTEM_UNIT = re.compile(r"^/system\.slice/(?:[^/]+\.slice/)*([^/]+\.service)(?:/|$)")
-
-
-def unit_from_cgroup(path: str) -> str:
-    """Attribute a cgroup path to a Slurm job, a container or a system unit; '' for none."""
-    job = _SLURM_JOB.search(path)
-    if job and "slurm" in path:
-        return f"slurm:job_{job.group(1)}"
-    for pattern, runtime in _CONTAINER:
-        match = pattern.search(path)
-        if match:
-            return f"container:{runtime}/{match.group(1)[:12]}"
-    unit = _SYSTEM_UNIT.match(path)
-    if unit:
-        return f"unit:{unit.group(1)}"
-    return ""
+# The old name, still imported by simulate.py and the report tests.
+unit_from_cgroup = label_path
 
 
 def parse_cgroup_file(text: str) -> str:
-    """The unified-hierarchy path from /proc/PID/cgroup, else the systemd v1 one."""
-    fallback = ""
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        hier, controllers, path = parts
-        if hier == "0" and controllers == "":
-            return path
-        if controllers == "name=systemd" or (not fallback and path not in ("", "/")):
-            fallback = path
-    return fallback
+    """The path shown for a /proc/PID/cgroup file (v2, else name=systemd); '' if ambiguous."""
+    paths = split_cgroup_file(text)
+    return paths.shown if paths is not None else ""
 
 
 def parse_stat_starttime(text: str) -> int:
@@ -128,7 +96,7 @@ class ProcReader:
         try:
             uid = parse_real_uid(_read(f"{base}/status"))
             comm = _read(f"{base}/comm").strip()
-            cgroup = parse_cgroup_file(_read(f"{base}/cgroup"))
+            paths = split_cgroup_file(_read(f"{base}/cgroup"), self._layout())
         except PermissionError:
             return self._unknown(pid)
         except (OSError, ValueError):
@@ -139,11 +107,19 @@ class ProcReader:
             uid=uid,
             username=self._name(uid),
             comm=comm,
-            cgroup=cgroup,
-            unit=unit_from_cgroup(cgroup),
+            # A file whose lines a newline in a directory name forged shows no path and no label.
+            cgroup=paths.shown if paths is not None else "",
+            unit=label(paths) if paths is not None else "",
         )
         self._known[key] = info
         return info
+
+    def _layout(self) -> Layout | None:
+        """The host's cgroup hierarchies, from our own cgroup file, read afresh in case one was mounted."""
+        try:
+            return hierarchy_layout(_read(f"{self._root}/self/cgroup"))
+        except OSError:
+            return None
 
     def hidden(self) -> str:
         """Why other users' processes may be invisible here ('' when they are not)."""

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.timeout(30)
         ("/slurm/uid_1001/job_77/step_batch", "slurm:job_77"),
         ("/system.slice/docker-" + "ab12" * 16 + ".scope", "container:docker/" + ("ab12" * 16)[:12]),
         ("/machine.slice/libpod-" + "cd34" * 16 + ".scope/container", "container:podman/" + ("cd34" * 16)[:12]),
-        ("/kubepods.slice/kubepods-burstable.slice/cri-containerd-" + "ef56" * 16 + ".scope", "container:containerd/" + ("ef56" * 16)[:12]),
+        # kubelet puts each container under its pod's slice (attribution matches only real layouts).
+        ("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod" + "1a2b" * 8
+         + ".slice/cri-containerd-" + "ef56" * 16 + ".scope", "container:containerd/" + ("ef56" * 16)[:12]),
         ("/system.slice/jupyterhub.service", "unit:jupyterhub.service"),
         ("/system.slice/gpu.slice/trainer.service/worker", "unit:trainer.service"),
         ("/user.slice/user-1001.slice/session-3.scope", ""),
