@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from . import schema
-from .backend import Cursor, DeviceError, RawDevice, RawProcess
+from .backend import BackendInitError, Cursor, DeviceError, RawDevice, RawProcess
 from .clock import Clock
 from .procinfo import unit_from_cgroup
 from .records import ProcessInfo
@@ -27,6 +27,10 @@ DAY_MS = 24 * HOUR_MS
 WEEK_MS = 7 * DAY_MS
 # 1970-01-01 was a Thursday: shift so that week offset 0 is a Monday 00:00 UTC.
 MONDAY_SHIFT_MS = 3 * DAY_MS
+
+# simulate:late: NVML fails to start until this long after the backend was
+# made (past systemd's default 90 s start timeout), as at boot before the driver loads.
+LATE_S = 150
 
 USERS = {"alice": 1001, "bob": 1002, "carol": 1003, "root": 0}
 
@@ -175,6 +179,7 @@ SCENARIOS: dict[str, Callable[[], tuple[SimGpu, ...]]] = {
     "mig": mig,
     "faults": lab,
     "hang": lab,
+    "late": lab,
 }
 
 
@@ -225,8 +230,11 @@ class SimBackend:
         self._t0_ms = 0
         self._full_reads = 0
         self._hang_after = hang_after
+        self._made_s = clock.monotonic()
 
     def init(self) -> None:
+        if self._scenario == "late" and self._clock.monotonic() - self._made_s < LATE_S:
+            raise BackendInitError("simulated: NVIDIA driver not loaded yet")
         self._t0_ms = self._clock.wall_ms()
 
     def shutdown(self) -> None:
