@@ -11,8 +11,9 @@ Skips (with the reason) when not root, when a tool is missing, when the
 root file system cannot be built or when nspawn cannot boot on this host.
 Anything the product does wrong fails.
 
-The tests share one booted container (module scope) and run in file order;
-each leaves the collector running except the last ones, which stop it.
+The tests share one booted container (module scope, fixtures in
+conftest.py) and run in file order; each leaves the collector running
+except the last ones, which stop it. test_faults.py boots its own.
 
 Environment knobs:
   GUA_SYSTEST_CACHE    where the debootstrap tree is cached
@@ -25,225 +26,18 @@ Environment knobs:
 
 from __future__ import annotations
 
-import atexit
 import json
-import os
 import re
-import shutil
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import nspawn
-import rootfs
+from systest import (ADMIN, CONF, DB, OUTSIDER, PERMISSION_DENIED_EXIT, UNIT, collector_conf,
+                     db_facts, journal, service_state)
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
-
-REPO = Path(__file__).resolve().parents[2]
-# GUA_SYSTEST_DIST: take (or build) the .debs in another folder than dist/.
-DIST = Path(os.environ.get("GUA_SYSTEST_DIST") or REPO / "dist")
-# What the packages are built from: newer files here mean the debs are stale.
-SOURCES = [REPO / d for d in ("collector", "reporter", "deploy", "packaging", "pyproject.toml")]
-UNIT = "gua-collector.service"
-DB = "/var/lib/gua/gua.db"
-CONF = "/etc/gua/gua-collector.conf"
-DROPIN = "/etc/systemd/system/gua-collector.service.d/test.conf"
-ADMIN = "admin1"  # member of group gua
-OUTSIDER = "outsider1"  # not in group gua
-PERMISSION_DENIED_EXIT = 4  # gua-report's exit code for "permission denied"
-
-# The watchdog test needs a short WatchdogSec and a short tick.
-DROPIN_TEXT = """\
-# gua system test: a short watchdog so a hung collector is restarted fast.
-[Service]
-WatchdogSec=6s
-RestartSec=1s
-"""
-
-
-def collector_conf(backend: str, interval: str = "2s") -> str:
-    """/etc/gua/gua-collector.conf for the test."""
-    return f"[collector]\nbackend = {backend}\ninterval = {interval}\n"
-
-
-# ---------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def _duration(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Print how long the whole system test took (module setup to teardown)."""
-    started = time.monotonic()
-    yield
-    _log(request, f"[gua-systest] total system test duration: "
-                  f"{time.monotonic() - started:.1f} s")
-
-
-def _log(request: pytest.FixtureRequest, line: str) -> None:
-    """Write a progress line to the terminal, past pytest's output capture."""
-    plugins = request.config.pluginmanager
-    reporter = plugins.get_plugin("terminalreporter")
-    capture = plugins.get_plugin("capturemanager")
-    if reporter is None or capture is None:
-        print(line)
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.ensure_newline()
-        reporter.write_line(line)
-
-
-@pytest.fixture(scope="module")
-def host_ready() -> None:
-    """Skip unless this host can run the system test at all."""
-    if os.geteuid() != 0:
-        pytest.skip("system test needs root (debootstrap, systemd-nspawn, nsenter)")
-    missing = [t for t in ("systemd-nspawn", "debootstrap", "nsenter", "dpkg-deb")
-               if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"system test needs {', '.join(missing)} (apt install "
-                    "systemd-container debootstrap util-linux dpkg)")
-    if not Path("/proc/self/ns/pid").exists():
-        pytest.skip("no pid namespaces on this host")
-
-
-@pytest.fixture(scope="module")
-def debs(host_ready: None, request: pytest.FixtureRequest) -> list[Path]:
-    """The gua-collector and gua-report .debs, built with packaging/build.sh
-    when dist/ lacks them or they are older than the sources (or
-    GUA_SYSTEST_REBUILD is set). A failing build is a product failure."""
-
-    def newest(name: str) -> Path | None:
-        found = sorted(DIST.glob(f"{name}_*_all.deb"), key=lambda p: p.stat().st_mtime)
-        return found[-1] if found else None
-
-    def stale(deb: Path | None) -> bool:
-        """No deb, or a source file changed after it was built."""
-        if deb is None:
-            return True
-        built = deb.stat().st_mtime
-        for top in SOURCES:
-            for path in [top] if top.is_file() else top.rglob("*"):
-                if "__pycache__" not in path.parts and path.is_file() \
-                        and path.stat().st_mtime > built:
-                    return True
-        return False
-
-    wanted = ("gua-collector", "gua-report")
-    if os.environ.get("GUA_SYSTEST_REBUILD") or any(stale(newest(n)) for n in wanted):
-        script = REPO / "packaging" / "build.sh"
-        if not script.exists():
-            pytest.fail(f"{script} is missing and dist/ has no gua .debs; "
-                        "cannot install the product")
-        if shutil.which("dpkg-buildpackage") is None:
-            pytest.skip("dpkg-buildpackage missing (apt install dpkg-dev debhelper "
-                        "dh-python pybuild-plugin-pyproject) to build the .debs")
-        _log(request, f"[gua-systest] building packages: {script}")
-        started = time.monotonic()
-        result = subprocess.run(["bash", str(script)], cwd=REPO,
-                                env=dict(os.environ, GUA_DIST=str(DIST)),
-                                capture_output=True, text=True, timeout=600)
-        # Exit 3 means built but lintian complained: the packaging test's
-        # business, not a reason to skip running the packages here.
-        assert result.returncode in (0, 3), (
-            f"packaging/build.sh failed (exit {result.returncode}):\n"
-            f"{(result.stdout + result.stderr)[-4000:]}")
-        _log(request, f"[gua-systest] packages built in {time.monotonic() - started:.1f} s"
-                      + (" (lintian complained: see dist/lintian.txt)"
-                         if result.returncode == 3 else ""))
-    paths = [newest(n) for n in wanted]
-    assert all(paths), f"packaging/build.sh did not produce {wanted} in {DIST}: " \
-        f"{sorted(p.name for p in DIST.glob('*'))}"
-    return [p for p in paths if p is not None]
-
-
-@pytest.fixture(scope="module")
-def container(host_ready: None, debs: list[Path],
-              request: pytest.FixtureRequest) -> Iterator[nspawn.Container]:
-    """A freshly booted copy of the cached root; always powered off after."""
-    try:
-        extra = rootfs.deb_dependencies(debs)
-        cached = rootfs.cached_root(extra, log=lambda s: _log(request, s))
-    except rootfs.RootfsUnavailable as exc:
-        pytest.skip(f"cannot build the Debian root: {exc}")
-    for stale in rootfs.remove_stale_copies():
-        _log(request, f"[gua-systest] removed {stale} left by an aborted run")
-    root = rootfs.fresh_copy(cached)
-    box = nspawn.Container(root, root.with_name(root.name + ".console.log"))
-    # Belt and braces: should pytest die without running finalizers (e.g.
-    # a second Ctrl-C), the interpreter's exit still powers the container off.
-    atexit.register(box.shutdown)
-    try:
-        try:
-            started = time.monotonic()
-            state = box.boot()
-        except nspawn.BootFailed as exc:
-            pytest.skip(f"systemd-nspawn cannot boot a container here: {exc}")
-        _log(request, f"[gua-systest] container booted in "
-                      f"{time.monotonic() - started:.2f} s ({state})")
-        yield box
-    finally:
-        box.shutdown()
-        atexit.unregister(box.shutdown)
-        rootfs.remove_copy(root)
-        box.log_path.unlink(missing_ok=True)
-
-
-@pytest.fixture(scope="module")
-def installed(container: nspawn.Container, debs: list[Path]) -> nspawn.Container:
-    """The .debs installed with dpkg in the running container, the test
-    config in place, users admin1 (group gua) and outsider1 created."""
-    incoming = container.path("/root/gua-debs")
-    incoming.mkdir(parents=True, exist_ok=True)
-    for deb in debs:
-        shutil.copy2(deb, incoming / deb.name)
-    # The drop-in goes in first: it only shortens the watchdog.
-    dropin = container.path(DROPIN)
-    dropin.parent.mkdir(parents=True, exist_ok=True)
-    dropin.write_text(DROPIN_TEXT)
-    names = " ".join(f"/root/gua-debs/{d.name}" for d in debs)
-    result = container.run(f"DEBIAN_FRONTEND=noninteractive dpkg -i {names}", timeout=180)
-    if result.returncode != 0:
-        pytest.fail(f"dpkg -i of the gua packages failed in the container "
-                    f"(exit {result.returncode}):\n{result.stdout[-3000:]}\n"
-                    f"{result.stderr[-3000:]}")
-    container.path(CONF).write_text(collector_conf("simulate:lab"))
-    container.run(["systemctl", "daemon-reload"], check=True)
-    container.run(["useradd", "-m", "-G", "gua", ADMIN], check=True)
-    container.run(["useradd", "-m", OUTSIDER], check=True)
-    return container
-
-
-def db_facts(box: nspawn.Container) -> dict[str, Any]:
-    """integrity_check, tick count and the runs, read as root (read-only)."""
-    script = f"""
-import json, sqlite3
-con = sqlite3.connect("file:{DB}?mode=ro", uri=True)
-out = {{
-    "integrity": [r[0] for r in con.execute("PRAGMA integrity_check")],
-    "user_version": con.execute("PRAGMA user_version").fetchone()[0],
-    "ticks": con.execute("SELECT count(*) FROM tick").fetchone()[0],
-    "gpus": con.execute("SELECT count(*) FROM gpu WHERE parent_id IS NULL").fetchone()[0],
-    "runs": con.execute("SELECT run_id, backend, stopped_ms FROM run ORDER BY run_id").fetchall(),
-}}
-print(json.dumps(out))
-"""
-    result = box.run(["python3", "-"], input=script, check=True)
-    return json.loads(result.stdout)
-
-
-def journal(box: nspawn.Container, since: str | None = None) -> str:
-    """The collector's journal as text (optionally since a cursor-less time)."""
-    argv = ["journalctl", "-u", UNIT, "--no-pager", "-o", "short-precise"]
-    if since:
-        argv += ["--since", since]
-    return box.run(argv, check=True).stdout
-
-
-def service_state(box: nspawn.Container) -> dict[str, str]:
-    """The collector unit's properties the tests look at."""
-    return box.show(UNIT, "ActiveState", "SubState", "Type", "NRestarts", "Result",
-                    "ExecMainStatus", "MainPID", "StatusText")
 
 
 # ------------------------------------------------------------------- tests
