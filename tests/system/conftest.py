@@ -15,12 +15,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 import nspawn
+import pytest
 import rootfs
-from systest import (ADMIN, CONF, DIST, DROPIN, DROPIN_TEXT, OUTSIDER, REPO, SOURCES,
-                     collector_conf, log)
+from systest import ADMIN, CONF, DIST, DROPIN, DROPIN_TEXT, OUTSIDER, REPO, SOURCES, collector_conf, log
 
 
 @pytest.fixture(scope="module", autouse=True)

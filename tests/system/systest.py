@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import nspawn
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 # GUA_SYSTEST_DIST: take (or build) the .debs in another folder than dist/.

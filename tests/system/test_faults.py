@@ -25,11 +25,11 @@ import subprocess
 import time
 from typing import Any
 
-import pytest
-
 import nspawn
-from gua_collector.simulate import LATE_S
+import pytest
 from systest import ADMIN, CONF, DB, UNIT, collector_conf, db_facts, journal, log
+
+from gua_collector.simulate import LATE_S
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 

@@ -31,11 +31,9 @@ import re
 import time
 from pathlib import Path
 
-import pytest
-
 import nspawn
-from systest import (ADMIN, CONF, DB, OUTSIDER, PERMISSION_DENIED_EXIT, UNIT, collector_conf,
-                     db_facts, journal, service_state)
+import pytest
+from systest import ADMIN, CONF, DB, OUTSIDER, PERMISSION_DENIED_EXIT, UNIT, collector_conf, db_facts, journal, service_state
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
