@@ -68,6 +68,10 @@ FROM classified
 GROUP BY hour, gpu_id
 """
 # Shared by the account and unit rollups: one row per holder per GPU per tick.
+# A held tick is exactly one of idle-held (every sm_util known, sum below
+# :active), busy (every sm_util known, sum at or above it) or SM unknown (some
+# sm_util NULL: MIG, NVML NOT_SUPPORTED). Busy time is held - idle_held -
+# sm_unknown; counting unknown SM as busy would hide an idle holder.
 _HOLDERS = """
 WITH t AS (
     SELECT tick_id, duration_ms AS d, ts_ms / 3600000 AS hour
@@ -90,16 +94,30 @@ SELECT hour, gpu_id, account_id, {select_unit}
        sum(d),
        sum(CASE WHEN sm_unknown = 0 AND sm * 10 < :active THEN d ELSE 0 END),
        sum(mem * d),
-       sum(CASE WHEN mem_unknown THEN d ELSE 0 END)
+       sum(CASE WHEN mem_unknown THEN d ELSE 0 END),
+       sum(CASE WHEN sm_unknown THEN d ELSE 0 END)
 FROM per
 WHERE mem_unknown OR mem * 1048576 > :held
 GROUP BY hour, gpu_id, account_id {group_unit}
 """
-ROLLUP_ACCOUNT = "INSERT INTO hour_account " + _HOLDERS.format(
-    unit="''", where="", select_unit="", group_unit=""
+_ACCOUNT_COLUMNS = "hour, gpu_id, account_id, held_ms, idle_held_ms, mem_mib_ms, unknown_mem_ms, sm_unknown_ms"
+_UNIT_COLUMNS = "hour, gpu_id, account_id, unit, held_ms, idle_held_ms, mem_mib_ms, unknown_mem_ms, sm_unknown_ms"
+_ACCOUNT_SELECT = _HOLDERS.format(unit="''", where="", select_unit="", group_unit="")
+_UNIT_SELECT = _HOLDERS.format(unit="p.unit", where="AND p.unit != ''", select_unit="unit,", group_unit=", unit")
+ROLLUP_ACCOUNT = f"INSERT INTO hour_account ({_ACCOUNT_COLUMNS}){_ACCOUNT_SELECT}"
+ROLLUP_UNIT = f"INSERT INTO hour_unit ({_UNIT_COLUMNS}){_UNIT_SELECT}"
+
+# --- schema 1 -> 2: sm_unknown_ms of hours rolled up before it existed --------------
+# The same classification, setting only sm_unknown_ms of the rows already there:
+# the other columns are left exactly as written. (The SELECT's WHERE clause
+# keeps SQLite from reading ON CONFLICT as a join constraint.)
+BACKFILL_ACCOUNT = (
+    ROLLUP_ACCOUNT
+    + "ON CONFLICT (hour, gpu_id, account_id) DO UPDATE SET sm_unknown_ms = excluded.sm_unknown_ms\n"
 )
-ROLLUP_UNIT = "INSERT INTO hour_unit " + _HOLDERS.format(
-    unit="p.unit", where="AND p.unit != ''", select_unit="unit,", group_unit=", unit"
+BACKFILL_UNIT = (
+    ROLLUP_UNIT
+    + "ON CONFLICT (hour, gpu_id, account_id, unit) DO UPDATE SET sm_unknown_ms = excluded.sm_unknown_ms\n"
 )
 
 
@@ -122,14 +140,9 @@ class Rollups:
         self._conn.execute(UPSERT_META, (key, value))
 
     def _load(self) -> None:
-        def meta(key: str) -> str | None:
-            row = self._conn.execute(SELECT_META, (key,)).fetchone()
-            return None if row is None else str(row[0])
-
-        next_hour = meta("rollup_next_hour")
+        next_hour = _meta(self._conn, "rollup_next_hour")
         self._next = int(next_hour) if next_hour is not None else None
-        self._active = int(meta("rollup_active_permille") or schema.ROLLUP_ACTIVE_PERMILLE)
-        self._held = int(meta("rollup_held_bytes") or schema.ROLLUP_HELD_BYTES)
+        self._active, self._held = _thresholds(self._conn)
         self._loaded = True
 
     def before(self, hour: int) -> None:
@@ -157,3 +170,38 @@ class Rollups:
             self._conn.execute(statement, {"lo": params["lo"], "hi": params["hi"]})
         for statement in (ROLLUP_GPU, ROLLUP_ACCOUNT, ROLLUP_UNIT):
             self._conn.execute(statement, params)
+
+
+def backfill_sm_unknown(conn: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: fill sm_unknown_ms of the rolled-up hours whose raw rows all remain.
+
+    Earlier hours keep 0, which there means "not recorded"; meta
+    `sm_unknown_since_hour` tells readers where the column starts to count.
+    Runs inside ensure_schema's transaction: a kill leaves schema 1 untouched.
+    """
+    # Retention deletes whole ticks, oldest first, below raw_pruned_before_ms:
+    # the hour holding that instant may have lost some, every later hour has
+    # them all. (Only a wall clock set back between two prunes could make the
+    # meta value smaller than an earlier cut; the hour above it would then get
+    # too small an sm_unknown_ms, and still never a changed held_ms.)
+    pruned = _meta(conn, "raw_pruned_before_ms")
+    first = -(-int(pruned) // HOUR_MS) if pruned else 0
+    next_hour = _meta(conn, "rollup_next_hour")
+    if next_hour is not None and int(next_hour) > first:
+        active, held = _thresholds(conn)
+        params = {"lo": first * HOUR_MS, "hi": int(next_hour) * HOUR_MS, "active": active, "held": held}
+        for statement in (BACKFILL_ACCOUNT, BACKFILL_UNIT):
+            conn.execute(statement, params)
+    conn.execute(UPSERT_META, ("sm_unknown_since_hour", str(first)))
+
+
+def _meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute(SELECT_META, (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _thresholds(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(active permille, held bytes) the rollups are classified with."""
+    active = int(_meta(conn, "rollup_active_permille") or schema.ROLLUP_ACTIVE_PERMILLE)
+    held = int(_meta(conn, "rollup_held_bytes") or schema.ROLLUP_HELD_BYTES)
+    return active, held

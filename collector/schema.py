@@ -7,9 +7,10 @@ file is the human contract and tests/test_contract.py holds both sides to it.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 
 # PRAGMA user_version. Bump it and add a step to MIGRATIONS for every change.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Written into meta so the reporter can tell a gua DB from any other SQLite file.
 APPLICATION = "gua"
@@ -32,6 +33,7 @@ KIND_GRAPHICS = 2
 # tick. Its owner's verdict needs that work; it holds nothing.
 KIND_EXITED = 4
 
+# Schema 1 (gua 0.1.0), as released: never edit it, add a migration instead.
 _V1 = """
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
@@ -172,8 +174,28 @@ CREATE TABLE hour_unit (
 ) WITHOUT ROWID;
 """
 
-# MIGRATIONS[n] takes a database at version n to n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1}
+# Schema 2: time an account (or unit) held a GPU while the SM use of one of its
+# processes was unknown (MIG, NVML NOT_SUPPORTED). Schema 1 counted that time
+# as held and not idle, so an idle holder on such a GPU looked busy.
+_V2 = """
+ALTER TABLE hour_account ADD COLUMN sm_unknown_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hour_unit ADD COLUMN sm_unknown_ms INTEGER NOT NULL DEFAULT 0;
+"""
+
+
+def _v1_to_v2(conn: sqlite3.Connection) -> None:
+    _execute_script(conn, _V2)
+    # Imported here: rollup imports this module for the thresholds.
+    from . import rollup
+
+    rollup.backfill_sm_unknown(conn)
+
+
+# A migration is DDL, or a function for steps that must also rewrite data.
+Migration = str | Callable[[sqlite3.Connection], None]
+
+# MIGRATIONS[n] takes a database at version n to n + 1; a new database runs them all.
+MIGRATIONS: dict[int, Migration] = {0: _V1, 1: _v1_to_v2}
 
 
 class SchemaError(Exception):
@@ -218,9 +240,11 @@ def ensure_schema(conn: sqlite3.Connection, created_ms: int) -> int:
         elif not is_gua(conn):
             raise SchemaError("database has a user_version but is not a gua database")
         for step in range(version, SCHEMA_VERSION):
-            # executescript would COMMIT; run statements one by one instead.
-            for statement in _statements(MIGRATIONS[step]):
-                conn.execute(statement)
+            migration = MIGRATIONS[step]
+            if isinstance(migration, str):
+                _execute_script(conn, migration)
+            else:
+                migration(conn)
         if version == 0:
             conn.executemany(
                 "INSERT INTO meta (key, value) VALUES (?, ?)",
@@ -237,6 +261,12 @@ def ensure_schema(conn: sqlite3.Connection, created_ms: int) -> int:
         conn.execute("ROLLBACK")
         raise
     return SCHEMA_VERSION
+
+
+def _execute_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run DDL inside the open transaction (executescript would COMMIT first)."""
+    for statement in _statements(script):
+        conn.execute(statement)
 
 
 def _statements(script: str) -> list[str]:

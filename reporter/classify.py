@@ -153,17 +153,25 @@ class Identity:
     uid: int | None
     unit: str  # '' for the per-user rows
     held_ms: int = 0
-    idle_held_ms: int = 0
+    idle_held_ms: int = 0  # held with every sm_util known and their sum below the threshold
     mem_mib_ms: int = 0
     unknown_mem_ms: int = 0
+    sm_unknown_ms: int = 0  # held with some sm_util unknown: neither idle-held nor busy
+    sm_unrecorded_ms: int = 0  # held before the database records SM-unknown time
     gpu_ids: set[int] = field(default_factory=set)
 
-    def add_row(self, gpu_id: int, values: Sequence[int]) -> None:
-        self.held_ms += values[0] or 0
-        self.idle_held_ms += values[1] or 0
-        self.mem_mib_ms += values[2] or 0
-        self.unknown_mem_ms += values[3] or 0
+    def add_row(self, gpu_id: int, values: Sequence[int | None]) -> None:
+        """Add one query row's columns in query.IDENTITY_COLUMNS order."""
+        for name, v in zip(query.IDENTITY_COLUMNS, values):
+            setattr(self, name, getattr(self, name) + (v or 0))
         self.gpu_ids.add(gpu_id)
+
+    @property
+    def sm_all_unknown(self) -> bool:
+        """Idle-held is unknown, not 0: SM use was unknown whenever it was recorded,
+        and no held tick is known to have idled."""
+        return (self.sm_unknown_ms > 0 and self.idle_held_ms == 0
+                and self.sm_unknown_ms + self.sm_unrecorded_ms == self.held_ms)
 
     @property
     def mem_gb_hours(self) -> float:
@@ -220,6 +228,9 @@ class Report:
     runs: list[RunInfo]
     host_errors: list[ErrorSummary]  # events with no GPU (init_failed, db_error)
     warnings: list[str]
+    # SM-unknown time is recorded for ticks from this instant on (an hour
+    # boundary; 0: always). Rollups older than schema 2 do not record it.
+    sm_since_ms: int = 0
 
     @property
     def window_ms(self) -> int:
@@ -232,6 +243,16 @@ class Report:
     @property
     def energy_gpus(self) -> list[GpuReport]:
         return [g for g in self.physical if g.totals.has_energy]
+
+    @property
+    def sm_unknown_users(self) -> list[Identity]:
+        """Listed users with held time whose per-process SM was unknown."""
+        return [i for i in self.users if i.sm_unknown_ms]
+
+    @property
+    def sm_recorded_since_ms(self) -> int | None:
+        """Where SM-unknown recording starts inside the window; None: all of it records it."""
+        return self.sm_since_ms if self.sm_since_ms > self.options.since_ms else None
 
 
 # ---------------------------------------------------------------- planning
@@ -367,7 +388,8 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
         if not g.is_mig:
             headline.add(g.totals)
 
-    users, units = _identities(conn, plan, opts, gpu_ids)
+    sm_since_ms = sm_recorded_since(meta, schema_version)
+    users, units = _identities(conn, plan, opts, gpu_ids, sm_since_ms, schema_version >= 2)
     first, last_ts = query.first_last_tick(conn, since, until)
     holes, holes_total = _holes(conn, plan, since, until)
     gap_rows = query.gap_events(conn, since, until, GAP_EVENTS_KEPT)
@@ -391,11 +413,29 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
         runs=runs,
         host_errors=[e for e in errors if e.gpu_id is None],
         warnings=warnings,
+        sm_since_ms=sm_since_ms,
     )
 
 
+def sm_recorded_since(meta: dict[str, str], schema_version: int) -> int:
+    """The instant (an hour boundary) from which the database records SM-unknown time.
+
+    Schema 2 says so in meta (hours whose raw rows were pruned before the
+    upgrade cannot know). Schema 1 has no column: its rolled-up hours do not
+    record it, later hours are classified from raw rows. The raw path counts
+    from the same instant, so both paths give the same numbers.
+    """
+    key = "sm_unknown_since_hour" if schema_version >= 2 else "rollup_next_hour"
+    try:
+        hour = int(meta.get(key, meta.get("rollup_next_hour", "0")))
+    except ValueError:
+        hour = 0
+    return max(hour, 0) * HOUR_MS
+
+
 def _identities(
-    conn: sqlite3.Connection, plan: Plan, opts: Options, gpu_ids: list[int] | None
+    conn: sqlite3.Connection, plan: Plan, opts: Options, gpu_ids: list[int] | None,
+    sm_since_ms: int, has_sm_unknown: bool,
 ) -> tuple[list[Identity], list[Identity]]:
     names = query.accounts(conn)
     wanted = {u.strip() for u in opts.users}
@@ -411,9 +451,11 @@ def _identities(
         acc: dict[tuple[int, str], Identity] = {}
         parts = []
         if plan.h1 > plan.h0:
-            parts.append(query.identity_rollup(conn, plan.h0, plan.h1, gpu_ids, by_unit))
+            parts.append(query.identity_rollup(conn, plan.h0, plan.h1, gpu_ids, by_unit,
+                                               sm_since_ms, has_sm_unknown))
         for lo, hi in plan.raw_ranges:
-            parts.append(query.identity_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids, by_unit))
+            parts.append(query.identity_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids,
+                                            by_unit, sm_since_ms))
         for rows in parts:
             for gpu_id, account_id, unit, *values in rows:
                 if not keep(account_id):

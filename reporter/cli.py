@@ -17,6 +17,7 @@ from . import __version__
 from .classify import Options, build
 from .errors import EXIT_TABLE, Exit, ReportError
 from .opendb import open_readonly
+from .render_json import FORMAT_VERSION
 from .window import WindowError, parse_bytes, parse_instant, parse_percent_permille, zone
 
 DEFAULT_DB = "/var/lib/gua/gua.db"
@@ -37,7 +38,7 @@ def _epilog() -> str:
         "(or memory NVML cannot report), else truly idle. The database is opened\n"
         "read-only; reading it needs membership of the group that owns it.\n\n"
         f"exit codes:\n{codes}\n\n"
-        "JSON and CSV output are a versioned contract (format_version 1), documented\n"
+        f"JSON and CSV output are a versioned contract (format_version {FORMAT_VERSION}), documented\n"
         "in JSON.md beside the gua_report package sources."
     )
 

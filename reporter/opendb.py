@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from .errors import Exit, ReportError
 
-SCHEMA_VERSION = 1  # the newest gua schema this reporter understands
+SCHEMA_VERSION = 2  # the newest gua schema this reporter understands
 APPLICATION = "gua"
 _MAGIC = b"SQLite format 3\x00"
 

@@ -24,7 +24,10 @@ STATE_COLUMNS = (
     "ticks", "total_ms", "active_ms", "held_ms", "idle_ms", "unknown_ms",
     "coverage_pm_ms", "energy_active_mj", "energy_held_mj", "energy_idle_mj",
 )
-IDENTITY_COLUMNS = ("held_ms", "idle_held_ms", "mem_mib_ms", "unknown_mem_ms")
+# Columns of an identity aggregate after (gpu_id, account_id, unit).
+IDENTITY_COLUMNS = (
+    "held_ms", "idle_held_ms", "mem_mib_ms", "unknown_mem_ms", "sm_unknown_ms", "sm_unrecorded_ms",
+)
 
 
 # ---------------------------------------------------------------- helpers
@@ -170,15 +173,19 @@ def gpu_state_rollup(
 
 def identity_raw(
     conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
-    gpu_ids: Sequence[int] | None, by_unit: bool,
+    gpu_ids: Sequence[int] | None, by_unit: bool, sm_since_ms: int = 0,
 ) -> list[tuple]:
     """Per-account (or per account+unit) use of each GPU, from raw rows.
 
-    Rows: (gpu_id, account_id, unit, held_ms, idle_held_ms, mem_mib_ms,
-    unknown_mem_ms). The inner GROUP BY makes an account count once per GPU
-    and tick however many processes it has there; only compute processes
-    count. Idle-held needs every sm_util known and their sum below the
-    active threshold, whatever the card as a whole did.
+    Rows: (gpu_id, account_id, unit, *IDENTITY_COLUMNS). The inner GROUP BY
+    makes an account count once per GPU and tick however many processes it
+    has there; only compute processes count. A held tick is idle-held (every
+    sm_util known, their sum below the active threshold, whatever the card as
+    a whole did), busy (all known, at or above it) or SM unknown (any NULL).
+
+    SM-unknown time counts only from `sm_since_ms` on: before it the rollups
+    do not record it (schema 1), and both paths must give the same numbers;
+    held time before it is returned as `sm_unrecorded_ms` instead.
     """
     unit_col = "p.unit" if by_unit else "''"
     unit_where = " AND p.unit != ''" if by_unit else ""
@@ -187,11 +194,14 @@ def identity_raw(
                sum(d),
                sum(CASE WHEN NOT sm_null AND sm * 10 < :active THEN d ELSE 0 END),
                sum(mem * d),
-               sum(CASE WHEN mem_null THEN d ELSE 0 END)
+               sum(CASE WHEN mem_null THEN d ELSE 0 END),
+               sum(CASE WHEN sm_null AND ts >= :sm_since THEN d ELSE 0 END),
+               sum(CASE WHEN ts < :sm_since THEN d ELSE 0 END)
         FROM (
             SELECT ps.gpu_id AS gpu_id,
                    p.account_id AS account_id,
                    {unit_col} AS unit,
+                   t.ts_ms AS ts,
                    t.duration_ms AS d,
                    count(*) > count(ps.mem_mib) AS mem_null,
                    coalesce(sum(ps.mem_mib), 0) AS mem,
@@ -207,22 +217,31 @@ def identity_raw(
         WHERE mem_null OR mem * 1048576 > :held
         GROUP BY gpu_id, account_id, unit
     """
-    return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes}).fetchall()
+    return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes,
+                              "sm_since": sm_since_ms}).fetchall()
 
 
 def identity_rollup(
     conn: sqlite3.Connection, h0: int, h1: int, gpu_ids: Sequence[int] | None, by_unit: bool,
+    sm_since_ms: int = 0, has_sm_unknown: bool = True,
 ) -> list[tuple]:
-    """The same rows from hour_account / hour_unit for whole UTC hours [h0, h1)."""
+    """The same rows from hour_account / hour_unit for whole UTC hours [h0, h1).
+
+    `has_sm_unknown` False: a schema 1 database, without the column (then
+    `sm_since_ms` is at or after h1, so no hour reads it).
+    """
     table, unit_col = ("hour_unit", "unit") if by_unit else ("hour_account", "''")
+    sm_col = "sm_unknown_ms" if has_sm_unknown else "0"
     sql = f"""
         SELECT gpu_id, account_id, {unit_col} AS unit,
-               sum(held_ms), sum(idle_held_ms), sum(mem_mib_ms), sum(unknown_mem_ms)
+               sum(held_ms), sum(idle_held_ms), sum(mem_mib_ms), sum(unknown_mem_ms),
+               sum(CASE WHEN hour >= :sm_since / {HOUR_MS} THEN {sm_col} ELSE 0 END),
+               sum(CASE WHEN hour < :sm_since / {HOUR_MS} THEN held_ms ELSE 0 END)
         FROM {table}
         WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}
         GROUP BY gpu_id, account_id, unit
     """
-    return conn.execute(sql, {"h0": h0, "h1": h1}).fetchall()
+    return conn.execute(sql, {"h0": h0, "h1": h1, "sm_since": sm_since_ms}).fetchall()
 
 
 # ---------------------------------------------------------------- coverage of time

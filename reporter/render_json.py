@@ -15,7 +15,9 @@ from . import __version__
 from .classify import GpuReport, Identity, Report, StateTotals
 from .window import HOUR_MS, iso_utc
 
-FORMAT_VERSION = 1
+# 2: identities gained sm_unknown_ms: held time with SM unknown is no longer
+# implied busy (held_ms - idle_held_ms), see JSON.md.
+FORMAT_VERSION = 2
 WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 
@@ -91,10 +93,14 @@ def _identity(i: Identity, uuid_of: dict[int, str]) -> dict[str, Any]:
         "idle_held_ms": i.idle_held_ms,
         "mem_mib_ms": i.mem_mib_ms,
         "unknown_mem_ms": i.unknown_mem_ms,
+        "sm_unknown_ms": i.sm_unknown_ms,
+        "sm_unrecorded_ms": i.sm_unrecorded_ms,
         "held_gpu_hours": _hours(i.held_ms),
         "idle_held_gpu_hours": _hours(i.idle_held_ms),
+        "sm_unknown_gpu_hours": _hours(i.sm_unknown_ms),
         "mem_gb_hours": round(i.mem_gb_hours, 4),
         "memory_unknown": i.unknown_mem_ms > 0,
+        "sm_unknown": i.sm_unknown_ms > 0,
         "gpus": sorted(uuid_of.get(g, str(g)) for g in i.gpu_ids),
     })
     return d
@@ -174,6 +180,10 @@ def to_dict(rep: Report) -> dict[str, Any]:
         "data_quality": {
             "utilization_coverage": _r(h.coverage),
             "unknown_ms": h.unknown_ms,
+            "sm_unknown_ms": sum(i.sm_unknown_ms for i in rep.users),
+            "sm_unknown_users": len(rep.sm_unknown_users),
+            "sm_recorded_since_ms": rep.sm_recorded_since_ms,
+            "sm_unrecorded_ms": sum(i.sm_unrecorded_ms for i in rep.users),
             "gap_events": [
                 {"start_ms": g.start_ms, "end_ms": g.end_ms, "run_id": g.run_id, "detail": g.detail}
                 for g in rep.gap_events

@@ -124,13 +124,18 @@ def render(rep: Report, colour: bool = False) -> str:
     if not rep.users:
         add("  no process held a GPU in this window" + (" (for the selected users)" if o.users else ""))
     else:
-        _identity_table(add, rep.users, "user")
+        # The SM-unknown column costs the name column 4 characters: shown only when needed.
+        sm_col = any(i.sm_unknown_ms for i in rep.users[:TOP_N] + rep.units[:TOP_N])
+        _identity_table(add, rep.users, "user", sm_col)
         if rep.units:
             add("")
-            _identity_table(add, rep.units, "unit (user)")
+            _identity_table(add, rep.units, "unit (user)", sm_col)
         if any(i.unknown_mem_ms for i in rep.users + rep.units):
             add("  * memory not reported by NVML for part of the time: counted as held,")
             add("    not included in GB-h")
+        if sm_col:
+            add("  SM ?: share of held time with per-process SM unknown (MIG, unsupported),")
+            add("    counted neither idle-held nor busy; ? = SM never known: idle-held unknown")
 
     # 5. Heatmap
     section(f"ACTIVE SHARE BY WEEKDAY AND HOUR ({o.tz_name}; tens of %, blank = no data)")
@@ -180,6 +185,17 @@ def render(rep: Report, colour: bool = False) -> str:
         add(f"  first sample in window: {fmt_local(rep.first_tick_ms, tz)} (no data before)")
     if h.unknown_ms:
         add(f"  unknown: {_h(h.unknown_ms)} GPU-h (NVML errors, lost GPUs, util not supported)")
+    sm_users = rep.sm_unknown_users
+    if sm_users:
+        n = len(sm_users)
+        add(f"  per-process SM unknown: {_h(sum(i.sm_unknown_ms for i in sm_users))} GPU-h held by "
+            f"{n} user{'s' if n != 1 else ''} (MIG, unsupported);")
+        add("    their idle-held is a lower bound")
+    unrecorded = sum(i.sm_unrecorded_ms for i in rep.users)
+    if rep.sm_recorded_since_ms is not None and unrecorded:
+        add(f"  SM-unknown time not recorded before {fmt_local(rep.sm_recorded_since_ms, tz)} "
+            "(schema 1 rollups):")
+        add(f"    idle-held of the {_h(unrecorded)} GPU-h held before then is a lower bound")
     if rep.holes_total or rep.gap_events_total:
         add(f"  gaps: {rep.holes_total} stretch(es) >= {HOLE_MIN_MS // 60000} min without ticks, "
             f"{rep.gap_events_total} gap event(s)")
@@ -222,16 +238,30 @@ def _size(b: int) -> str:
     return f"{b} B"
 
 
-def _identity_table(add, rows: list[Identity], label: str) -> None:
-    add(f"  {label:<33} {'GPU-h held':>10} {'idle-held':>10} {'idle %':>6} {'GB-h mem':>10} {'GPUs':>4}")
+def _identity_table(add, rows: list[Identity], label: str, sm_col: bool = False) -> None:
+    # 80 columns either way: the SM ? column (6) takes 4 from the name and 1
+    # each from idle-held and GB-h mem.
+    name_w, idle_w, mem_w = (29, 9, 8) if sm_col else (33, 10, 9)
+    sm_head = f" {'SM ?':>5}" if sm_col else ""
+    add(f"  {label:<{name_w}} {'GPU-h held':>10} {'idle-held':>{idle_w}} {'idle %':>6}{sm_head} "
+        f"{'GB-h mem':>{mem_w + 1}} {'GPUs':>4}")
     for i in rows[:TOP_N]:
         # Container ids are 64 hex digits; 12 identify them, as `docker ps` shows.
         unit = re.sub(r"([0-9a-f]{12})[0-9a-f]{4,}", r"\1", i.unit)
         name = f"{unit} ({i.user})" if i.unit else i.user
         flag = "*" if i.unknown_mem_ms else " "
-        idle_pct = i.idle_held_ms / i.held_ms * 100 if i.held_ms else 0.0
-        add(f"  {_cut(name, 33):<33} {_h(i.held_ms):>10} {_h(i.idle_held_ms):>10} "
-            f"{idle_pct:5.0f}% {i.mem_gb_hours:>9.1f}{flag} {len(i.gpu_ids):>4}")
+        if i.sm_all_unknown:
+            # Nothing says whether it idled: 0 would read as "busy all the time".
+            idle, idle_pct = "?", "?"
+        else:
+            idle = _h(i.idle_held_ms)
+            idle_pct = f"{i.idle_held_ms / i.held_ms * 100 if i.held_ms else 0.0:5.0f}%"
+        sm = ""
+        if sm_col:
+            share = i.sm_unknown_ms / i.held_ms if i.held_ms else 0.0
+            sm = " " + ("-" if not i.sm_unknown_ms else "<1%" if share < 0.005 else f"{share * 100:.0f}%").rjust(5)
+        add(f"  {_cut(name, name_w):<{name_w}} {_h(i.held_ms):>10} {idle:>{idle_w}} "
+            f"{idle_pct:>6}{sm} {i.mem_gb_hours:>{mem_w}.1f}{flag} {len(i.gpu_ids):>4}")
     if len(rows) > TOP_N:
         rest = rows[TOP_N:]
         add(f"  ... {len(rest)} more, {_h(sum(i.held_ms for i in rest))} GPU-h held")

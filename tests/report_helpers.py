@@ -166,13 +166,19 @@ def sim_ticks(start_ms: int, end_ms: int, interval_ms: int, scenario: str = "lab
 
     Each card's workload gives device util and processes at simulated time t;
     the tick's duration is the interval (plus a deterministic few ms of
-    jitter, as a real loop measures), the first tick covers no time.
+    jitter, as a real loop measures), the first tick covers no time. A MIG
+    card reports as NVML does: util unknown on the parent and its instances,
+    processes only on the instances, their SM unknown.
     """
     from gua_collector import records, simulate
     from gua_collector.procinfo import unit_from_cgroup
 
-    cards = simulate.SCENARIOS[scenario]()
-    infos = [records.GpuInfo(c.uuid, n, c.name, c.memory_mib * 1_048_576) for n, c in enumerate(cards)]
+    # (GPU, its workload, whether util and per-process SM are known), parents first
+    devices: list[tuple[records.GpuInfo, simulate.SimGpu, bool]] = []
+    for n, c in enumerate(simulate.SCENARIOS[scenario]()):
+        devices.append((records.GpuInfo(c.uuid, n, c.name, c.memory_mib * 1_048_576), c, not c.mig))
+        devices += [(records.GpuInfo(m.uuid, n, m.name, m.memory_mib * 1_048_576, c.uuid, slot), m, False)
+                    for slot, m in enumerate(c.mig)]
     pinfo: dict[tuple[int, int], records.ProcessInfo] = {}
     energy_mw = 70_000
     n = 0
@@ -182,10 +188,10 @@ def sim_ticks(start_ms: int, end_ms: int, interval_ms: int, scenario: str = "lab
         d = 0 if prev_ts is None else ts - prev_ts
         first = prev_ts is None
         gpus = []
-        for info, card in zip(infos, cards):
+        for info, card, known in devices:
             util, procs = card.workload(ts)
             ps = []
-            for sp in procs:
+            for sp in procs if not card.mig else ():
                 key = (sp.pid, sp.start_ms)
                 pi = pinfo.get(key)
                 if pi is None:
@@ -193,11 +199,15 @@ def sim_ticks(start_ms: int, end_ms: int, interval_ms: int, scenario: str = "lab
                         sp.pid, sp.start_ms, simulate.USERS.get(sp.user), sp.user, sp.comm, sp.cgroup,
                         unit_from_cgroup(sp.cgroup))
                 ps.append(records.ProcSample(pi, sp.kind, sp.mem_mib,
-                                             sp.sm if sp.kind & schema.KIND_COMPUTE else None))
-            power = energy_mw + util * 5_000
-            gpus.append(records.GpuSample(
-                info, 0, util * 10, 1000 if not first else 0, sum(p.mem_mib or 0 for p in ps),
-                power, power * d // 1000, tuple(ps)))
+                                             sp.sm if known and sp.kind & schema.KIND_COMPUTE else None))
+            if known:
+                power = energy_mw + util * 5_000
+                gpus.append(records.GpuSample(
+                    info, 0, util * 10, 1000 if not first else 0, sum(p.mem_mib or 0 for p in ps),
+                    power, power * d // 1000, tuple(ps)))
+            else:
+                gpus.append(records.GpuSample(info, 0, None, None, sum(p.mem_mib or 0 for p in ps),
+                                              procs=tuple(ps)))
         yield records.Tick(ts, d, tuple(gpus))
         prev_ts = ts
         n += 1

@@ -39,7 +39,7 @@ def report(path: str, *args: str) -> dict:
 
 
 def classify_here(path: str) -> tuple[dict, dict]:
-    """Per-GPU state ms and per-user (held, idle_held, mem_mib_ms, unknown_mem_ms), by hand."""
+    """Per-GPU state ms and per-user (held, idle_held, mem_mib_ms, unknown_mem_ms, sm_unknown), by hand."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     dur = dict(conn.execute("SELECT tick_id, duration_ms FROM tick"))
     procs = defaultdict(list)
@@ -62,7 +62,7 @@ def classify_here(path: str) -> tuple[dict, dict]:
         g[state] += d
         g["total"] += d
         g["ticks"] += 1
-    users: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    users: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
     for (tick_id, _gpu_id), plist in procs.items():
         d = dur[tick_id]
         per = defaultdict(list)
@@ -76,7 +76,10 @@ def classify_here(path: str) -> tuple[dict, dict]:
                 continue
             u = users[user]
             u[0] += d
-            if all(s is not None for _, s in rows) and sum(s for _, s in rows) * 10 < A:
+            # exactly one of: SM unknown, idle-held, busy
+            if any(s is None for _, s in rows):
+                u[4] += d
+            elif sum(s for _, s in rows) * 10 < A:
                 u[1] += d
             u[2] += mem * d
             u[3] += d if mem_null else 0
@@ -103,8 +106,9 @@ def test_lab_read_back(lab):
 
     from gua_collector import schema
     from gua_report import opendb
+    from gua_report.render_json import FORMAT_VERSION
 
-    assert rep["format_version"] == 1
+    assert rep["format_version"] == FORMAT_VERSION == 2
     assert version == schema.SCHEMA_VERSION == opendb.SCHEMA_VERSION == rep["database"]["schema_version"]
     assert n_ticks == 360
     assert len(rep["gpus"]) == n_gpus == 4
@@ -132,19 +136,27 @@ def test_lab_classification_matches_schema_rules(lab):
         mine = gpus[g["uuid"]]
         assert (g["active_ms"], g["idle_held_ms"], g["idle_ms"], g["unknown_ms"]) == (
             mine["active"], mine["idle_held"], mine["idle"], mine["unknown"]), g["uuid"]
-    got = {u["user"]: [u["held_ms"], u["idle_held_ms"], u["mem_mib_ms"], u["unknown_mem_ms"]]
-           for u in rep["identities"]["users"]}
-    assert got == {k: v for k, v in users.items() if v[0] > 0}
+    assert got_users(rep) == {k: v for k, v in users.items() if v[0] > 0}
+    assert all(u["sm_unknown_ms"] == 0 for u in rep["identities"]["users"])  # lab: SM always known
 
 
-def test_rollups_of_the_collector_match_raw(tmp_path):
+def got_users(rep: dict) -> dict[str, list[int]]:
+    return {u["user"]: [u["held_ms"], u["idle_held_ms"], u["mem_mib_ms"], u["unknown_mem_ms"],
+                        u["sm_unknown_ms"]]
+            for u in rep["identities"]["users"]}
+
+
+@pytest.mark.parametrize("scenario", ["lab", "mig"])
+def test_rollups_of_the_collector_match_raw(tmp_path, scenario):
     path = str(tmp_path / "half.db")
-    collect(path, "lab", start="2024-01-01T07:30")  # 07:30..08:29:50: hour 7 gets rolled up
+    collect(path, scenario, start="2024-01-01T07:30")  # 07:30..08:29:50: hour 7 gets rolled up
     a = report(path)
     b = report(path, "--no-rollups")
     assert a["source"]["rollup_hours"] == 1
     del a["source"], b["source"]
     assert a == b
+    if scenario == "mig":
+        assert a["data_quality"]["sm_unknown_ms"] > 0
 
 
 def test_mig_read_back(tmp_path):
@@ -158,7 +170,15 @@ def test_mig_read_back(tmp_path):
     # MIG instances are not in the headline; their utilization is unknown, not 0
     assert rep["headline"]["total_ms"] == sum(p["total_ms"] for p in phys)
     assert all(m["unknown_ms"] == m["total_ms"] for m in mig)
-    gpus, users = classify_here(path)
-    got = {u["user"]: [u["held_ms"], u["idle_held_ms"], u["mem_mib_ms"], u["unknown_mem_ms"]]
-           for u in rep["identities"]["users"]}
-    assert got == {k: v for k, v in users.items() if v[0] > 0}
+    _, users = classify_here(path)
+    assert got_users(rep) == {k: v for k, v in users.items() if v[0] > 0}
+    # alice trains and bob idles on MIG instances: NVML gives no per-process SM
+    # there, so their held time is SM unknown, never "not idle"
+    by_user = {u["user"]: u for u in rep["identities"]["users"]}
+    for name in ("alice", "bob"):
+        u = by_user[name]
+        assert u["held_ms"] > 0 and u["sm_unknown_ms"] == u["held_ms"] and u["idle_held_ms"] == 0
+    dq = rep["data_quality"]
+    assert dq["sm_unknown_users"] == 2
+    assert dq["sm_unknown_ms"] == by_user["alice"]["held_ms"] + by_user["bob"]["held_ms"]
+    assert dq["sm_recorded_since_ms"] is None

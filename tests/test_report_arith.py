@@ -20,6 +20,7 @@ GPUs and what they do:
   g3  carol with memory NVML cannot report (NULL): held and flagged
   g4  idle in run 1, lost (status 2) in run 2
   g5  MIG parent (util not supported) with MIG instance g6 (slot 0): carol 5000 MiB, sm NULL
+      (held, SM unknown: neither idle-held nor busy)
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def by_index(rep: dict) -> dict:
 
 def test_headline(rep):
     h = rep["headline"]
-    assert rep["format_version"] == 1
+    assert rep["format_version"] == 2
     assert h["ticks"] == 6 * 15  # physical GPUs only; the MIG instance is not in the headline
     assert h["total_ms"] == 6 * 330_000
     assert h["active_ms"] == 90_000
@@ -162,12 +163,16 @@ def test_identities(rep):
     assert bob["idle_held_ms"] == 660_000
     assert bob["mem_mib_ms"] == 4000 * 330_000 + 800 * 330_000
     assert bob["unknown_mem_ms"] == 0 and bob["memory_unknown"] is False
+    assert bob["sm_unknown_ms"] == 0 and bob["sm_unknown"] is False
     assert bob["gpus"] == ["GPU-0000-0000", "GPU-0000-0001"]
     assert bob["uid"] == 1002
-    # carol: NULL memory on g3 (held, flagged), MIG instance (sm unknown: not idle-held);
-    # her 50 MiB on g1 is below the threshold
+    # carol: NULL memory on g3 (held, flagged), MIG instance (sm unknown: neither idle-held
+    # nor busy); her 50 MiB on g1 is below the threshold
     assert carol["held_ms"] == 660_000
     assert carol["idle_held_ms"] == 330_000
+    assert carol["sm_unknown_ms"] == 330_000 and carol["sm_unknown"] is True
+    assert carol["sm_unknown_gpu_hours"] == round(330_000 / HOUR, 4)
+    assert carol["sm_unrecorded_ms"] == 0
     assert carol["mem_mib_ms"] == 5000 * 330_000
     assert carol["unknown_mem_ms"] == 330_000 and carol["memory_unknown"] is True
     assert "GPU-0000-0001" not in carol["gpus"]
@@ -179,9 +184,11 @@ def test_identities(rep):
     assert units == [{
         "user": "bob", "uid": 1002, "unit": "slurm:job_7", "held_ms": 330_000,
         "idle_held_ms": 330_000, "mem_mib_ms": 500 * 330_000, "unknown_mem_ms": 0,
+        "sm_unknown_ms": 0, "sm_unrecorded_ms": 0,
         "held_gpu_hours": round(330_000 / HOUR, 4), "idle_held_gpu_hours": round(330_000 / HOUR, 4),
+        "sm_unknown_gpu_hours": 0.0,
         "mem_gb_hours": round(500 * 330_000 * 1_048_576 / 1e9 / HOUR, 4), "memory_unknown": False,
-        "gpus": ["GPU-0000-0001"],
+        "sm_unknown": False, "gpus": ["GPU-0000-0001"],
     }]
 
 
@@ -218,6 +225,8 @@ def test_data_quality(rep):
         (330_000 * 1000 + (60_000 * 1000 + 240_000 * 500 + 30_000 * 1000) + 320_000 * 1000
          + 330_000 * 1000 + 300_000 * 1000) / (1000 * 1_610_000), 6)
     assert q["unknown_ms"] == 370_000
+    assert (q["sm_unknown_ms"], q["sm_unknown_users"]) == (330_000, 1)  # carol on the MIG instance
+    assert (q["sm_recorded_since_ms"], q["sm_unrecorded_ms"]) == (None, 0)  # a schema 2 database
     assert q["gap_events"] == [{"start_ms": T0 + 300_000, "end_ms": T0 + 1_200_000, "run_id": None,
                                 "detail": "collector down"}]
     assert q["holes"] == [
@@ -304,6 +313,10 @@ def test_text_report(hand_db):
     assert "1 of 6 GPUs reported energy" in out
     assert "1 unclean stop" in out
     assert "collector down" in out
+    # carol's MIG half: an SM ? column and a data-quality line
+    carol = next(line for line in out.splitlines() if line.startswith("  carol "))
+    assert carol.split()[1:5] == ["0.18", "0.09", "50%", "50%"], carol
+    assert "per-process SM unknown: 0.09 GPU-h held by 1 user" in out
 
 
 def test_csv_report(hand_db):
@@ -315,9 +328,13 @@ def test_csv_report(hand_db):
     rows = list(csv.reader(io.StringIO(r.stdout)))
     assert rows[0] == ["section", "subject", "metric", "value"]
     got = {(s, subj, m): v for s, subj, m, v in rows[1:]}
-    assert got[("report", "", "format_version")] == "1"
+    assert got[("report", "", "format_version")] == "2"
     assert got[("headline", "", "active_ms")] == "90000"
     assert got[("user", "bob", "held_ms")] == "660000"
+    assert got[("user", "carol", "sm_unknown_ms")] == "330000"
+    assert got[("user", "carol", "sm_unknown")] == "true"
+    assert got[("data_quality", "", "sm_unknown_users")] == "1"
+    assert got[("data_quality", "", "sm_recorded_since_ms")] == ""
     assert got[("unit", "bob/slurm:job_7", "held_ms")] == "330000"
     assert got[("gpu", "GPU-0000-0004", "last_status")] == "lost"
     assert got[("heatmap", "Mon 00", "active_ms")] == "90000"

@@ -8,6 +8,8 @@ import sqlite3
 
 import pytest
 
+from gua_report.opendb import SCHEMA_VERSION
+from gua_report.render_json import FORMAT_VERSION
 from report_helpers import HOUR, T0, G, HandDb, P, run_report
 
 pytestmark = pytest.mark.timeout(60)
@@ -90,10 +92,11 @@ def test_meta_of_other_application(tmp_path):
 
 def test_newer_schema(good_db):
     conn = sqlite3.connect(good_db)
-    conn.execute("PRAGMA user_version = 2")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.commit()
     conn.close()
-    one_line_error(run_report("--db", good_db, *WINDOW), 6, "schema version 2", "upgrade")
+    one_line_error(run_report("--db", good_db, *WINDOW), 6, f"schema version {SCHEMA_VERSION + 1}",
+                   f"understands ({SCHEMA_VERSION})", "upgrade")
 
 
 def _patch(path: str, offset: int, data: bytes) -> None:
@@ -202,4 +205,4 @@ def test_runs_without_collector_or_pynvml(good_db):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
     assert r.returncode == 0, r.stderr
-    assert '"format_version": 1' in r.stdout
+    assert f'"format_version": {FORMAT_VERSION}' in r.stdout

@@ -1,9 +1,10 @@
-"""Rollups and raw rows give identical reports on a multi-day simulated DB.
+"""Rollups and raw rows give identical reports on multi-day simulated DBs.
 
-The DB is written by the collector's own Store (which writes the hourly
-rollups), with the simulator's lab8 workloads, a restart in the middle and
-a window crossing the 2024 European DST change. Each case runs gua-report
-with and without --no-rollups and compares the whole JSON but `source`.
+Each DB is written by the collector's own Store (which writes the hourly
+rollups), with the simulator's workloads (lab8; mig, where per-process SM is
+unknown), a restart in the middle and a window crossing the 2024 European
+DST change. Each case runs gua-report with and without --no-rollups and
+compares the whole JSON but `source`.
 """
 
 from __future__ import annotations
@@ -21,16 +22,14 @@ DAYS = 4
 INTERVAL = 30_000
 
 
-@pytest.fixture(scope="module")
-def sim_db(tmp_path_factory) -> str:
+def build_sim(path: str, scenario: str) -> str:
     from gua_collector.store import Store
 
-    path = str(tmp_path_factory.mktemp("rollup") / "gua.db")
     mid = START + 37 * HOUR + 1_234_567  # a restart at an odd time, with a 40 min hole
     store = Store.open(path, now_ms=START)
-    store.begin_run(START, INTERVAL, "simulate:lab8", "gpu01", "test")
+    store.begin_run(START, INTERVAL, f"simulate:{scenario}", "gpu01", "test")
     batch = []
-    for t in sim_ticks(START, mid, INTERVAL, "lab8"):
+    for t in sim_ticks(START, mid, INTERVAL, scenario):
         batch.append(t)
         if len(batch) == 500:
             store.write_ticks(batch)
@@ -38,9 +37,9 @@ def sim_db(tmp_path_factory) -> str:
     store.write_ticks(batch)
     store.close()  # no end_run: an unclean stop
     store = Store.open(path, now_ms=mid + 2_400_000)
-    store.begin_run(mid + 2_400_000, INTERVAL, "simulate:lab8", "gpu01", "test")
+    store.begin_run(mid + 2_400_000, INTERVAL, f"simulate:{scenario}", "gpu01", "test")
     batch = []
-    for t in sim_ticks(mid + 2_400_000, START + DAYS * 24 * HOUR, INTERVAL, "lab8"):
+    for t in sim_ticks(mid + 2_400_000, START + DAYS * 24 * HOUR, INTERVAL, scenario):
         batch.append(t)
         if len(batch) == 500:
             store.write_ticks(batch)
@@ -49,6 +48,16 @@ def sim_db(tmp_path_factory) -> str:
     store.end_run(START + DAYS * 24 * HOUR)
     store.close()
     return path
+
+
+@pytest.fixture(scope="module")
+def sim_db(tmp_path_factory) -> str:
+    return build_sim(str(tmp_path_factory.mktemp("rollup") / "gua.db"), "lab8")
+
+
+@pytest.fixture(scope="module")
+def mig_db(tmp_path_factory) -> str:
+    return build_sim(str(tmp_path_factory.mktemp("rollup_mig") / "gua.db"), "mig")
 
 
 def both(path: str, *args: str) -> tuple[dict, dict]:
@@ -60,10 +69,15 @@ def both(path: str, *args: str) -> tuple[dict, dict]:
     return out[0], out[1]
 
 
-@pytest.mark.parametrize("args", [
+WINDOWS = [
     ("--since", "2024-03-29T00:00Z", "--until", "2024-04-02T00:00Z", "--tz", "UTC"),
     ("--since", "2024-03-29T05:17:13Z", "--until", "2024-04-01T21:42:05Z", "--tz", "Europe/Berlin"),
     ("--since", "2024-03-29T05:17:13Z", "--until", "2024-04-01T21:42:05Z", "--tz", "Asia/Kolkata"),
+]
+
+
+@pytest.mark.parametrize("args", [
+    *WINDOWS,
     ("--since", "2024-03-30T10:00Z", "--until", "2024-03-31T10:00Z", "--tz", "America/New_York",
      "--gpu", "2", "--gpu", "6", "--user", "bob"),
 ])
@@ -73,6 +87,34 @@ def test_rollup_equals_raw(sim_db, args):
     assert raw["source"]["rollup_hours"] == 0
     del rolled["source"], raw["source"]
     assert rolled == raw
+
+
+@pytest.mark.parametrize("args", [*WINDOWS, ("--since", "2024-03-29T00:00Z", "--until", "2024-04-02T00:00Z",
+                                             "--tz", "UTC", "--gpu", "0", "--user", "bob")])
+def test_rollup_equals_raw_with_sm_unknown(mig_db, args):
+    rolled, raw = both(mig_db, *args)
+    assert rolled["source"]["rollup_hours"] > 10
+    assert rolled["data_quality"]["sm_unknown_ms"] > 0
+    del rolled["source"], raw["source"]
+    assert rolled == raw
+
+
+def test_mig_holders_are_sm_unknown_not_busy(mig_db):
+    rolled, _ = both(mig_db, "--since", "2024-03-29T00:00Z", "--until", "2024-04-02T00:00Z", "--tz", "UTC")
+    users = {u["user"]: u for u in rolled["identities"]["users"]}
+    # alice trains, bob idles, both on MIG instances: neither looks busy
+    for name in ("alice", "bob"):
+        assert users[name]["sm_unknown_ms"] == users[name]["held_ms"] > 0
+        assert users[name]["idle_held_ms"] == 0
+    # carol's job runs on the ordinary card: her SM is known
+    assert users["carol"]["sm_unknown_ms"] == 0 and users["carol"]["held_ms"] > 0
+    dq = rolled["data_quality"]
+    assert dq["sm_unknown_users"] == 2 and dq["sm_recorded_since_ms"] is None
+    text = run_report("--db", mig_db, "--since", "2024-03-29T00:00Z", "--until", "2024-04-02T00:00Z",
+                      "--tz", "UTC").stdout
+    bob = next(line for line in text.splitlines() if line.startswith("  bob "))
+    assert bob.split()[2:5] == ["?", "?", "100%"], bob
+    assert all(len(line) <= 80 for line in text.splitlines())
 
 
 def test_sane_numbers(sim_db):

@@ -1,0 +1,289 @@
+"""Schema 1 -> 2: a gua 0.1.0 database is upgraded in place, atomically, and read either way.
+
+The schema 1 database is what gua 0.1.0 wrote: the released DDL
+(`schema.MIGRATIONS[0]`, frozen) holding the rows a schema 2 collector
+wrote for the same simulated hours, less what schema 2 added (the
+`sm_unknown_ms` columns, meta `sm_unknown_since_hour`). Raw rows and the
+other rollup columns are classified the same by both versions, so the
+upgraded file must equal the file schema 2 wrote natively, row for row.
+
+The scenario is `mig`: alice trains and bob idles on MIG instances, where
+NVML reports no per-process SM, so their held time is SM unknown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from gua_collector import rollup, schema
+from gua_collector.store import Store
+from report_helpers import HOUR, report_json, run_report, sim_ticks
+
+pytestmark = pytest.mark.timeout(120)
+
+START = 1_711_951_200_000  # 2024-04-01 06:00 UTC, a Monday
+END = START + 8 * HOUR  # hours 06..12 get rolled up; 13 stays raw
+INTERVAL = 30_000
+FIRST_HOUR = START // HOUR
+WINDOW = ("--since", "2024-04-01T06:00Z", "--until", "2024-04-01T14:00Z", "--tz", "UTC")
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory) -> str:
+    """The database a schema 2 collector writes for the scenario."""
+    path = str(tmp_path_factory.mktemp("native") / "gua.db")
+    store = Store.open(path, now_ms=START)
+    store.begin_run(START, INTERVAL, "simulate:mig", "gpu01", "0.1.0")
+    ticks = list(sim_ticks(START, END, INTERVAL, "mig"))
+    for n in range(0, len(ticks), 200):
+        store.write_ticks(ticks[n:n + 200])
+    store.end_run(END)
+    store.close()
+    return path
+
+
+def make_v1(src: str, dst: str) -> None:
+    """Write `src`'s rows into a new file with the schema 1 DDL, as gua 0.1.0 left it."""
+    conn = sqlite3.connect(dst, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("BEGIN")
+    for statement in schema._statements(schema.MIGRATIONS[0]):
+        conn.execute(statement)
+    conn.execute("ATTACH DATABASE ? AS src", (src,))
+    tables = [r[0] for r in conn.execute("SELECT name FROM main.sqlite_master WHERE type = 'table'")]
+    for table in tables:
+        cols = ", ".join(r[1] for r in conn.execute(f"PRAGMA main.table_info({table})"))
+        conn.execute(f"INSERT INTO main.{table} ({cols}) SELECT {cols} FROM src.{table}")
+    conn.execute("DELETE FROM main.meta WHERE key = 'sm_unknown_since_hour'")
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("COMMIT")
+    conn.execute("DETACH DATABASE src")
+    conn.close()
+
+
+@pytest.fixture()
+def v1(native, tmp_path) -> str:
+    path = str(tmp_path / "gua.db")
+    make_v1(native, path)
+    return path
+
+
+def columns(path: str, table: str) -> list[str]:
+    with sqlite3.connect(path) as conn:
+        return [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+
+
+def dump(path: str) -> dict[str, list[tuple]]:
+    """Every row of every table, in a stable order."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    out = {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in tables}
+    conn.close()
+    return out
+
+
+def sm_unknown_by_hand(path: str) -> dict[tuple[int, int, int], int]:
+    """(hour, gpu_id, account_id) -> ms held with some sm_util NULL, per SCHEMA.md, in Python."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    per: dict[tuple[int, int, int], list[tuple[int | None, int | None]]] = defaultdict(list)
+    dur: dict[int, tuple[int, int]] = {}
+    for tick_id, ts, d, gpu_id, account_id, kind, mem, sm in conn.execute(
+        "SELECT t.tick_id, t.ts_ms, t.duration_ms, ps.gpu_id, p.account_id, ps.kind, ps.mem_mib, ps.sm_util "
+        "FROM tick t JOIN proc_sample ps USING (tick_id) JOIN process p USING (proc_id)"
+    ):
+        if kind & schema.KIND_COMPUTE:
+            per[(tick_id, gpu_id, account_id)].append((mem, sm))
+            dur[tick_id] = (ts // HOUR, d)
+    conn.close()
+    out: dict[tuple[int, int, int], int] = defaultdict(int)
+    for (tick_id, gpu_id, account_id), rows in per.items():
+        held = any(m is None for m, _ in rows) or sum(m or 0 for m, _ in rows) * 1_048_576 > schema.ROLLUP_HELD_BYTES
+        if held and any(s is None for _, s in rows):
+            hour, d = dur[tick_id]
+            out[(hour, gpu_id, account_id)] += d
+    return out
+
+
+def test_fresh_database_is_schema_2(tmp_path: Path) -> None:
+    path = str(tmp_path / "gua.db")
+    Store.open(path, now_ms=START).close()
+    with sqlite3.connect(path) as conn:
+        assert schema.read_version(conn) == schema.SCHEMA_VERSION == 2
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+    assert meta["sm_unknown_since_hour"] == "0"  # recorded from the start
+    for table in ("hour_account", "hour_unit"):
+        assert columns(path, table)[-1] == "sm_unknown_ms"
+
+
+def test_native_rollups_carry_sm_unknown(native: str) -> None:
+    conn = sqlite3.connect(native)
+    rolled = {(h, g, a): ms for h, g, a, ms in conn.execute(
+        "SELECT hour, gpu_id, account_id, sm_unknown_ms FROM hour_account")}
+    conn.close()
+    expected = {k: v for k, v in sm_unknown_by_hand(native).items() if k[0] < FIRST_HOUR + 7}
+    assert {k: v for k, v in rolled.items() if v} == expected
+    assert len(expected) >= 7  # bob on his MIG instance every hour, alice from 08:00
+
+
+def test_v1_upgrades_in_place(native: str, v1: str) -> None:
+    before = dump(v1)
+    assert "sm_unknown_ms" not in columns(v1, "hour_account")
+    store = Store.open(v1, now_ms=END + HOUR)  # what gua-collector does when it starts
+    store.close()
+    with sqlite3.connect(v1) as conn:
+        assert schema.read_version(conn) == 2
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    after = dump(v1)
+    # raw rows and every other table intact; the rollups equal the natively written ones
+    for table, rows in before.items():
+        if table not in ("hour_account", "hour_unit", "meta"):
+            assert after[table] == rows, table
+    assert after == dump(native)
+    assert sum(r[-1] for r in after["hour_unit"]) == 0  # units: carol's job, SM known
+    assert sum(r[-1] for r in after["hour_account"]) > 0
+
+
+def test_upgrade_after_retention_records_where_it_starts(native: str, v1: str) -> None:
+    cutoff = START + 2 * HOUR + 17 * 60_000  # 08:17: hour 08 keeps only part of its ticks
+    conn = sqlite3.connect(v1, isolation_level=None)
+    conn.execute("BEGIN")
+    for table in ("proc_sample", "gpu_sample"):
+        conn.execute(f"DELETE FROM {table} WHERE tick_id IN (SELECT tick_id FROM tick WHERE ts_ms < ?)", (cutoff,))
+    conn.execute("DELETE FROM tick WHERE ts_ms < ?", (cutoff,))
+    conn.execute("INSERT INTO meta VALUES ('raw_pruned_before_ms', ?)", (str(cutoff),))
+    conn.execute("COMMIT")
+    conn.close()
+    Store.open(v1, now_ms=END + HOUR).close()
+
+    since_hour = FIRST_HOUR + 3  # the first hour with all its raw rows
+    with sqlite3.connect(v1) as conn:
+        assert dict(conn.execute("SELECT key, value FROM meta"))["sm_unknown_since_hour"] == str(since_hour)
+    got, want = dump(v1), dump(native)
+    for table in ("hour_account", "hour_unit"):
+        old = [r for r in got[table] if r[0] < since_hour]
+        assert old and all(r[-1] == 0 for r in old), "pruned hours cannot know: 0, not a guess"
+        assert [r[:-1] for r in old] == [r[:-1] for r in want[table] if r[0] < since_hour]
+        assert [r for r in got[table] if r[0] >= since_hour] == [r for r in want[table] if r[0] >= since_hour]
+
+    rep = report_json(v1, *WINDOW)
+    dq = rep["data_quality"]
+    assert dq["sm_recorded_since_ms"] == since_hour * HOUR
+    assert dq["sm_unrecorded_ms"] == sum(u["sm_unrecorded_ms"] for u in rep["identities"]["users"]) > 0
+    text = run_report("--db", v1, *WINDOW).stdout
+    assert "SM-unknown time not recorded before 2024-04-01 09:00" in text
+    # from the first whole hour on, rollups and raw rows agree again
+    window = ("--since", "2024-04-01T09:00Z", "--until", "2024-04-01T14:00Z", "--tz", "UTC")
+    a, b = report_json(v1, *window), report_json(v1, *window, "--no-rollups")
+    assert a["data_quality"]["sm_recorded_since_ms"] is None and a["data_quality"]["sm_unknown_ms"] > 0
+    del a["source"], b["source"]
+    assert a == b
+
+
+def test_reporter_reads_v1_and_upgraded_alike(native: str, v1: str) -> None:
+    rolled, raw = report_json(v1, *WINDOW), report_json(v1, *WINDOW, "--no-rollups")
+    assert rolled["database"]["schema_version"] == 1
+    assert rolled["source"]["rollup_hours"] == 7
+    # schema 1 rollups do not record SM-unknown time; raw rows are read alike
+    assert rolled["data_quality"]["sm_recorded_since_ms"] == (FIRST_HOUR + 7) * HOUR
+    del rolled["source"], raw["source"]
+    assert rolled == raw
+    nat = report_json(native, *WINDOW)
+    users_v1 = {u["user"]: u for u in rolled["identities"]["users"]}
+    for u in nat["identities"]["users"]:
+        old = users_v1[u["user"]]
+        assert (old["held_ms"], old["idle_held_ms"], old["mem_mib_ms"]) == (
+            u["held_ms"], u["idle_held_ms"], u["mem_mib_ms"])
+        assert old["sm_unknown_ms"] <= u["sm_unknown_ms"]  # only hour 13, from raw rows
+        assert old["sm_unrecorded_ms"] + old["sm_unknown_ms"] >= u["sm_unknown_ms"]
+    text = run_report("--db", v1, *WINDOW).stdout
+    assert "SM-unknown time not recorded before 2024-04-01 13:00" in text
+    # bob idles on his MIG instance: unknown in hour 13, not recorded before, never "0.00"
+    bob = next(line for line in text.splitlines() if line.startswith("  bob "))
+    assert bob.split()[2:4] == ["?", "?"], bob
+
+    Store.open(v1, now_ms=END + HOUR).close()
+    upgraded = report_json(v1, *WINDOW)
+    for d in (upgraded, nat):
+        del d["source"]
+        d["database"]["path"] = ""
+    assert upgraded == nat
+
+
+def test_collector_upgrades_on_start(v1: str) -> None:
+    cmd = [sys.executable, "-m", "gua_collector", "--db", v1, "--backend", "simulate:mig",
+           "--ticks", "3", "--interval", "10s", "--start", "2024-04-01T15:00"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    with sqlite3.connect(v1) as conn:
+        assert schema.read_version(conn) == 2
+        assert conn.execute("SELECT count(*) FROM run").fetchone()[0] == 2
+    assert report_json(v1, *WINDOW)["database"]["schema_version"] == 2
+
+
+def test_failure_mid_upgrade_leaves_v1(v1: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = dump(v1)
+    real = rollup.backfill_sm_unknown
+
+    def broken(conn: sqlite3.Connection) -> None:
+        real(conn)  # columns added and filled, then:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(rollup, "backfill_sm_unknown", broken)
+    conn = sqlite3.connect(v1, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError):
+        schema.ensure_schema(conn, END)
+    assert schema.read_version(conn) == 1
+    conn.close()
+    assert dump(v1) == before
+    assert report_json(v1, *WINDOW)["database"]["schema_version"] == 1
+
+
+# Upgrades the database in $1 with the collector's Store, but SIGKILLs itself
+# once the migration has done all its work and before it commits; a 1-page
+# cache makes SQLite spill the uncommitted pages into the WAL first.
+_KILLED_UPGRADE = textwrap.dedent("""
+    import os, signal, sys
+    from gua_collector import rollup
+    from gua_collector.store import Store
+
+    real = rollup.backfill_sm_unknown
+
+    def then_die(conn):
+        real(conn)
+        conn.execute("PRAGMA cache_size = 1")
+        conn.execute("SELECT count(*), sum(mem_mib) FROM proc_sample").fetchone()
+        print(os.path.getsize(sys.argv[1] + "-wal"), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    rollup.backfill_sm_unknown = then_die
+    Store.open(sys.argv[1], now_ms=0)
+""")
+
+
+def test_kill_9_mid_upgrade_leaves_v1(native: str, v1: str) -> None:
+    before = dump(v1)
+    r = subprocess.run([sys.executable, "-c", _KILLED_UPGRADE, v1], capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert int(r.stdout) > 0, "the uncommitted migration reached the WAL"
+    assert os.path.exists(v1 + "-wal")
+    # a reader sees schema 1, whole
+    rep = report_json(v1, *WINDOW)
+    assert rep["database"]["schema_version"] == 1
+    with sqlite3.connect(v1) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert schema.read_version(conn) == 1
+    assert "sm_unknown_ms" not in columns(v1, "hour_account")
+    assert dump(v1) == before
+    # and the next start upgrades it
+    Store.open(v1, now_ms=END + HOUR).close()
+    assert dump(v1) == dump(native)
