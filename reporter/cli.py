@@ -55,7 +55,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", default="7d", metavar="WHEN",
                    help="start: a duration before --until (90m, 12h, 7d, 2w) or an ISO "
                         "date/datetime, read in --tz (default 7d)")
-    p.add_argument("--until", default="now", metavar="WHEN", help="end: 'now', a duration before now, or an ISO date/datetime (default now)")
+    p.add_argument("--until", default="now", metavar="WHEN",
+                   help="end: 'now', a duration before now, or an ISO date/datetime (default now)")
     p.add_argument("--gpu", action="append", default=[], metavar="INDEX|UUID",
                    help="only this GPU (repeatable); its MIG instances come with it")
     p.add_argument("--user", action="append", default=[], metavar="NAME|UID",

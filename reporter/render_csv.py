@@ -74,7 +74,7 @@ def render(rep: Report) -> str:
     for key, section in (("gap_events", "gap_event"), ("holes", "hole"), ("runs", "run")):
         for n, item in enumerate(dq.pop(key)):
             block(section, str(item.get("run_id", n)) if key == "runs" else str(n), item)
-    for n, item in enumerate(dq.pop("host_errors")):
+    for item in dq.pop("host_errors"):
         block("host_error", item["kind"], item)
     block("data_quality", "", dq)
 

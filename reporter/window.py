@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone, tzinfo
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 HOUR_MS = 3_600_000
@@ -106,7 +106,7 @@ def local_zone() -> tuple[tzinfo, str]:
         with open("/etc/localtime", "rb") as f:
             return ZoneInfo.from_file(f, key="localtime"), "localtime"
     except (OSError, ValueError, ZoneInfoNotFoundError):
-        return timezone.utc, "UTC"
+        return UTC, "UTC"
 
 
 def zone(name: str | None) -> tuple[tzinfo, str]:
@@ -114,7 +114,7 @@ def zone(name: str | None) -> tuple[tzinfo, str]:
     if name is None:
         return local_zone()
     if name.upper() in ("UTC", "Z"):
-        return timezone.utc, "UTC"
+        return UTC, "UTC"
     try:
         return ZoneInfo(name), name
     except (ZoneInfoNotFoundError, ValueError):
@@ -165,7 +165,7 @@ def fmt_local(ts_ms: int, tz: tzinfo, seconds: bool = False) -> str:
 
 
 def iso_utc(ts_ms: int) -> str:
-    dt = datetime.fromtimestamp(ts_ms / 1000, timezone.utc)
+    dt = datetime.fromtimestamp(ts_ms / 1000, UTC)
     ms = ts_ms % 1000
     base = dt.strftime("%Y-%m-%dT%H:%M:%S")
     return f"{base}.{ms:03d}Z" if ms else f"{base}Z"

@@ -7,7 +7,7 @@ import pty
 import sqlite3
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -35,22 +35,22 @@ NOW = T0 + 12 * HOUR_MS + 34_000
 ])
 def test_durations(text, ms):
     assert parse_duration_ms(text) == ms
-    assert parse_instant(text, NOW, timezone.utc) == NOW - ms
+    assert parse_instant(text, NOW, UTC) == NOW - ms
 
 
 def test_iso_instants():
     berlin = ZoneInfo("Europe/Berlin")
-    assert parse_instant("2024-01-01", NOW, timezone.utc) == T0
+    assert parse_instant("2024-01-01", NOW, UTC) == T0
     assert parse_instant("2024-01-01", NOW, berlin) == T0 - HOUR_MS  # local midnight
     assert parse_instant("2024-07-01", NOW, berlin) == int(
-        datetime(2024, 6, 30, 22, tzinfo=timezone.utc).timestamp() * 1000)  # CEST
-    assert parse_instant("2024-01-01T09:30", NOW, timezone.utc) == T0 + 9 * HOUR_MS + 30 * 60_000
+        datetime(2024, 6, 30, 22, tzinfo=UTC).timestamp() * 1000)  # CEST
+    assert parse_instant("2024-01-01T09:30", NOW, UTC) == T0 + 9 * HOUR_MS + 30 * 60_000
     assert parse_instant("2024-01-01T09:30Z", NOW, berlin) == T0 + 9 * HOUR_MS + 30 * 60_000
     assert parse_instant("2024-01-01 09:30+02:00", NOW, berlin) == T0 + 7 * HOUR_MS + 30 * 60_000
     assert parse_instant("now", NOW, berlin) == NOW
     for bad in ("yesterday", "7x", "2024-02-30", ""):
         with pytest.raises(WindowError):
-            parse_instant(bad, NOW, timezone.utc)
+            parse_instant(bad, NOW, UTC)
 
 
 def test_thresholds():
@@ -71,16 +71,16 @@ def test_thresholds():
 
 def test_offset_segments_follow_dst():
     berlin = ZoneInfo("Europe/Berlin")
-    start = int(datetime(2024, 1, 1, tzinfo=timezone.utc).timestamp() * 1000)
-    end = int(datetime(2025, 1, 1, tzinfo=timezone.utc).timestamp() * 1000)
+    start = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    end = int(datetime(2025, 1, 1, tzinfo=UTC).timestamp() * 1000)
     segs = offset_segments(berlin, start, end)
-    assert [(datetime.fromtimestamp(s.start_ms / 1000, timezone.utc).isoformat(), s.offset_ms // 60_000)
+    assert [(datetime.fromtimestamp(s.start_ms / 1000, UTC).isoformat(), s.offset_ms // 60_000)
             for s in segs] == [
         ("2024-01-01T00:00:00+00:00", 60),
         ("2024-03-31T01:00:00+00:00", 120),
         ("2024-10-27T01:00:00+00:00", 60),
     ]
-    assert len(offset_segments(timezone.utc, start, end)) == 1
+    assert len(offset_segments(UTC, start, end)) == 1
 
 
 @pytest.mark.parametrize("tz", ["UTC", "Europe/Berlin", "Asia/Kolkata", "America/St_Johns",
