@@ -215,8 +215,12 @@ def is_gua(conn: sqlite3.Connection) -> bool:
     """True when the meta table names this application."""
     try:
         row = conn.execute("SELECT value FROM meta WHERE key = 'application'").fetchone()
-    except sqlite3.DatabaseError:
-        return False
+    except sqlite3.OperationalError as error:
+        # No meta table: someone else's database. A damaged page is not that:
+        # it propagates, to be checked and called corrupt.
+        if "no such table" in str(error):
+            return False
+        raise
     return row is not None and row[0] == APPLICATION
 
 

@@ -45,12 +45,12 @@ def test_migration_is_one_transaction(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_migration_steps_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     conn = sqlite3.connect(tmp_path / "gua.db", isolation_level=None)
-    schema.ensure_schema(conn, START)
-    monkeypatch.setattr(schema, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(schema.MIGRATIONS, 1, "ALTER TABLE gpu ADD COLUMN serial TEXT;")
-    assert schema.ensure_schema(conn, START) == 2
+    current = schema.ensure_schema(conn, START)
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", current + 1)
+    monkeypatch.setitem(schema.MIGRATIONS, current, "ALTER TABLE gpu ADD COLUMN serial TEXT;")
+    assert schema.ensure_schema(conn, START) == current + 1
     assert "serial" in [r[1] for r in conn.execute("PRAGMA table_info(gpu)")]
-    assert schema.read_version(conn) == 2
+    assert schema.read_version(conn) == current + 1
 
 
 def proc(pid: int, user: str, unit: str = "") -> ProcessInfo:
