@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--db", help=f"database file (default {DEFAULTS['db']})")
     parser.add_argument("--interval", help="time between ticks, e.g. 10s, 1m (default 10s)")
     parser.add_argument("--retention", help="keep raw samples this long, e.g. 90d (default 90d)")
-    parser.add_argument("--backend", help="nvml (default) or simulate[:SCENARIO] (lab, lab8, mig, faults, hang)")
+    parser.add_argument("--backend", help="nvml (default) or simulate[:SCENARIO] (lab, lab8, mig, faults, hang, late)")
     parser.add_argument(
         "--textfile",
         help="also write Prometheus metrics here each tick, for node_exporter's textfile collector "

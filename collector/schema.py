@@ -262,7 +262,10 @@ def ensure_schema(conn: sqlite3.Connection, created_ms: int) -> int:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite may have rolled back already (SQLITE_FULL does): a second
+        # ROLLBACK would hide the real error behind "no transaction is active".
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
     return SCHEMA_VERSION
 

@@ -487,8 +487,15 @@ def _intact(path: str) -> bool:
 def _database_error(path: str, error: sqlite3.DatabaseError) -> StoreError:
     """Corrupt only when an integrity check says so; anything else may pass."""
     if _transient(error) or _intact(path):
-        return StoreError("transient", f"cannot use {path} now: {error}")
+        return StoreError("transient", f"cannot use {path} now: {_root_cause(error)}")
     return StoreError("corrupt", f"{path} is corrupt: {error}")
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The first error of a chain (a failed ROLLBACK reports itself, not the full disk behind it)."""
+    while error.__context__ is not None and isinstance(error.__context__, (sqlite3.Error, OSError)):
+        error = error.__context__
+    return error
 
 
 def _connect(path: str, now_ms: int) -> sqlite3.Connection:
