@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -87,28 +88,39 @@ class Options:
     textfile: str  # '' = off
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep --help within 80 columns on any terminal, as the man page does."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=min(80, shutil.get_terminal_size().columns), max_help_position=28)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gua-collector",
-        description="Record NVML GPU telemetry into SQLite for gua-report. Runs in the foreground; "
-        "systemd (gua-collector.service) is its lifecycle.",
+        description="Record NVML GPU telemetry into SQLite for gua-report. Runs in the\n"
+        "foreground; systemd (gua-collector.service) is its lifecycle.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
-    parser.add_argument("--config", help=f"INI file with a [collector] section (default {DEFAULT_CONFIG} if present)")
-    parser.add_argument("--db", help=f"database file (default {DEFAULTS['db']})")
-    parser.add_argument("--interval", help="time between ticks, e.g. 10s, 1m (default 10s)")
-    parser.add_argument("--retention", help="keep raw samples this long, e.g. 90d (default 90d)")
-    parser.add_argument("--backend", help="nvml (default) or simulate[:SCENARIO] (lab, lab8, mig, faults, hang, late)")
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"INI file with a [collector] section (default {DEFAULT_CONFIG} if present)")
+    parser.add_argument("--db", metavar="PATH", help=f"database file (default {DEFAULTS['db']})")
+    parser.add_argument("--interval", metavar="DURATION", help="time between ticks, e.g. 10s, 1m (default 10s)")
+    parser.add_argument("--retention", metavar="DURATION", help="keep raw samples this long, e.g. 90d (default 90d)")
+    parser.add_argument("--backend", metavar="BACKEND",
+                        help="nvml (default) or simulate[:SCENARIO] (lab, lab8, mig, faults, hang, late)")
     parser.add_argument(
-        "--textfile",
+        "--textfile", metavar="FILE.prom",
         help="also write Prometheus metrics here each tick, for node_exporter's textfile collector "
         "(e.g. /var/lib/prometheus/node-exporter/gua.prom; default off)",
     )
     parser.add_argument(
-        "--ticks", type=int, help="stop after N ticks; with a simulated backend, on a simulated clock (fast-forward)"
+        "--ticks", metavar="N", type=int,
+        help="stop after N ticks; with a simulated backend, on a simulated clock (fast-forward)",
     )
-    parser.add_argument("--start", help="simulated clock start (ISO date/time, UTC unless given); default: ends now")
+    parser.add_argument("--start", metavar="TIME",
+                        help="simulated clock start (ISO date/time, UTC unless given); default: ends now")
     parser.add_argument("--version", action="version", version=f"gua-collector {__version__}")
     return parser
 

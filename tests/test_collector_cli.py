@@ -235,3 +235,11 @@ def test_kill_9_mid_run_leaves_every_committed_tick(tmp_path: Path) -> None:
     with sqlite3.connect(db) as conn:
         detail = conn.execute("SELECT detail FROM event WHERE kind = 'gap'").fetchall()
     assert len(detail) == 1 and "did not stop cleanly" in detail[0][0], detail
+
+
+def test_help_fits_80_columns_and_names_values(tmp_path: Path) -> None:
+    proc = subprocess.run(collector_cmd("--help"), capture_output=True, text=True, timeout=30,
+                          env=clean_env(COLUMNS="200"))
+    assert proc.returncode == 0
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80, proc.stdout
+    assert "--db PATH" in proc.stdout and "--interval DURATION" in proc.stdout and "--ticks N" in proc.stdout
