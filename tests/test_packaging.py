@@ -276,6 +276,7 @@ def test_packaged_collector_runs_with_debian_python(build: Build, tmp_path: Path
 def test_report_deb_contents(build: Build) -> None:
     files = deb_files(build.report_deb)
     for path in ("/usr/bin/gua-report", "/usr/share/man/man1/gua-report.1.gz",
+                 "/usr/share/doc/gua-report/JSON.md",  # the contract --help points to
                  "/usr/lib/python3/dist-packages/gua_report/__init__.py",
                  "/usr/lib/python3/dist-packages/gua_report/cli.py"):
         assert path in files, f"{path} not in gua-report.deb"
@@ -341,6 +342,7 @@ def test_collector_rpm_scriptlets(build: Build) -> None:
 def test_report_rpm(build: Build) -> None:
     files = rpm_query(build.report_rpm, "-l").split()
     assert "/usr/bin/gua-report" in files and "/usr/share/man/man1/gua-report.1.gz" in files
+    assert "/usr/share/doc/gua-report/JSON.md" in files
     assert not any("pynvml" in f or "gua_collector" in f for f in files)
     requires = rpm_query(build.report_rpm, "-R")
     assert "sdnotify" not in requires and "nvidia" not in requires
