@@ -97,3 +97,6 @@ class Backend(Protocol):
 
     def processes(self) -> ProcessLookup:
         """The /proc (or simulated) view of the processes this backend reports."""
+
+    def versions(self) -> dict[str, str]:
+        """Driver and library versions, for gua-collector --check (after init)."""

@@ -16,6 +16,7 @@ from functools import partial
 
 from . import __version__
 from .backend import Backend
+from .check import FAIL, Host, render, run_checks
 from .clock import Clock, RealClock, SimClock
 from .durations import parse_duration_ms
 from .notify import SystemdNotifier, watchdog_interval_s
@@ -44,6 +45,7 @@ EXIT_NEWER = 6
 EXIT_CORRUPT = 7
 EXIT_LOCKED = 8
 EXIT_UNAVAILABLE = 9
+EXIT_CHECK_FAILED = 10
 MAX_TICKS = 1_000_000_000  # 300 years at 10 s: more is a typo
 MAX_INTERVAL_MS = 3_600_000
 STORE_EXIT = {
@@ -62,7 +64,7 @@ exit status: 0 stopped cleanly, 2 bad option or config, 3 database directory
 missing, 4 permission denied, 5 not a gua database, 6 database schema newer
 than this collector, 7 corrupt database, 8 another collector holds the
 database, 9 database unusable for now (disk full, I/O error; only with --ticks:
-the service waits instead), 1 internal error.
+the service waits instead), 10 --check found a FAIL, 1 internal error.
 """
 
 
@@ -86,6 +88,7 @@ class Options:
     ticks: int | None
     start_ms: int | None
     textfile: str  # '' = off
+    check: bool = False
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -121,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--start", metavar="TIME",
                         help="simulated clock start (ISO date/time, UTC unless given); default: ends now")
+    parser.add_argument("--check", action="store_true",
+                        help="check that collection can work on this host (NVML, GPUs, /proc, database, clock), "
+                        "print one line per fact and exit; records nothing")
     parser.add_argument("--version", action="version", version=f"gua-collector {__version__}")
     return parser
 
@@ -163,7 +169,9 @@ def parse_options(argv: list[str]) -> Options:
     textfile = values["textfile"].strip()
     if textfile and not textfile.endswith(".prom"):
         raise UsageError(f"textfile must end in .prom (node_exporter reads only those): {textfile!r}")
-    return Options(values["db"], interval_ms, retention_ms, backend, args.ticks, start_ms, textfile)
+    if args.check and args.ticks is not None:
+        raise UsageError("--check records nothing: it takes no --ticks")
+    return Options(values["db"], interval_ms, retention_ms, backend, args.ticks, start_ms, textfile, args.check)
 
 
 def _read_config(path: str | None) -> dict[str, str]:
@@ -228,6 +236,14 @@ def _simulated_start(options: Options, last: LastTick | None, log: Log) -> int:
     return start
 
 
+def _check(options: Options) -> int:
+    clock = RealClock()
+    findings = run_checks(options.db, options.interval_ms, options.textfile, make_backend(options, clock),
+                          clock.wall_ms(), Host())
+    sys.stdout.write(render(findings))
+    return EXIT_CHECK_FAILED if any(f.level == FAIL for f in findings) else EXIT_OK
+
+
 def _open_store(path: str, clock: Clock) -> Store:
     return Store.open(path, now_ms=clock.wall_ms())
 
@@ -243,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"gua-collector: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if options.check:
+        return _check(options)
     fast_forward = options.backend.startswith("simulate:") and options.ticks is not None
     store: Store | Callable[[], Store]
     try:

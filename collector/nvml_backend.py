@@ -70,6 +70,17 @@ class NvmlBackend:
             except self._nvml.NVMLError:
                 pass
 
+    def versions(self) -> dict[str, str]:
+        nvml = self._nvml
+        assert nvml is not None
+        out = {}
+        for label, call in (("driver", "nvmlSystemGetDriverVersion"), ("NVML", "nvmlSystemGetNVMLVersion")):
+            try:
+                out[label] = _text(getattr(nvml, call)())
+            except (nvml.NVMLError, AttributeError) as error:
+                out[label] = f"unknown ({error})"
+        return out
+
     def processes(self) -> ProcessLookup:
         if self._lookup is None:
             self._lookup = ProcReader()

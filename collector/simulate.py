@@ -244,6 +244,9 @@ class SimBackend:
     def processes(self) -> SimLookup:
         return self._lookup
 
+    def versions(self) -> dict[str, str]:
+        return {"driver": "simulated", "NVML": "simulated"}
+
     def device_count(self) -> int:
         return len(self._gpus)
 

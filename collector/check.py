@@ -1,0 +1,337 @@
+"""gua-collector --check: can collection work on this host? One line per fact, with the fix.
+
+Read-only: it never creates the database, never takes the writer's lock
+and works without root where the database is readable. Each finding is
+OK, WARN (collection works, something is worth fixing) or FAIL (it will
+not work until fixed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import grp
+import os
+import pwd
+import sqlite3
+import stat
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import schema
+from .backend import Backend, BackendInitError, Cursor, DeviceError
+from .procinfo import proc_hidden
+
+OK = "OK"
+WARN = "WARN"
+FAIL = "FAIL"
+SERVICE_USER = "gua"
+DB_MODE = 0o640
+STALE_INTERVALS = 3  # a held DB whose last tick is older than this many intervals is not recording
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of the check."""
+
+    level: str
+    subject: str
+    detail: str
+    fix: str = ""
+
+
+@dataclass(frozen=True)
+class Host:
+    """What the checks read from the host; tests pass their own."""
+
+    proc_root: str = "/proc"
+    clock_synchronised: Callable[[], bool | None] | None = None
+    service_user: str = SERVICE_USER
+
+
+def run_checks(db: str, interval_ms: int, textfile: str, backend: Backend, now_ms: int, host: Host) -> list[Finding]:
+    """Every check, in the order an admin would fix things."""
+    findings = _nvml(backend)
+    findings += _proc(host)
+    findings += _database(os.path.abspath(db), interval_ms, now_ms, host)
+    if textfile:
+        findings.append(_textfile(textfile, host))
+    findings.append(_clock(host))
+    return findings
+
+
+def render(findings: list[Finding], width: int = 80) -> str:
+    """Each finding as 'LEVEL  subject: detail', then 'fix: ...', wrapped to 80 columns."""
+    lines = []
+    for f in findings:
+        lines += textwrap.wrap(f"{f.level:<4}  {f.subject}: {f.detail}", width, subsequent_indent=" " * 6)
+        if f.fix:
+            lines += textwrap.wrap(f"fix: {f.fix}", width, initial_indent=" " * 6, subsequent_indent=" " * 11)
+    failed = sum(1 for f in findings if f.level == FAIL)
+    warned = sum(1 for f in findings if f.level == WARN)
+    lines.append(f"{failed} failed, {warned} warnings, {len(findings) - failed - warned} ok")
+    return "\n".join(lines) + "\n"
+
+
+# --- NVML ----------------------------------------------------------------------------------
+
+def _nvml(backend: Backend) -> list[Finding]:
+    try:
+        backend.init()
+    except BackendInitError as error:
+        return [Finding(FAIL, "NVML", str(error), "install or load the NVIDIA driver (nvidia-smi must work)")]
+    try:
+        versions = ", ".join(f"{k} {v}" for k, v in backend.versions().items())
+        out = [Finding(OK, "NVML", f"loaded ({backend.name}; {versions})")]
+        try:
+            count = backend.device_count()
+        except DeviceError as error:
+            return out + [Finding(FAIL, "GPUs", f"cannot count devices: {error}", "check nvidia-smi and dmesg")]
+        if count == 0:
+            return out + [Finding(FAIL, "GPUs", "NVML sees no GPU", "check nvidia-smi and the device nodes")]
+        out += [_device(backend, index) for index in range(count)]
+        return out
+    finally:
+        backend.shutdown()
+
+
+def _device(backend: Backend, index: int) -> Finding:
+    subject = f"GPU {index}"
+    try:
+        raw = backend.read_device(index, Cursor(), full=True)
+    except DeviceError as error:
+        level = FAIL if error.lost else WARN
+        return Finding(level, subject, f"read failed: {error}", "see dmesg for Xid errors; a reset or reboot may be needed")
+    has = {
+        "utilization samples": raw.util_samples is not None,
+        "per-process utilization": raw.process_util is not None,
+        "energy": raw.energy_mj is not None,
+    }
+    supported = [name for name, ok in has.items() if ok]
+    missing = [name for name, ok in has.items() if not ok]
+    detail = f"{raw.name}, {raw.uuid}; supports {', '.join(supported) or 'none of the optional reads'}"
+    if raw.mig_enabled:
+        detail += f"; MIG on, {len(raw.mig_devices)} instances (their utilization is unknown to NVML)"
+    if not has["utilization samples"] and not raw.mig_enabled:
+        return Finding(FAIL, subject, detail, "this GPU's utilization cannot be recorded: every tick will be unknown")
+    if missing and not raw.mig_enabled:
+        return Finding(WARN, subject, detail + f"; lacks {', '.join(missing)}",
+                       "recorded as unknown, never as 0; the report says so")
+    return Finding(OK, subject, detail)
+
+
+# --- /proc ---------------------------------------------------------------------------------
+
+def _proc(host: Host) -> list[Finding]:
+    try:
+        with open(f"{host.proc_root}/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+            mountinfo = handle.read()
+    except OSError as error:
+        return [Finding(WARN, "/proc", f"cannot read mount options: {error.strerror}")]
+    groups = _service_groups(host.service_user)
+    hidden = proc_hidden(mountinfo, groups)
+    if hidden:
+        return [Finding(WARN, "/proc", hidden.split(":")[0] + ": other users' GPU processes are invisible to "
+                        f"{host.service_user}, so attribution is incomplete",
+                        f"remount /proc with gid=<gid of {host.service_user}>")]
+    return [Finding(OK, "/proc", "other users' processes are visible (no hidepid restriction)")]
+
+
+def _service_groups(user: str) -> set[int]:
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return set(os.getgroups()) | {os.getegid()}
+    return {entry.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+
+
+# --- the database ----------------------------------------------------------------------------
+
+def _database(path: str, interval_ms: int, now_ms: int, host: Host) -> list[Finding]:
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        return [Finding(FAIL, "database", f"directory {directory} does not exist",
+                        "install the package (tmpfiles creates /var/lib/gua) or fix db=")]
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return [_creatable(directory, host)]
+    except PermissionError:
+        return [Finding(WARN, "database", f"{path}: cannot look (permission denied)",
+                        f"run as root or as a member of the {host.service_user} group")]
+    out = [_ownership(path, info, host)]
+    out += _contents(path, interval_ms, now_ms, host)
+    return out
+
+
+def _creatable(directory: str, host: Host) -> Finding:
+    writer = _service_uid(host)
+    info = os.stat(directory)
+    if writer is not None and info.st_uid != writer and os.geteuid() != writer:
+        return Finding(FAIL, "database", f"absent, and {directory} is not owned by {host.service_user}",
+                       f"chown {host.service_user}:{host.service_user} {directory}")
+    return Finding(OK, "database", f"absent; the collector will create it in {directory}")
+
+
+def _service_uid(host: Host) -> int | None:
+    try:
+        return pwd.getpwnam(host.service_user).pw_uid
+    except KeyError:
+        return None
+
+
+def _ownership(path: str, info: os.stat_result, host: Host) -> Finding:
+    mode = stat.S_IMODE(info.st_mode)
+    writer = _service_uid(host)
+    owner = _user_name(info.st_uid)
+    detail = f"{path}, owner {owner}, mode {mode:04o}"
+    if not stat.S_ISREG(info.st_mode):
+        return Finding(FAIL, "database", f"{path} is not a regular file", "move it away")
+    if writer is not None and info.st_uid != writer:
+        return Finding(FAIL, "database", detail + f"; the service runs as {host.service_user} and cannot write it",
+                       f"chown {host.service_user}:{host.service_user} {path}")
+    if not mode & stat.S_IWUSR:
+        return Finding(FAIL, "database", detail + "; not writable by its owner", f"chmod 0640 {path}")
+    if mode & ~DB_MODE:
+        return Finding(WARN, "database", detail + "; readable or writable beyond its group",
+                       "the collector sets 0640 at start; or chmod 0640 now")
+    return Finding(OK, "database", detail)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _contents(path: str, interval_ms: int, now_ms: int, host: Host) -> list[Finding]:
+    held = _held_by_collector(path)
+    try:
+        version, application, last_ms = _read_facts(path)
+    except PermissionError:
+        return [Finding(WARN, "schema", "cannot read the database",
+                        f"run as root or as a member of the {host.service_user} group")]
+    except sqlite3.DatabaseError as error:
+        return [Finding(FAIL, "schema", f"cannot read: {error}", "see gua-collector(8), EXIT STATUS 5 and 7")]
+    out = []
+    if version == 0 and application is None:
+        out.append(Finding(OK, "schema", "empty; the collector will create the schema"))
+    elif application != schema.APPLICATION:
+        out.append(Finding(FAIL, "schema", "not a gua database", "point db= elsewhere; the collector will not touch it"))
+    elif version > schema.SCHEMA_VERSION:
+        out.append(Finding(FAIL, "schema", f"version {version}, newer than this collector's {schema.SCHEMA_VERSION}",
+                           "upgrade gua"))
+    elif version < schema.SCHEMA_VERSION:
+        out.append(Finding(OK, "schema", f"version {version}; the collector upgrades it to "
+                                         f"{schema.SCHEMA_VERSION} in place at start"))
+    else:
+        out.append(Finding(OK, "schema", f"version {version}"))
+    out.append(_writer(held, last_ms, interval_ms, now_ms))
+    return out
+
+
+def _held_by_collector(path: str) -> bool | None:
+    """True while a collector holds its flock on the file; None when we cannot tell."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        # Closed before SQLite opens the file: no POSIX lock of ours is lost.
+        os.close(fd)
+    return False
+
+
+def _read_facts(path: str) -> tuple[int, str | None, int | None]:
+    """(user_version, meta application, newest tick ms), read-only."""
+    if not os.access(path, os.R_OK):
+        raise PermissionError(errno.EACCES, "permission denied", path)
+    uri = f"file:{path}?mode=ro"
+    if not os.path.exists(path + "-wal") and not os.access(os.path.dirname(path), os.W_OK):
+        uri = f"file:{path}?immutable=1"  # no writer: read the file as it stands
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        conn.execute("PRAGMA busy_timeout = 2000")
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        application = None
+        if "meta" in tables:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'application'").fetchone()
+            application = row[0] if row else None
+        elif tables:
+            application = ""
+        last = None
+        if "tick" in tables:
+            last = conn.execute("SELECT max(ts_ms) FROM tick").fetchone()[0]
+        return version, application, last
+    finally:
+        conn.close()
+
+
+def _writer(held: bool | None, last_ms: int | None, interval_ms: int, now_ms: int) -> Finding:
+    age = None if last_ms is None else (now_ms - last_ms) / 1000
+    when = "no tick yet" if age is None else f"last tick {age:.0f} s ago"
+    if held is None:
+        return Finding(WARN, "collector", f"cannot tell whether a collector writes it; {when}")
+    if not held:
+        return Finding(WARN, "collector", f"none is writing the database; {when}",
+                       "systemctl enable --now gua-collector")
+    if age is None or age * 1000 > STALE_INTERVALS * interval_ms:
+        return Finding(WARN, "collector", f"running but not recording ({when})",
+                       "systemctl status gua-collector says what it waits for")
+    return Finding(OK, "collector", f"running and recording; {when}")
+
+
+# --- textfile and clock ---------------------------------------------------------------------
+
+def _textfile(path: str, host: Host) -> Finding:
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        info = os.stat(directory)
+    except OSError as error:
+        return Finding(FAIL, "textfile", f"{directory}: {error.strerror}", "create it, or unset textfile=")
+    writer = _service_uid(host)
+    uid = writer if writer is not None else os.geteuid()
+    writable = (info.st_uid == uid and info.st_mode & stat.S_IWUSR) or info.st_mode & stat.S_IWOTH or (
+        info.st_mode & stat.S_IWGRP and info.st_gid in _service_groups(host.service_user))
+    if uid == 0 or writable:
+        return Finding(OK, "textfile", f"{directory} is writable by {host.service_user}")
+    return Finding(FAIL, "textfile", f"{host.service_user} cannot write {directory} (owner {_user_name(info.st_uid)}, "
+                   f"mode {stat.S_IMODE(info.st_mode):04o}); every tick's metrics would be lost",
+                   "write into a directory the service owns and link it from node_exporter's")
+
+
+def _clock(host: Host) -> Finding:
+    synced = (host.clock_synchronised or kernel_clock_synchronised)()
+    if synced is None:
+        return Finding(WARN, "clock", "cannot tell whether the clock is synchronised")
+    if not synced:
+        return Finding(WARN, "clock", "not synchronised: timestamps may step later (the collector never overlaps them)",
+                       "enable systemd-timesyncd or chrony")
+    return Finding(OK, "clock", "synchronised (kernel NTP status)")
+
+
+class _Timex(ctypes.Structure):
+    # struct timex: only its size matters here (the kernel fills it); 208 bytes on 64-bit Linux.
+    _fields_ = [("modes", ctypes.c_uint), ("_rest", ctypes.c_byte * 204)]
+
+
+def kernel_clock_synchronised() -> bool | None:
+    """adjtimex(2) read-only: TIME_ERROR (5) means the kernel's clock is not synchronised."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        state = libc.adjtimex(ctypes.byref(_Timex()))
+    except (OSError, AttributeError):
+        return None
+    if state < 0:
+        return None
+    return bool(state != 5)
