@@ -162,6 +162,21 @@ def test_report_as_gua_group_member(installed: nspawn.Container) -> None:
                              f"{as_json.stdout[:1000]}") from None
 
 
+def test_check_after_install(installed: nspawn.Container) -> None:
+    """gua-collector --check, as an admin runs it after installing: the database
+    is gua's and 0640, the running collector is seen through its lock, nothing FAILs."""
+    box = installed
+    result = box.run(["gua-collector", "--check", "--backend", "simulate:lab"])
+    print(result.stdout)
+    assert result.returncode == 0, f"--check exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    assert "FAIL" not in result.stdout and "Traceback" not in result.stderr
+    assert re.search(r"^OK +database: /var/lib/gua/gua.db, owner gua, mode 0640", result.stdout, re.M), result.stdout
+    assert re.search(r"^OK +collector: running and recording", result.stdout, re.M), result.stdout
+    as_admin = box.run(["runuser", "-u", ADMIN, "--", "gua-collector", "--check", "--backend", "simulate:lab"])
+    assert as_admin.returncode == 0 and "OK    schema: version" in as_admin.stdout, (
+        f"--check as a gua group member: exit {as_admin.returncode}\n{as_admin.stdout}\n{as_admin.stderr}")
+
+
 def test_report_outside_group_is_denied(installed: nspawn.Container) -> None:
     """A user outside group gua gets a one-line permission error, exit 4."""
     box = installed
