@@ -177,9 +177,59 @@ CREATE TABLE hour_unit (
 # Schema 2: time an account (or unit) held a GPU while the SM use of one of its
 # processes was unknown (MIG, NVML NOT_SUPPORTED). Schema 1 counted that time
 # as held and not idle, so an idle holder on such a GPU looked busy.
+#
+# Also schema 2: proc_gpu_state, what `gua-report now` needs to say how long
+# each process has been idle without scanning history. The collector keeps it
+# up to date in each tick's transaction (store.UPSERT_PROC_STATE) and prunes
+# it with retention; one row per (GPU, process) seen in about the last day.
 _V2 = """
 ALTER TABLE hour_account ADD COLUMN sm_unknown_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE hour_unit ADD COLUMN sm_unknown_ms INTEGER NOT NULL DEFAULT 0;
+
+CREATE TABLE proc_gpu_state (
+    gpu_id         INTEGER NOT NULL,
+    proc_id        INTEGER NOT NULL,
+    first_ms       INTEGER NOT NULL,       -- ts_ms of the first tick that saw it on this GPU
+    known_from_ms  INTEGER NOT NULL,       -- its SM observed without a break since this tick
+    last_active_ms INTEGER,                -- last tick with sm_util * 10 >= ACTIVE_PERMILLE; NULL never
+    last_seen_ms   INTEGER NOT NULL,       -- last tick that saw it on this GPU
+    PRIMARY KEY (gpu_id, proc_id)
+) WITHOUT ROWID;
+"""
+
+# proc_gpu_state counts a process active in a tick when sm_util * 10 >= this
+# (permille): the default active threshold, fixed when the tick is written.
+ACTIVE_PERMILLE = ROLLUP_ACTIVE_PERMILLE
+# An observation of a process that resumes after more than this without one
+# (collector stopped, host suspended, its GPU failing) restarts known_from_ms:
+# what it did meanwhile is unknown. Shorter breaks (a restart) are bridged.
+# Equal to the reporter's "gap" (a stretch of 5 min without ticks).
+PROC_STATE_HOLE_MS = 300_000
+# Schema 1 -> 2 rebuilds proc_gpu_state from this much raw history before the
+# newest tick, no more: the upgrade stays cheap on a 90-day database.
+PROC_STATE_BACKFILL_MS = 86_400_000
+
+# The fold of one process's rows, in tick order, into proc_gpu_state: an
+# UPSERT per (tick, GPU, process) (store.UPSERT_PROC_STATE) or, for the
+# upgrade, the same in one set-based statement. known_from_ms moves to the
+# tick when the process is first seen, when its sm_util is NULL, and when the
+# tick starts (ts_ms - duration_ms) more than PROC_STATE_HOLE_MS after its
+# last_seen_ms.
+_BACKFILL_PROC_STATE = """
+INSERT INTO proc_gpu_state (gpu_id, proc_id, first_ms, known_from_ms, last_active_ms, last_seen_ms)
+SELECT gpu_id, proc_id, min(ts_ms),
+       max(CASE WHEN prev_ms IS NULL OR sm_util IS NULL OR ts_ms - duration_ms - prev_ms > :hole
+                THEN ts_ms END),
+       max(CASE WHEN sm_util * 10 >= :active THEN ts_ms END),
+       max(ts_ms)
+FROM (
+    SELECT ps.gpu_id, ps.proc_id, t.ts_ms, t.duration_ms, ps.sm_util,
+           lag(t.ts_ms) OVER (PARTITION BY ps.gpu_id, ps.proc_id ORDER BY t.ts_ms) AS prev_ms
+    FROM tick AS t
+    JOIN proc_sample AS ps ON ps.tick_id = t.tick_id
+    WHERE t.ts_ms >= :lo
+)
+GROUP BY gpu_id, proc_id
 """
 
 
@@ -189,6 +239,31 @@ def _v1_to_v2(conn: sqlite3.Connection) -> None:
     from . import rollup
 
     rollup.backfill_sm_unknown(conn)
+    backfill_proc_state(conn)
+
+
+def backfill_proc_state(conn: sqlite3.Connection) -> None:
+    """Fill proc_gpu_state from the last PROC_STATE_BACKFILL_MS of raw rows (schema 1 -> 2).
+
+    A new database has no rows: it records 0. When older raw rows exist, or
+    retention has removed some, the state starts at the first tick read and
+    meta `proc_state_since_ms` says so: a first_ms or known_from_ms equal to
+    it may be later than the truth (the reporter says "at least").
+    """
+    newest = conn.execute("SELECT max(ts_ms) FROM tick").fetchone()[0]
+    since = 0
+    if newest is not None:
+        lo = newest - PROC_STATE_BACKFILL_MS
+        conn.execute(_BACKFILL_PROC_STATE, {"lo": lo, "hole": PROC_STATE_HOLE_MS, "active": ACTIVE_PERMILLE})
+        older = conn.execute("SELECT 1 FROM tick WHERE ts_ms < ? LIMIT 1", (lo,)).fetchone()
+        pruned = conn.execute("SELECT 1 FROM meta WHERE key = 'raw_pruned_before_ms'").fetchone()
+        if older or pruned:
+            since = conn.execute("SELECT min(ts_ms) FROM tick WHERE ts_ms >= ?", (lo,)).fetchone()[0]
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('proc_state_since_ms', ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (str(since),),
+    )
 
 
 # A migration is DDL, or a function for steps that must also rewrite data.

@@ -58,6 +58,19 @@ INSERT_PROC_SAMPLE = """
 INSERT OR REPLACE INTO proc_sample (tick_id, gpu_id, proc_id, kind, mem_mib, sm_util)
 VALUES (?, ?, ?, ?, ?, ?)
 """
+# What `gua-report now` reads instead of history: the fold of schema.py
+# (_BACKFILL_PROC_STATE is the same in one statement), one row per (GPU,
+# process) per tick, in the tick's transaction. :active is 1 when the row's
+# sm_util * 10 >= schema.ACTIVE_PERMILLE, :unknown when sm_util is NULL,
+# :start the tick's ts_ms - duration_ms.
+UPSERT_PROC_STATE = """
+INSERT INTO proc_gpu_state (gpu_id, proc_id, first_ms, known_from_ms, last_active_ms, last_seen_ms)
+VALUES (:gpu, :proc, :ts, :ts, CASE WHEN :active THEN :ts END, :ts)
+ON CONFLICT (gpu_id, proc_id) DO UPDATE SET
+    known_from_ms = CASE WHEN :unknown OR :start - last_seen_ms > :hole THEN :ts ELSE known_from_ms END,
+    last_active_ms = CASE WHEN :active THEN :ts ELSE last_active_ms END,
+    last_seen_ms = :ts
+"""
 INSERT_EVENT = """
 INSERT INTO event (ts_ms, end_ms, run_id, kind, gpu_id, detail)
 VALUES (?, ?, ?, ?, ?, ?)
@@ -79,6 +92,14 @@ DELETE_PRUNE = (
     "DELETE FROM gpu_sample WHERE tick_id IN (SELECT value FROM json_each(?))",
     "DELETE FROM tick WHERE tick_id IN (SELECT value FROM json_each(?))",
 )
+# proc_gpu_state keeps a (GPU, process) while it was seen after :before (the
+# retention cut) and within a day of the newest tick; a scan of a small table,
+# once at the end of each pruning pass.
+DELETE_PROC_STATE = """
+DELETE FROM proc_gpu_state
+WHERE last_seen_ms < max(:before, coalesce((SELECT max(ts_ms) FROM tick), :before) - :keep)
+"""
+PROC_STATE_KEEP_MS = 86_400_000
 
 
 class StoreError(Exception):
@@ -222,6 +243,8 @@ class Store:
         tick_id = cur.lastrowid
         gpu_rows = []
         proc_rows = []
+        state_rows: list[dict[str, object]] = []
+        start = tick.ts_ms - tick.duration_ms
         for sample in tick.gpus:
             gpu_id = self._gpu_id(sample.gpu)
             gpu_rows.append(
@@ -237,11 +260,17 @@ class Store:
                 )
             )
             for proc in sample.procs:
-                proc_rows.append(
-                    (tick_id, gpu_id, self._proc_id(proc.process), proc.kind, proc.mem_mib, proc.sm_util)
-                )
+                proc_id = self._proc_id(proc.process)
+                proc_rows.append((tick_id, gpu_id, proc_id, proc.kind, proc.mem_mib, proc.sm_util))
+                sm = proc.sm_util
+                state_rows.append({
+                    "gpu": gpu_id, "proc": proc_id, "ts": tick.ts_ms, "start": start,
+                    "active": sm is not None and sm * 10 >= schema.ACTIVE_PERMILLE,
+                    "unknown": sm is None, "hole": schema.PROC_STATE_HOLE_MS,
+                })
         conn.executemany(INSERT_GPU_SAMPLE, gpu_rows)
         conn.executemany(INSERT_PROC_SAMPLE, proc_rows)
+        conn.executemany(UPSERT_PROC_STATE, state_rows)
         for event in tick.events:
             self._write_event(event)
         self._rollups.before(tick.ts_ms // HOUR_MS)
@@ -306,7 +335,11 @@ class Store:
 
     # --- retention -------------------------------------------------------------------
     def prune(self, before_ms: int, batch: int = 2000) -> int:
-        """Delete one batch of raw ticks older than before_ms; returns how many ticks went."""
+        """Delete one batch of raw ticks older than before_ms; returns how many ticks went.
+
+        The last batch of a pass (fewer than `batch`) also drops proc_gpu_state
+        rows of processes not seen since before_ms or for a day before the newest tick.
+        """
         with self._transaction():
             ids = [row[0] for row in self._conn.execute(SELECT_PRUNE_BATCH, (before_ms, batch))]
             if ids:
@@ -314,6 +347,8 @@ class Store:
                 for statement in DELETE_PRUNE:
                     self._conn.execute(statement, (as_json,))
                 self._rollups.set_meta("raw_pruned_before_ms", str(before_ms))
+            if len(ids) < batch:
+                self._conn.execute(DELETE_PROC_STATE, {"before": before_ms, "keep": PROC_STATE_KEEP_MS})
         return len(ids)
 
     # --- transactions -------------------------------------------------------------------

@@ -3,7 +3,8 @@
 The schema 1 database is what gua 0.1.0 wrote: the released DDL
 (`schema.MIGRATIONS[0]`, frozen) holding the rows a schema 2 collector
 wrote for the same simulated hours, less what schema 2 added (the
-`sm_unknown_ms` columns, meta `sm_unknown_since_hour`). Raw rows and the
+`sm_unknown_ms` columns, meta `sm_unknown_since_hour`, the `proc_gpu_state`
+table and meta `proc_state_since_ms`). Raw rows and the
 other rollup columns are classified the same by both versions, so the
 upgraded file must equal the file schema 2 wrote natively, row for row.
 
@@ -63,7 +64,7 @@ def make_v1(src: str, dst: str) -> None:
     for table in tables:
         cols = ", ".join(r[1] for r in conn.execute(f"PRAGMA main.table_info({table})"))
         conn.execute(f"INSERT INTO main.{table} ({cols}) SELECT {cols} FROM src.{table}")
-    conn.execute("DELETE FROM main.meta WHERE key = 'sm_unknown_since_hour'")
+    conn.execute("DELETE FROM main.meta WHERE key IN ('sm_unknown_since_hour', 'proc_state_since_ms')")
     conn.execute("PRAGMA user_version = 1")
     conn.execute("COMMIT")
     conn.execute("DETACH DATABASE src")
@@ -122,6 +123,10 @@ def test_fresh_database_is_schema_2(tmp_path: Path) -> None:
     assert meta["sm_unknown_since_hour"] == "0"  # recorded from the start
     for table in ("hour_account", "hour_unit"):
         assert columns(path, table)[-1] == "sm_unknown_ms"
+    # what `gua-report now` reads, complete from the start
+    assert meta["proc_state_since_ms"] == "0"
+    assert columns(path, "proc_gpu_state") == [
+        "gpu_id", "proc_id", "first_ms", "known_from_ms", "last_active_ms", "last_seen_ms"]
 
 
 def test_native_rollups_carry_sm_unknown(native: str) -> None:
@@ -148,6 +153,9 @@ def test_v1_upgrades_in_place(native: str, v1: str) -> None:
         if table not in ("hour_account", "hour_unit", "meta"):
             assert after[table] == rows, table
     assert after == dump(native)
+    # proc_gpu_state rebuilt from raw rows equals the one kept tick by tick
+    assert "proc_gpu_state" not in before and len(after["proc_gpu_state"]) == 3  # alice, bob, carol
+    assert dict(after["meta"])["proc_state_since_ms"] == "0"  # all raw rows within a day: complete
     assert sum(r[-1] for r in after["hour_unit"]) == 0  # units: carol's job, SM known
     assert sum(r[-1] for r in after["hour_account"]) > 0
 
@@ -166,7 +174,11 @@ def test_upgrade_after_retention_records_where_it_starts(native: str, v1: str) -
 
     since_hour = FIRST_HOUR + 3  # the first hour with all its raw rows
     with sqlite3.connect(v1) as conn:
-        assert dict(conn.execute("SELECT key, value FROM meta"))["sm_unknown_since_hour"] == str(since_hour)
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+        first_kept = conn.execute("SELECT min(ts_ms) FROM tick").fetchone()[0]
+    assert meta["sm_unknown_since_hour"] == str(since_hour)
+    # retention removed observations: process state starts at the first tick left, and says so
+    assert meta["proc_state_since_ms"] == str(first_kept)
     got, want = dump(v1), dump(native)
     for table in ("hour_account", "hour_unit"):
         old = [r for r in got[table] if r[0] < since_hour]
@@ -216,6 +228,41 @@ def test_reporter_reads_v1_and_upgraded_alike(native: str, v1: str) -> None:
         del d["source"]
         d["database"]["path"] = ""
     assert upgraded == nat
+
+
+def test_upgrade_rebuilds_process_state_from_one_day(tmp_path: Path) -> None:
+    """A long history: the upgrade reads only the last day of raw rows, and records where it started."""
+    start, interval = START - 30 * HOUR, 60_000
+    native = str(tmp_path / "native.db")
+    store = Store.open(native, now_ms=start)
+    store.begin_run(start, interval, "simulate:lab", "gpu01", "0.1.0")
+    ticks = list(sim_ticks(start, END, interval, "lab"))
+    for n in range(0, len(ticks), 500):
+        store.write_ticks(ticks[n:n + 500])
+    store.close()
+    old = str(tmp_path / "v1.db")
+    make_v1(native, old)
+    Store.open(old, now_ms=END).close()
+
+    newest = ticks[-1].ts_ms
+    horizon = min(t.ts_ms for t in ticks if t.ts_ms >= newest - schema.PROC_STATE_BACKFILL_MS)
+    got, want = dump(old), dump(native)
+    assert dict(got["meta"])["proc_state_since_ms"] == str(horizon)
+    assert dict(want["meta"])["proc_state_since_ms"] == "0"
+    got_rows = {(r[0], r[1]): r[2:] for r in got["proc_gpu_state"]}
+    want_rows = {(r[0], r[1]): r[2:] for r in want["proc_gpu_state"]}
+    seen_lately = {k for k, r in want_rows.items() if r[3] >= horizon}
+    assert set(got_rows) == seen_lately and len(got_rows) >= 4
+    clipped = 0
+    for key, (first, known_from, last_active, last_seen) in got_rows.items():
+        w_first, w_known, w_active, w_seen = want_rows[key]
+        assert last_seen == w_seen
+        assert first == max(w_first, horizon)
+        # what happened before the horizon is unknown: known_from starts there at the earliest
+        assert known_from == max(w_known, horizon) if w_known <= horizon else known_from == w_known
+        assert last_active == (w_active if w_active is not None and w_active >= horizon else None)
+        clipped += w_first < horizon == first
+    assert clipped >= 2  # bob's notebooks were there all along
 
 
 def test_collector_upgrades_on_start(v1: str) -> None:
