@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .records import ProcessInfo
+from .records import ProcessInfo, ProcUsage
 
 
 class BackendInitError(Exception):
@@ -73,6 +73,12 @@ class ProcessLookup(Protocol):
 
     def hidden(self) -> str:
         """Why other users' processes may be invisible ('' when they are not)."""
+
+    def usage(self, process: ProcessInfo) -> ProcUsage | None:
+        """CPU time and RSS of that very process now; None when gone, reused or unreadable."""
+
+    def host_cpu(self) -> tuple[int, int] | None:
+        """(busy ms, total ms) of all CPUs since boot; None when unreadable."""
 
 
 class Backend(Protocol):

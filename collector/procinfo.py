@@ -7,7 +7,7 @@ import pwd
 from collections.abc import Callable
 
 from .attribution import Layout, hierarchy_layout, label, label_path, split_cgroup_file
-from .records import ProcessInfo
+from .records import ProcessInfo, ProcUsage
 
 # The old name, still imported by simulate.py and the report tests.
 unit_from_cgroup = label_path
@@ -23,6 +23,28 @@ def parse_stat_starttime(text: str) -> int:
     """Field 22 of /proc/PID/stat (clock ticks after boot); comm may hold spaces and ')'."""
     rest = text[text.rindex(")") + 2 :].split()
     return int(rest[19])
+
+
+def parse_stat_usage(text: str) -> tuple[int, int, int]:
+    """(utime + stime in clock ticks, rss in pages, starttime in ticks): fields 14, 15, 24 and 22."""
+    rest = text[text.rindex(")") + 2 :].split()
+    return int(rest[11]) + int(rest[12]), int(rest[21]), int(rest[19])
+
+
+def parse_host_cpu(stat_text: str) -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all CPUs from the first line of /proc/stat.
+
+    Idle and iowait are not busy; guest time is already inside user and nice,
+    so only the first eight fields add up to the total.
+    """
+    for line in stat_text.splitlines():
+        if line.startswith("cpu "):
+            fields = [int(x) for x in line.split()[1:9]]
+            if len(fields) < 5:
+                return None
+            total = sum(fields)
+            return total - fields[3] - fields[4], total
+    return None
 
 
 def parse_real_uid(status_text: str) -> int | None:
@@ -73,6 +95,7 @@ class ProcReader:
         self._root = proc_root
         self._boot_ms = boot_time_ms(proc_root)
         self._ticks_per_s = os.sysconf("SC_CLK_TCK")
+        self._page_size = os.sysconf("SC_PAGE_SIZE")
         self._username_of = username_of or _passwd_name
         self._names: dict[int, str] = {}
         self._known: dict[tuple[int, int], ProcessInfo] = {}
@@ -120,6 +143,28 @@ class ProcReader:
             return hierarchy_layout(_read(f"{self._root}/self/cgroup"))
         except OSError:
             return None
+
+    def usage(self, process: ProcessInfo) -> ProcUsage | None:
+        """CPU time and RSS of that process, if the pid still is that process."""
+        if process.start_ms == 0:
+            return None  # identity unknown (hidepid): cannot tell a reused pid
+        try:
+            cpu_ticks, rss_pages, start_ticks = parse_stat_usage(_read(f"{self._root}/{process.pid}/stat"))
+        except (OSError, ValueError, IndexError):
+            return None
+        if self._boot_ms + start_ticks * 1000 // self._ticks_per_s != process.start_ms:
+            return None  # the pid now belongs to another process
+        return ProcUsage(cpu_ticks * 1000 // self._ticks_per_s, rss_pages * self._page_size)
+
+    def host_cpu(self) -> tuple[int, int] | None:
+        """(busy ms, total ms) of all CPUs since boot."""
+        try:
+            ticks = parse_host_cpu(_read(f"{self._root}/stat"))
+        except OSError:
+            return None
+        if ticks is None:
+            return None
+        return ticks[0] * 1000 // self._ticks_per_s, ticks[1] * 1000 // self._ticks_per_s
 
     def hidden(self) -> str:
         """Why other users' processes may be invisible here ('' when they are not)."""

@@ -31,6 +31,14 @@ class ProcessInfo:
 
 
 @dataclass(frozen=True)
+class ProcUsage:
+    """A process's CPU time and resident memory, read from /proc at one instant."""
+
+    cpu_ms: int  # user + system time since the process started
+    rss_bytes: int | None
+
+
+@dataclass(frozen=True)
 class ProcSample:
     """One process on one GPU during one tick."""
 
@@ -38,6 +46,8 @@ class ProcSample:
     kind: int  # schema.KIND_* bit flags
     mem_mib: int | None
     sm_util: int | None  # percent over the interval
+    cpu_permille: int | None = None  # CPU over the interval, 1000 = one core busy; None unknown
+    rss_mib: int | None = None  # resident host memory at the tick
 
 
 @dataclass(frozen=True)
@@ -74,3 +84,4 @@ class Tick:
     duration_ms: int
     gpus: tuple[GpuSample, ...]
     events: tuple[Event, ...] = field(default_factory=tuple)
+    host_cpu_permille: int | None = None  # all CPUs busy over the interval, 0..1000; None unknown

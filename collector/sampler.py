@@ -7,6 +7,7 @@ from statistics import median
 
 from . import schema
 from .backend import Backend, BackendInitError, Cursor, DeviceError, RawDevice, RawProcess
+from .cpu import CpuMeter
 from .records import Event, GpuInfo, GpuSample, ProcessInfo, ProcSample, Tick
 
 MIB = 1024 * 1024
@@ -159,6 +160,7 @@ class Sampler:
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
         self._lookup = backend.processes()
+        self._cpu = CpuMeter(self._lookup)
         self._devices: dict[str, DeviceState] = {}  # by "index" or "uuid" key
         self._checked_proc = False
 
@@ -205,9 +207,12 @@ class Sampler:
                 mig_state = self._state(mig.uuid)
                 mig_state.absorb(mig)
                 samples.append(self._sample(mig, mig_state, duration_ms, live, events, ts_ms))
+        samples = self._cpu.annotate(samples, duration_ms)
+        host_cpu = self._cpu.host()
         # Exited processes are not kept live: their identities live in DeviceState.seen.
         self._lookup.retain(live)
-        return Tick(ts_ms=ts_ms, duration_ms=duration_ms, gpus=tuple(samples), events=tuple(events))
+        return Tick(ts_ms=ts_ms, duration_ms=duration_ms, gpus=tuple(samples), events=tuple(events),
+                    host_cpu_permille=host_cpu if duration_ms > 0 else None)
 
     def _device_count(self) -> int:
         """Device count; when even that fails, NVML as a whole is gone (driver unloaded or upgraded)."""

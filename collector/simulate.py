@@ -16,7 +16,7 @@ from . import schema
 from .backend import BackendInitError, Cursor, DeviceError, RawDevice, RawProcess
 from .clock import Clock
 from .procinfo import unit_from_cgroup
-from .records import ProcessInfo
+from .records import ProcessInfo, ProcUsage
 
 MIB = 1024 * 1024
 GIB_MIB = 1024
@@ -33,6 +33,7 @@ MONDAY_SHIFT_MS = 3 * DAY_MS
 # 120 s is met by the collector's 123 s retry (1, 2, 4 ... s backoff), keeping the system test short.
 LATE_S = 120
 
+SIM_CORES = 32  # the simulated host's CPUs, for host CPU utilisation
 USERS = {"alice": 1001, "bob": 1002, "carol": 1003, "root": 0}
 
 
@@ -48,6 +49,7 @@ class SimProc:
     mem_mib: int | None
     sm: int
     kind: int = schema.KIND_COMPUTE
+    cpu: int = 0  # host CPU in percent of one core (data loading, preprocessing)
 
 
 # A GPU's workload: simulated wall time (ms) -> (device util %, processes).
@@ -89,20 +91,24 @@ def alice_training(offset_h: int = 0, pid_base: int = 20_000) -> Workload:
         proc = SimProc(pid, run_start, "alice", "python", _session_cgroup("alice"), 30 * GIB_MIB, 0)
         if in_day < 17 * HOUR_MS:
             util = 88 + (t_ms // 60_000) % 11  # 88..98 %, varying by minute
-            return util, (replace(proc, sm=util),)
-        return 0, (proc,)
+            return util, (replace(proc, sm=util, cpu=100),)
+        return 0, (proc,)  # the finished job sits on its memory doing nothing: abandoned
 
     return workload
 
 
-def bob_notebook(mem_gib: int = 8, pid: int = 30_001, bursts: bool = True) -> Workload:
-    """A Jupyter kernel that holds memory all week; 10 busy minutes every 2 hours if bursts."""
+def bob_notebook(mem_gib: int = 8, pid: int = 30_001, bursts: bool = True, cpu: int = 0) -> Workload:
+    """A Jupyter kernel that holds memory all week; 10 busy minutes every 2 hours if bursts.
+
+    cpu: the kernel's host CPU while the GPU idles (preprocessing data: waiting on CPU).
+    """
     start = 1_760_000_000_000  # started long before any simulated window
 
     def workload(t_ms: int) -> tuple[int, tuple[SimProc, ...]]:
         busy = bursts and (t_ms % (2 * HOUR_MS)) < 10 * 60_000
         util = 40 if busy else 0
-        return util, (SimProc(pid, start, "bob", "python3", _session_cgroup("bob"), mem_gib * GIB_MIB, util),)
+        return util, (SimProc(pid, start, "bob", "python3", _session_cgroup("bob"), mem_gib * GIB_MIB, util,
+                              cpu=30 if busy else cpu),)
 
     return workload
 
@@ -117,7 +123,7 @@ def carol_duty_cycle(job: int = 4242, pid: int = 40_001, extra: Workload | None 
             util = 95 if (t_ms // 1000) % 30 < 12 else 0
             cgroup = f"/system.slice/slurmstepd.scope/job_{job}/step_0/user/task_0"
             start = t_ms - t_ms % DAY_MS
-            procs = (SimProc(pid, start, "carol", "train.py", cgroup, 12 * GIB_MIB, util),)
+            procs = (SimProc(pid, start, "carol", "train.py", cgroup, 12 * GIB_MIB, util, cpu=180 if util else 90),)
         if extra is not None:
             procs += extra(t_ms)[1]
         return util, procs
@@ -144,7 +150,7 @@ def lab() -> tuple[SimGpu, ...]:
     return (
         _card(0, alice_training()),
         _card(1, bob_notebook()),
-        _card(2, carol_duty_cycle(extra=bob_notebook(mem_gib=2, pid=30_002, bursts=False))),
+        _card(2, carol_duty_cycle(extra=bob_notebook(mem_gib=2, pid=30_002, bursts=False, cpu=250))),
         _card(3, display_only),
     )
 
@@ -189,9 +195,17 @@ class SimLookup:
 
     def __init__(self) -> None:
         self._live: dict[int, ProcessInfo] = {}
+        # Cumulative CPU as /proc keeps it: pid -> (cpu_ms so far, rate in %, at ms).
+        self._cpu: dict[int, tuple[float, int, int]] = {}
+        self._host_ms = 0.0
+        self._host_at: int | None = None
+        self._host_rate = 0  # percent of one core, all processes together
 
-    def publish(self, procs: tuple[SimProc, ...]) -> None:
+    def publish(self, procs: tuple[SimProc, ...], now_ms: int) -> None:
+        self._advance(now_ms)
         for proc in procs:
+            used, _, at = self._cpu.get(proc.pid, (float(proc.cpu) * 10, proc.cpu, now_ms))
+            self._cpu[proc.pid] = (used, proc.cpu, at)
             known = self._live.get(proc.pid)
             if known is None or known.start_ms != proc.start_ms:
                 self._live[proc.pid] = ProcessInfo(
@@ -204,8 +218,30 @@ class SimLookup:
                     unit=unit_from_cgroup(proc.cgroup),
                 )
 
+    def _advance(self, now_ms: int) -> None:
+        """Integrate every process's (and the host's) CPU up to now at the rates last published."""
+        for pid, (used, rate, at) in self._cpu.items():
+            if now_ms > at:
+                self._cpu[pid] = (used + rate * (now_ms - at) / 100, rate, now_ms)
+        if self._host_at is not None and now_ms > self._host_at:
+            self._host_ms += (self._host_rate + 50) * (now_ms - self._host_at) / 100  # + half a core of other work
+        if self._host_at is None or now_ms > self._host_at:
+            self._host_at = now_ms
+            self._host_rate = sum(rate for _, rate, _ in self._cpu.values())
+
     def lookup(self, pid: int) -> ProcessInfo | None:
         return self._live.get(pid)
+
+    def usage(self, process: ProcessInfo) -> ProcUsage | None:
+        known = self._live.get(process.pid)
+        if known is None or known.start_ms != process.start_ms or process.pid not in self._cpu:
+            return None
+        return ProcUsage(round(self._cpu[process.pid][0]), 2 * 1024**3)
+
+    def host_cpu(self) -> tuple[int, int] | None:
+        if self._host_at is None:
+            return None
+        return round(self._host_ms), SIM_CORES * self._host_at
 
     def hidden(self) -> str:
         return ""
@@ -214,6 +250,7 @@ class SimLookup:
         for pid, info in list(self._live.items()):
             if (pid, info.start_ms) not in live:
                 del self._live[pid]
+                self._cpu.pop(pid, None)
 
 
 class SimBackend:
@@ -282,7 +319,7 @@ class SimBackend:
         util, proc_util = self._samples(gpu, now, cursor) if sampled else (None, None)
         if not full:
             return RawDevice(gpu.uuid, index, "", None, None, util, [], proc_util, None, None, is_mig_parent)
-        self._lookup.publish(procs)
+        self._lookup.publish(procs, now)
         used = sum(p.mem_mib or 0 for p in procs) + (0 if is_mig_child else 420)
         return RawDevice(
             uuid=gpu.uuid,

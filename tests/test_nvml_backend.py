@@ -118,6 +118,12 @@ class NoLookup:
     def hidden(self):
         return ""
 
+    def usage(self, process):
+        return None
+
+    def host_cpu(self):
+        return None
+
 
 def backend(nvml: types.SimpleNamespace) -> NvmlBackend:
     b = NvmlBackend(nvml, NoLookup())  # type: ignore[arg-type]
@@ -220,6 +226,12 @@ class People:
 
     def hidden(self) -> str:
         return ""
+
+    def usage(self, process: ProcessInfo) -> None:
+        return None  # CPU is not what these tests are about
+
+    def host_cpu(self) -> None:
+        return None
 
 
 def stored_sm(tmp_path: Path, nvml: types.SimpleNamespace, *, poll_first: bool) -> dict[int, int | None]:

@@ -8,7 +8,7 @@ import pytest
 
 from gua_collector import schema
 from gua_collector.backend import Cursor, DeviceError, RawDevice, RawProcess
-from gua_collector.records import GpuSample, ProcessInfo, ProcSample, Tick
+from gua_collector.records import GpuSample, ProcessInfo, ProcSample, ProcUsage, Tick
 from gua_collector.sampler import ProcUtilAccumulator, Sampler, UtilAccumulator, merge_processes
 from gua_collector.states import holds
 
@@ -101,7 +101,15 @@ class FakeLookup:
     def hidden(self) -> str:
         return self.why_hidden
 
+    def usage(self, process: ProcessInfo) -> ProcUsage | None:
+        return self.cpu_ms.get(process.pid) if self.people.get(process.pid) == process else None
+
+    def host_cpu(self) -> tuple[int, int] | None:
+        return self.host
+
     why_hidden = ""
+    cpu_ms: dict[int, ProcUsage] = {}  # replaced per test, never mutated in place
+    host: tuple[int, int] | None = None
 
 
 def person(pid: int, user: str, start: int = 1000) -> ProcessInfo:
@@ -319,6 +327,12 @@ class Timeline:
 
     def hidden(self) -> str:
         return ""
+
+    def usage(self, process: ProcessInfo) -> None:
+        return None  # CPU is not what these tests are about
+
+    def host_cpu(self) -> None:
+        return None
 
     # Backend
     def init(self) -> None: ...

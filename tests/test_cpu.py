@@ -1,0 +1,117 @@
+"""Host and per-process CPU beside the GPU: /proc parsing, rates between ticks, the simulated host."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from gua_collector import schema
+from gua_collector.clock import SimClock
+from gua_collector.cpu import CpuMeter
+from gua_collector.procinfo import ProcReader, parse_host_cpu, parse_stat_usage
+from gua_collector.records import GpuInfo, GpuSample, ProcessInfo, ProcSample, ProcUsage
+from gua_collector.sampler import Sampler
+from gua_collector.simulate import SimBackend
+
+HZ = os.sysconf("SC_CLK_TCK")
+START = 1_772_438_400_000
+
+
+def stat_line(pid: int, comm: str, utime: int, stime: int, start: int, rss: int) -> str:
+    # Fields 3..24 after "pid (comm) ": state, then 4..13, utime 14, stime 15, ..., starttime 22, vsize 23, rss 24.
+    fields = ["S"] + ["0"] * 10 + [str(utime), str(stime)] + ["0"] * 6 + [str(start), "0", str(rss)]
+    return f"{pid} ({comm}) " + " ".join(fields)
+
+
+def test_parse_stat_usage_survives_hostile_comm() -> None:
+    text = stat_line(7, "a) (b c) 9", utime=150, stime=50, start=1234, rss=2560)
+    assert parse_stat_usage(text) == (200, 2560, 1234)
+
+
+def test_parse_host_cpu_counts_idle_and_iowait_as_not_busy() -> None:
+    text = "cpu  100 5 45 800 50 0 0 0 30 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n"
+    assert parse_host_cpu(text) == (150, 1000)
+    assert parse_host_cpu("intr 1 2 3\n") is None
+
+
+def test_reader_usage_refuses_a_reused_pid(tmp_path: Path) -> None:
+    (tmp_path / "stat").write_text("cpu  10 0 10 80 0 0 0 0 0 0\nbtime 1700000000\n")
+    proc = tmp_path / "500"
+    proc.mkdir()
+    (proc / "stat").write_text(stat_line(500, "python", utime=3 * HZ, stime=HZ, start=10 * HZ, rss=1000))
+    reader = ProcReader(str(tmp_path))
+    me = ProcessInfo(500, 1_700_000_010_000, 1001, "alice", "python", "", "")
+    used = reader.usage(me)
+    assert used is not None and used.cpu_ms == 4000 and used.rss_bytes == 1000 * os.sysconf("SC_PAGE_SIZE")
+    (proc / "stat").write_text(stat_line(500, "bash", utime=0, stime=0, start=99 * HZ, rss=10))
+    assert reader.usage(me) is None, "the pid belongs to another process now"
+    assert reader.usage(ProcessInfo(500, 0, None, "unknown", "?", "", "")) is None
+    assert reader.host_cpu() == (20 * 1000 // HZ, 100 * 1000 // HZ)
+
+
+class Counters:
+    """A ProcessLookup whose counters the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.cpu: dict[int, int] = {}
+        self.host: tuple[int, int] | None = None
+
+    def usage(self, process: ProcessInfo) -> ProcUsage | None:
+        return ProcUsage(self.cpu[process.pid], 3 * 1024 * 1024) if process.pid in self.cpu else None
+
+    def host_cpu(self) -> tuple[int, int] | None:
+        return self.host
+
+    def lookup(self, pid: int) -> None:
+        return None
+
+    def retain(self, live: set[tuple[int, int]]) -> None:
+        pass
+
+    def hidden(self) -> str:
+        return ""
+
+
+def sample(*procs: ProcSample) -> GpuSample:
+    return GpuSample(GpuInfo("GPU-0", 0, "Test", None), procs=procs)
+
+
+def who(pid: int) -> ProcessInfo:
+    return ProcessInfo(pid, 1000 + pid, 1000, "alice", "python", "", "")
+
+
+def test_meter_turns_counters_into_rates_between_ticks() -> None:
+    counters = Counters()
+    meter = CpuMeter(counters)  # type: ignore[arg-type]
+    busy, idle = ProcSample(who(1), 1, 100, 0), ProcSample(who(2), 1, 100, 0)
+    gone = ProcSample(who(3), schema.KIND_COMPUTE | schema.KIND_EXITED, 0, 50)
+    counters.cpu = {1: 1_000, 2: 500, 3: 0}
+    counters.host = (1_000, 10_000)
+    first = meter.annotate([sample(busy, idle)], 0)
+    assert [p.cpu_permille for p in first[0].procs] == [None, None], "no interval yet"
+    assert first[0].procs[0].rss_mib == 3
+    assert meter.host() is None
+    counters.cpu = {1: 21_000, 2: 600, 3: 9_999}
+    counters.host = (6_000, 20_000)
+    second = meter.annotate([sample(busy, idle, gone), sample(busy)], 10_000)
+    assert [p.cpu_permille for p in second[0].procs] == [2000, 10, None], "two cores, ~idle, exited: unknown"
+    assert second[1].procs[0].cpu_permille == 2000, "a process on two GPUs is measured once"
+    assert meter.host() == 500
+    counters.cpu = {2: 700}
+    third = meter.annotate([sample(busy, idle)], 10_000)
+    assert [p.cpu_permille for p in third[0].procs] == [None, 10], "a process /proc lost is unknown, not 0"
+
+
+def test_simulated_lab_tells_a_preprocessing_notebook_from_an_abandoned_job() -> None:
+    clock = SimClock(START + 10 * 3_600_000)  # a Monday 18:00 UTC: alice's job has finished, memory still held
+    backend = SimBackend("lab", clock)
+    backend.init()
+    sampler = Sampler(backend)
+    sampler.tick(clock.wall_ms(), 0)
+    for _ in range(3):
+        clock.sleep(10, None)  # type: ignore[arg-type]
+        tick = sampler.tick(clock.wall_ms(), 10_000)
+    cpu = {(g.gpu.index, p.process.username): p.cpu_permille for g in tick.gpus for p in g.procs}
+    assert cpu[(0, "alice")] == 0, "the finished job does nothing on the CPU either"
+    assert cpu[(2, "bob")] == 2500, "bob's notebook preprocesses on 2.5 cores while its GPU idles"
+    assert tick.host_cpu_permille is not None and 0 < tick.host_cpu_permille < 1000
