@@ -171,6 +171,7 @@ def test_help_documents_exit_codes():
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to an unprivileged user")
 
 
+@needs_root
 def test_permission_denied_names_group(shared_dir, good_db):
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) not installed")
