@@ -1,7 +1,9 @@
 """gua-report command line: arguments, exit codes, and nothing else.
 
 Every expected failure becomes one line on stderr, `gua-report: error: ...`,
-and a distinct exit code (errors.Exit); tracebacks are for bugs only.
+and a distinct exit code (errors.Exit); tracebacks are for bugs only. With
+--format json a failure after the command line was accepted also prints a
+small JSON document on stdout, so a script always gets JSON (JSON.md).
 """
 
 from __future__ import annotations
@@ -11,35 +13,62 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TextIO, TypeVar
 
 from . import __version__
 from .classify import Options, build
-from .errors import EXIT_TABLE, Exit, ReportError
+from .errors import EXIT_TABLE, Exit, ReportError, escape
 from .opendb import open_readonly
 from .render_json import FORMAT_VERSION
 from .window import WindowError, parse_bytes, parse_instant, parse_percent_permille, zone
 
 DEFAULT_DB = "/var/lib/gua/gua.db"
+_KNOWN_USERS_SHOWN = 20  # an error line names at most this many users
+
+T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, with its usage errors as our one-line format (exit 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(Exit.BAD_ARGS, f"{self.prog}: error: {message}\n")
+        # The message quotes what was typed, which may hold terminal controls.
+        self.exit(Exit.BAD_ARGS, f"{self.prog}: error: {escape(message, ascii_only=False)}\n")
+
+
+def _exit_code_line(code: int, text: str) -> str:
+    """One row of the exit code table, wrapped under its text to fit 80 columns."""
+    line = f"  {code}  {text}"
+    if len(line) <= 80:
+        return line
+    import textwrap  # only for a long row; start-up stays cheap
+
+    return textwrap.fill(text, 80, initial_indent=f"  {code}  ", subsequent_indent=" " * (4 + len(str(code))))
 
 
 def _epilog() -> str:
-    codes = "\n".join(f"  {int(c)}  {text}" for c, text in EXIT_TABLE)
+    codes = "\n".join(_exit_code_line(int(c), text) for c, text in EXIT_TABLE)
     return (
+        "WHEN: a duration before --until (90m, 12h, 1h30m, 7d, 2w); journalctl's\n"
+        "forms, which count from now: now, today, yesterday (local midnight),\n"
+        "-2h or '2h ago', @EPOCH; a date 2026-11-28 or 'YYYY-MM-DD HH:MM[:SS]'\n"
+        "(also ISO 8601 with T and an offset), read in --tz unless it ends in a\n"
+        "zone ('2026-11-28 10:00 UTC'). Times after now (+2h) are refused.\n\n"
         "A GPU-tick is active when SM utilization >= --active-threshold, idle-held\n"
         "when below it while compute processes hold > --held-threshold of memory\n"
-        "(or memory NVML cannot report), else truly idle. The database is opened\n"
-        "read-only; reading it needs membership of the group that owns it.\n\n"
+        "(or memory NVML cannot report), else truly idle. --user selects rows of\n"
+        "the identities section only: the other sections describe whole GPUs.\n"
+        "The database is opened read-only; reading it needs membership of the\n"
+        "group that owns it. Names from the database are printed with control\n"
+        "and bidi characters escaped (\\x1b, \\u202e); JSON has them exactly.\n\n"
         f"exit codes:\n{codes}\n\n"
-        f"JSON and CSV output are a versioned contract (format_version {FORMAT_VERSION}), documented\n"
-        "in JSON.md beside the gua_report package sources."
+        f"JSON and CSV output are a versioned contract (format_version {FORMAT_VERSION}),\n"
+        "documented in JSON.md beside the gua_report package sources. With\n"
+        "--format json, an error (exit 3-8, or 2 for a bad value) also prints\n"
+        '{"format_version": N, "error": {"code": C, "message": ...}} on stdout.\n\n'
+        "environment: NO_COLOR (non-empty: no colour with --color=auto), TERM\n"
+        "(unset or dumb: no colour with --color=auto), TZ (the default --tz)."
     )
 
 
@@ -53,35 +82,49 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--db", default=DEFAULT_DB, metavar="PATH", help=f"database (default {DEFAULT_DB})")
     p.add_argument("--since", default="7d", metavar="WHEN",
-                   help="start: a duration before --until (90m, 12h, 7d, 2w) or an ISO "
-                        "date/datetime, read in --tz (default 7d)")
+                   help="start: a duration before --until (90m, 7d), -2h, today, yesterday, "
+                        "a date or 'YYYY-MM-DD HH:MM' in --tz; see WHEN below (default 7d)")
     p.add_argument("--until", default="now", metavar="WHEN",
-                   help="end: 'now', a duration before now, or an ISO date/datetime (default now)")
+                   help="end, in the same forms; a duration is before now (default now)")
     p.add_argument("--gpu", action="append", default=[], metavar="INDEX|UUID",
                    help="only this GPU (repeatable); its MIG instances come with it")
     p.add_argument("--user", action="append", default=[], metavar="NAME|UID",
-                   help="only this user in the identities section (repeatable)")
+                   help="only this user in the identities section (repeatable); GPU totals, "
+                        "per-GPU, heatmap and energy still count every user")
     p.add_argument("--tz", default=None, metavar="ZONE",
                    help="IANA time zone for times and the heatmap (default: the host's zone)")
     p.add_argument("--active-threshold", default="10", metavar="PERCENT",
                    help="SM utilization at or above which a GPU-tick is active (default 10)")
     p.add_argument("--held-threshold", default="100MB", metavar="SIZE",
-                   help="compute memory above which a GPU is held: MB, MiB, GB, GiB (default 100MB)")
+                   help="compute memory above which a GPU is held, with a unit: B, kB, MB, "
+                        "GB, TB or KiB, MiB, GiB, TiB; only 0 may omit it (default 100MB)")
     p.add_argument("--format", choices=("text", "json", "csv"), default="text",
                    help="text (80 columns, default), json (a versioned contract) or csv "
                         "(section,subject,metric,value)")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="colour in text output: auto (default) only on a terminal, "
+                        "with NO_COLOR empty or unset and TERM not dumb")
     p.add_argument("--no-rollups", action="store_true",
                    help="verification: ignore the hourly rollups, classify every raw row (slow)")
     p.add_argument("--version", action="version", version=f"gua-report {__version__}")
     return p
 
 
+def _parse(option: str, value: str, parse: Callable[..., T], *extra: object) -> T:
+    """Run one value parser; its error names the option, as argparse's do."""
+    try:
+        return parse(value, *extra)
+    except WindowError as exc:
+        raise WindowError(f"argument {option}: {exc}") from None
+
+
 def _options(args: argparse.Namespace, now_ms: int) -> Options:
-    tz, tz_name = zone(args.tz)
-    until = parse_instant(args.until, now_ms, tz)
-    # A duration for --since is a window length ending at --until, so
-    # `--since 7d --until 2024-05-01` means the week before May.
-    since = parse_instant(args.since, until, tz)
+    tz, tz_name = _parse("--tz", args.tz, zone)
+    until = _parse("--until", args.until, parse_instant, now_ms, tz)
+    # A plain duration for --since is a window length ending at --until, so
+    # `--since 7d --until 2024-05-01` means the week before May; journalctl's
+    # forms (-2h, today) count from now, as they do in journalctl.
+    since = _parse("--since", args.since, parse_instant, now_ms, tz, until)
     if since >= until:
         raise WindowError(f"--since ({args.since}) must be before --until ({args.until})")
     return Options(
@@ -89,21 +132,80 @@ def _options(args: argparse.Namespace, now_ms: int) -> Options:
         until_ms=until,
         tz=tz,
         tz_name=tz_name,
-        active_pm=parse_percent_permille(args.active_threshold),
-        held_bytes=parse_bytes(args.held_threshold),
+        active_pm=_parse("--active-threshold", args.active_threshold, parse_percent_permille),
+        held_bytes=_parse("--held-threshold", args.held_threshold, parse_bytes),
         gpus=tuple(args.gpu),
         users=tuple(args.user),
         use_rollups=not args.no_rollups,
     )
 
 
+def _check_users(conn: sqlite3.Connection, selectors: Sequence[str]) -> None:
+    """A --user that names no account in the database is a typo: say so (exit 2).
+
+    Matches as the identities section does: a username, or a uid in digits.
+    A known user without samples in the window is not an error (exit 0).
+    """
+    if not selectors:
+        return
+    from .query import accounts
+
+    rows = accounts(conn).values()
+    known = {name for _, name in rows} | {str(uid) for uid, _ in rows if uid is not None}
+    for sel in selectors:
+        if sel.strip() not in known:
+            names = sorted({name for _, name in rows})
+            shown = ", ".join(names[:_KNOWN_USERS_SHOWN]) or "none"
+            more = len(names) - _KNOWN_USERS_SHOWN
+            raise WindowError(f"no user matches --user {sel!r} (users in this database: {shown}"
+                              + (f", and {more} more)" if more > 0 else ")"))
+
+
+def _colour(when: str, stream: TextIO) -> bool:
+    """--color: auto means a terminal that can show colour and a user who wants it.
+
+    NO_COLOR counts only when non-empty (no-color.org); an explicit --color
+    overrides it. TERM unset or 'dumb' cannot show escapes (systemd's rule).
+    """
+    if when != "auto":
+        return when == "always"
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM", "dumb") in ("", "dumb"):
+        return False
+    return stream.isatty()
+
+
+def _attach_time_values(argv: Sequence[str]) -> list[str]:
+    """`--since -2h` -> `--since=-2h`.
+
+    argparse takes a value that starts with '-' and is not a plain negative
+    number for an option and stops with "expected one argument"; journalctl
+    (getopt) takes the word after --since whatever it is. Joining the two
+    words lets admins type what journalctl taught them.
+    """
+    out: list[str] = []
+    it = iter(argv)
+    for word in it:
+        if word == "--":
+            out += [word, *it]
+        elif word in ("--since", "--until"):
+            value = next(it, None)
+            if value is not None and value[:1] == "-" and value[1:2].isdigit():
+                out.append(f"{word}={value}")
+            else:
+                out += [word] if value is None else [word, value]
+        else:
+            out.append(word)
+    return out
+
+
 def run(argv: Sequence[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    args = make_parser().parse_args(_attach_time_values(sys.argv[1:] if argv is None else argv))
     now_ms = int(time.time() * 1000)
     try:
         opts = _options(args, now_ms)
         db = open_readonly(args.db)
         try:
+            _check_users(db.conn, opts.users)
             rep = build(db.conn, args.db, db.schema_version, opts, db.warning)
         except sqlite3.DatabaseError as exc:
             msg = str(exc)
@@ -113,9 +215,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         finally:
             db.conn.close()
     except WindowError as exc:
-        return _fail(Exit.BAD_ARGS, str(exc))
+        return _fail(Exit.BAD_ARGS, str(exc), args.format)
     except ReportError as exc:
-        return _fail(exc.code, exc.message)
+        return _fail(exc.code, exc.message, args.format)
 
     if args.format == "json":
         from .render_json import render as render_json
@@ -125,19 +227,30 @@ def run(argv: Sequence[str] | None = None) -> int:
         text = render_csv(rep)
     else:
         from .render_text import render as render_text
-        colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-        text = render_text(rep, colour=colour)
+        text = render_text(rep, colour=_colour(args.color, sys.stdout))
+    _write(text)
+    return Exit.OK
+
+
+def _write(text: str) -> None:
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:
         # `gua-report | head`: the reader left; not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return Exit.OK
 
 
-def _fail(code: Exit, message: str) -> int:
-    sys.stderr.write(f"gua-report: error: {message}\n")
+def _fail(code: Exit, message: str, fmt: str) -> int:
+    # Messages quote paths, --user values and SQLite's words: escape controls.
+    sys.stderr.write(f"gua-report: error: {escape(message, ascii_only=False)}\n")
+    if fmt == "json":
+        import json
+
+        # json.dumps escapes every control and non-ASCII character itself.
+        doc = {"format_version": FORMAT_VERSION, "generator": f"gua-report {__version__}",
+               "error": {"code": int(code), "message": message}}
+        _write(json.dumps(doc, indent=2) + "\n")
     return int(code)
 
 

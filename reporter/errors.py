@@ -1,4 +1,7 @@
-"""Exit codes and the one exception type the CLI turns into a one-line error."""
+"""Exit codes, the one exception type the CLI turns into a one-line error,
+and the escaping of strings that come from the database or the host before
+they reach a terminal (DESIGN.md, threat model).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ class Exit(IntEnum):
 
 EXIT_TABLE = (
     (Exit.OK, "report written"),
-    (Exit.BAD_ARGS, "bad arguments (unknown option, bad duration, unknown --gpu)"),
+    (Exit.BAD_ARGS, "bad arguments (unknown option, bad time or size, unknown --gpu or --user)"),
     (Exit.DB_MISSING, "database file does not exist (or has no data outside a stale -wal)"),
     (Exit.PERMISSION, "permission denied (join the group that owns the file)"),
     (Exit.NOT_GUA, "file is not a gua database"),
@@ -37,3 +40,37 @@ class ReportError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+_NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escaped_char(c: str) -> str:
+    named = _NAMED_ESCAPES.get(c)
+    if named:
+        return named
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def escape(text: str, ascii_only: bool = True) -> str:
+    """`text` with every character that could act on a terminal written as an escape.
+
+    Names, units, GPU names, host names and event details come from other
+    users, the driver or the host: an ESC could recolour or clear the admin's
+    screen, a newline forge a report line, a right-to-left override (U+202E)
+    or another bidi control reorder what the admin reads. Such characters
+    become visible and inert: \\x1b, \\u202e, \\n. Kept: printable ASCII, and
+    with ascii_only=False every printable character (str.isprintable: no
+    C0/C1 control, no format or bidi character, no line separator).
+    The text report is ASCII only (ascii_only=True): one character is then
+    one column whatever the locale, so the tables keep their widths, and a
+    terminal in a non-UTF-8 locale cannot fail on a name. JSON carries the
+    exact strings. A backslash is kept as is, so systemd's own escapes in
+    unit names (\\x2d) read as systemctl shows them.
+    """
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(
+        c if (" " <= c <= "~" or (not ascii_only and c.isprintable())) else _escaped_char(c) for c in text
+    )

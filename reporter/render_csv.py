@@ -3,18 +3,29 @@
 One shape for every section means a spreadsheet pivot or `grep`/`awk` can
 take any block without knowing its columns. Values and names are exactly
 those of the JSON output (see JSON.md); nested fields are joined with '.'.
+One exception keeps a spreadsheet from running what other users typed: a
+text cell that begins like a formula gets a leading "'" (see `_cell`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 from typing import Any
 
 from .classify import Report
 from .render_json import WEEKDAYS, to_dict
 
 HEADER = ("section", "subject", "metric", "value")
+
+# A cell starting with one of these is a formula (or, after a TAB/CR, may
+# become one) in Excel, LibreOffice and Google Sheets: =HYPERLINK(...),
+# +cmd|..., -2+3, @SUM(...). User names, units, host names and event
+# details are chosen by users, so any text cell may start with one.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# ... unless the text is a plain number, which a spreadsheet reads as a number.
+_PLAIN_NUMBER = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
 
 def _flat(prefix: str, value: Any) -> list[tuple[str, Any]]:
@@ -34,11 +45,21 @@ def _flat(prefix: str, value: Any) -> list[tuple[str, Any]]:
 
 
 def _cell(v: Any) -> str:
+    """One CSV cell. Numbers are written as numbers; text that a spreadsheet
+    would run as a formula gets the OWASP prefix "'", which makes it text."""
     if v is None:
         return ""
     if isinstance(v, bool):
         return "true" if v else "false"
-    return str(v)
+    if isinstance(v, (int, float)):
+        return str(v)
+    return _text(str(v))
+
+
+def _text(s: str) -> str:
+    if s.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(s):
+        return "'" + s
+    return s
 
 
 def render(rep: Report) -> str:
@@ -80,7 +101,12 @@ def render(rep: Report) -> str:
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
+    # The csv module quotes a cell holding "\n" but not one holding a bare
+    # "\r", which a spreadsheet reads as a line break: a host name could
+    # forge rows. Such rows are written with every cell quoted.
+    w_quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
     w.writerow(HEADER)
     for section, subject, metric, value in rows:
-        w.writerow((section, subject, metric, _cell(value)))
+        cells = (_text(section), _text(subject), _text(metric), _cell(value))
+        (w_quoted if any("\r" in c for c in cells) else w).writerow(cells)
     return buf.getvalue()

@@ -1,7 +1,10 @@
 """The human report: fits 80 columns, ASCII only (ssh sessions, any locale).
 
-Colour is added only when the caller says so (stdout is a TTY and NO_COLOR
-is unset); the layout is the same either way.
+Colour is added only when the caller says so (--color, see cli.py); the
+layout is the same either way. Every string that comes from the database
+(names, units, GPU and host names, event details, the filters typed) goes
+through `safe` exactly once, where it is read from the Report: terminal
+controls and bidi characters are shown as escapes, never sent.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import re
 
 from .classify import HOLE_MIN_MS, Identity, Report
+from .errors import escape as safe
 from .window import HOUR_MS, fmt_duration, fmt_local
 
 WIDTH = 80
@@ -70,17 +74,24 @@ def render(rep: Report, colour: bool = False) -> str:
         add("")
         add(st("head", title))
 
-    hosts = ", ".join(rep.hostnames) or "unknown host"
+    tz_name = safe(o.tz_name)
+    hosts = ", ".join(safe(x) for x in rep.hostnames) or "unknown host"
     add(st("head", _cut(f"gua-report: {hosts}", WIDTH)))
-    add(f"{fmt_local(o.since_ms, tz)} -> {fmt_local(o.until_ms, tz)} {o.tz_name} "
+    add(f"{fmt_local(o.since_ms, tz)} -> {fmt_local(o.until_ms, tz)} {tz_name} "
         f"({window_h:.1f} h window)")
+    users = ",".join(safe(u) for u in o.users)
     filt = []
     if o.gpus:
-        filt.append("GPUs " + ",".join(o.gpus))
+        filt.append("GPUs " + ",".join(safe(g) for g in o.gpus))
     if o.users:
-        filt.append("users " + ",".join(o.users))
+        filt.append("users " + users)
     if filt:
         add(_cut("filter: " + "; ".join(filt), WIDTH))
+    if o.users:
+        # The state of a GPU-tick belongs to the card, not to one of its users:
+        # say which numbers the user filter changes, so none is misread.
+        add("  --user applies to TOP IDENTITIES and the per-process SM lines only;")
+        add("  the other sections describe whole GPUs, whoever used them.")
 
     # 1. Headline
     section("GPU TIME")
@@ -113,7 +124,7 @@ def render(rep: Report, colour: bool = False) -> str:
         t = g.totals
         idx = f"{g.parent.index}.{g.row.mig_slot}" if g.is_mig and g.parent else str(g.row.index)
         notes = ", ".join(g.notes(tz))
-        name = g.row.name.removeprefix("NVIDIA ")  # every card says it; the model is what matters
+        name = safe(g.row.name.removeprefix("NVIDIA "))  # every card says it; the model is what matters
         row = (f"  {idx:>4} {_cut(name, 20):<20} {_h(t.total_ms):>7} "
                f"{_pct(t.share('active'), 5)} {_pct(t.share('idle_held'), 5)} "
                f"{_pct(t.share('idle'), 5)}  ")
@@ -122,7 +133,8 @@ def render(rep: Report, colour: bool = False) -> str:
     # 4. Identities
     section("TOP IDENTITIES (held = compute memory over the threshold; once per GPU+tick)")
     if not rep.users:
-        add("  no process held a GPU in this window" + (" (for the selected users)" if o.users else ""))
+        add(_cut(f"  no process of {users} held a GPU in this window" if o.users
+                 else "  no process held a GPU in this window", WIDTH))
     else:
         # The SM-unknown column costs the name column 4 characters: shown only when needed.
         sm_col = any(i.sm_unknown_ms for i in rep.users[:TOP_N] + rep.units[:TOP_N])
@@ -138,7 +150,7 @@ def render(rep: Report, colour: bool = False) -> str:
             add("    counted neither idle-held nor busy; ? = SM never known: idle-held unknown")
 
     # 5. Heatmap
-    section(f"ACTIVE SHARE BY WEEKDAY AND HOUR ({o.tz_name}; tens of %, blank = no data)")
+    section(f"ACTIVE SHARE BY WEEKDAY AND HOUR ({tz_name}; tens of %, blank = no data)")
     add("     " + "".join(f"{hr:>3d}" if hr % 3 == 0 else "   " for hr in range(24)).rstrip())
     for wd in range(7):
         cells = []
@@ -204,11 +216,25 @@ def render(rep: Report, colour: bool = False) -> str:
                         if g.end_ms is not None and g.start_ms < x.end_ms and g.end_ms > x.start_ms), "")
             add(_cut(f"    {fmt_local(x.start_ms, tz)[5:]} -> {fmt_local(x.end_ms, tz)[5:]} "
                      f"({fmt_duration(x.end_ms - x.start_ms)})"
-                     + (f" {why}" if why else "") + (" no later samples" if x.open_ended else ""), WIDTH))
+                     + (f" {safe(why)}" if why else "") + (" no later samples" if x.open_ended else ""), WIDTH))
         if rep.holes_total > LIST_N:
             add(f"    ... {rep.holes_total - LIST_N} more (see --format json)")
     else:
         add(f"  gaps: none (no stretch >= {HOLE_MIN_MS // 60000} min without ticks)")
+    if h.overlap_ms or rep.overlap.hours:
+        n = len(rep.overlap.hours)
+        add(f"  overlap: ticks covering the same time twice in {n} UTC hour{'s' if n != 1 else ''} "
+            "(clock set")
+        add(f"    back, run replayed): {_h(h.overlap_ms)} GPU-h counted once, not twice")
+    if rep.overlap.unremoved_hours:
+        n = len(rep.overlap.unremoved_hours)
+        add(f"  overlap kept in {n} UTC hour{'s' if n != 1 else ''} whose raw samples retention removed:")
+        add(f"    about {_h(rep.overlap.unremoved_ms)} GPU-h there are counted twice (rollups only)")
+    if rep.heat_note:
+        import textwrap  # only when there is a note to wrap
+
+        for i, line in enumerate(textwrap.wrap(f"heatmap: {safe(rep.heat_note)}", WIDTH - 4)):
+            add(("  " if i == 0 else "    ") + line)
     unclean = [r for r in rep.runs if r.clean is False]
     add(f"  collector runs: {len(rep.runs)} in window, {len(unclean)} unclean stop(s)")
     for r in unclean[:LIST_N]:
@@ -218,16 +244,16 @@ def render(rep: Report, colour: bool = False) -> str:
     for g in rep.gpus:
         for err in g.errors:
             err_lines.append(f"    GPU {g.row.index}{'.' + str(g.row.mig_slot) if g.is_mig else ''}: "
-                             f"{err.count} {err.kind} {fmt_local(err.first_ms, tz)[5:]} .. "
-                             f"{fmt_local(err.last_ms, tz)[5:]} {err.last_detail}")
+                             f"{err.count} {safe(err.kind)} {fmt_local(err.first_ms, tz)[5:]} .. "
+                             f"{fmt_local(err.last_ms, tz)[5:]} {safe(err.last_detail)}")
     for err in rep.host_errors:
-        err_lines.append(f"    host: {err.count} {err.kind} {fmt_local(err.first_ms, tz)[5:]} .. "
-                         f"{fmt_local(err.last_ms, tz)[5:]} {err.last_detail}")
+        err_lines.append(f"    host: {err.count} {safe(err.kind)} {fmt_local(err.first_ms, tz)[5:]} .. "
+                         f"{fmt_local(err.last_ms, tz)[5:]} {safe(err.last_detail)}")
     add(f"  NVML/collector errors: {'none' if not err_lines else ''}".rstrip())
     for line in err_lines[:LIST_N * 2]:
         add(_cut(line, WIDTH))
     for w in rep.warnings:
-        add(_cut(f"  warning: {w}", WIDTH))
+        add(_cut(f"  warning: {safe(w)}", WIDTH))
     return "\n".join(out) + "\n"
 
 
@@ -247,8 +273,8 @@ def _identity_table(add, rows: list[Identity], label: str, sm_col: bool = False)
         f"{'GB-h mem':>{mem_w + 1}} {'GPUs':>4}")
     for i in rows[:TOP_N]:
         # Container ids are 64 hex digits; 12 identify them, as `docker ps` shows.
-        unit = re.sub(r"([0-9a-f]{12})[0-9a-f]{4,}", r"\1", i.unit)
-        name = f"{unit} ({i.user})" if i.unit else i.user
+        unit = safe(re.sub(r"([0-9a-f]{12})[0-9a-f]{4,}", r"\1", i.unit))
+        name = f"{unit} ({safe(i.user)})" if i.unit else safe(i.user)
         flag = "*" if i.unknown_mem_ms else " "
         if i.sm_all_unknown:
             # Nothing says whether it idled: 0 would read as "busy all the time".

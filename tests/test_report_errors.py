@@ -138,9 +138,29 @@ def test_corrupt_data_page(good_db):
     (("--held-threshold", "lots"), "cannot read size"),
     (("--since", "2024-01-02", "--until", "2024-01-01"), "must be before"),
     (("--no-such-option",), "unrecognized arguments"),
+    # Out of range: a one-line error naming the option, not a traceback (exit 1).
+    (("--since", "800000d"), "argument --since"),
+    (("--since", "9999999999999999999999w"), "argument --since"),
+    (("--since", "1" * 5000 + "d"), "argument --since"),
+    (("--until", "0001-01-01"), "argument --until"),
+    (("--until", "9999-12-31T23:59"), "argument --until"),
+    (("--until", "@99999999999999"), "argument --until"),
+    (("--since", "+2h"), "argument --since"),
+    (("--held-threshold", "99999999999999999999999TB"), "argument --held-threshold"),
+    (("--held-threshold", "1e400MB"), "argument --held-threshold"),
+    (("--held-threshold", "5"), "no unit"),
+    (("--active-threshold", "1e400"), "argument --active-threshold"),
+    (("--active-threshold", "nan"), "argument --active-threshold"),
+    (("--tz", "../../../etc/passwd"), "argument --tz"),
+    (("--since", "\x1b[2J\u202e7d"), "\\x1b[2J\\u202e7d"),  # shown escaped, never sent
+    (("--user", "nobody-here"), "no user matches --user 'nobody-here' (users in this database: alice)"),
+    (("--user", "1002"), "no user matches --user '1002'"),
+    (("--no-such-option", "\x1b]0;pwned\x07"), "\\x1b]0;pwned\\x07"),
 ])
 def test_bad_arguments(good_db, args, needle):
-    one_line_error(run_report("--db", good_db, *WINDOW, *args), 2, needle)
+    r = run_report("--db", good_db, *WINDOW, *args)
+    one_line_error(r, 2, needle)
+    assert "\x1b" not in r.stderr and "\u202e" not in r.stderr
 
 
 def test_empty_window(good_db):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import sqlite3
 import subprocess
 import sys
@@ -15,12 +16,15 @@ import pytest
 from gua_report import query
 from gua_report.window import (
     HOUR_MS,
+    MAX_MS,
+    MIN_MS,
     WindowError,
     offset_segments,
     parse_bytes,
     parse_duration_ms,
     parse_instant,
     parse_percent_permille,
+    zone,
 )
 from report_helpers import T0, G, HandDb, P, run_report
 
@@ -32,6 +36,8 @@ NOW = T0 + 12 * HOUR_MS + 34_000
 @pytest.mark.parametrize("text,ms", [
     ("90m", 90 * 60_000), ("12h", 12 * HOUR_MS), ("7d", 7 * 24 * HOUR_MS), ("2w", 14 * 24 * HOUR_MS),
     ("30s", 30_000), ("1.5h", 90 * 60_000), (" 7D ", 7 * 24 * HOUR_MS),
+    ("1h30m", 90 * 60_000), ("1h 30min", 90 * 60_000), ("2 days", 2 * 24 * HOUR_MS),
+    ("0.001s", 1), ("1.0000000001h", HOUR_MS),
 ])
 def test_durations(text, ms):
     assert parse_duration_ms(text) == ms
@@ -48,25 +54,144 @@ def test_iso_instants():
     assert parse_instant("2024-01-01T09:30Z", NOW, berlin) == T0 + 9 * HOUR_MS + 30 * 60_000
     assert parse_instant("2024-01-01 09:30+02:00", NOW, berlin) == T0 + 7 * HOUR_MS + 30 * 60_000
     assert parse_instant("now", NOW, berlin) == NOW
-    for bad in ("yesterday", "7x", "2024-02-30", ""):
+    for bad in ("yesterday-ish", "7x", "2024-02-30", "", "10:61", "2024-01-01 09:30 Mars/Base",
+                "1e3h", "\u0667d", "7 d d"):
         with pytest.raises(WindowError):
             parse_instant(bad, NOW, UTC)
+
+
+def test_journalctl_times():
+    """systemd.time(7) forms, as journalctl --since takes them, in the report's zone."""
+    berlin = ZoneInfo("Europe/Berlin")
+    now = T0 + 12 * HOUR_MS + 34_000  # Monday 2024-01-01 12:00:34 UTC, 13:00:34 in Berlin
+    assert parse_instant("today", now, UTC) == T0
+    assert parse_instant("yesterday", now, UTC) == T0 - 24 * HOUR_MS
+    assert parse_instant("Tomorrow", now, UTC) == T0 + 24 * HOUR_MS
+    assert parse_instant("today", now, berlin) == T0 - HOUR_MS  # Berlin's midnight
+    late = T0 + 23 * HOUR_MS + 30 * 60_000  # 23:30 UTC is already Tuesday in Berlin
+    assert parse_instant("today", late, berlin) == T0 + 23 * HOUR_MS
+    assert parse_instant("-2h", now, UTC) == now - 2 * HOUR_MS
+    assert parse_instant("2h ago", now, UTC) == now - 2 * HOUR_MS
+    assert parse_instant("-1h30m", now, UTC) == now - 90 * 60_000
+    assert parse_instant("2024-01-01 10:00", now, UTC) == T0 + 10 * HOUR_MS
+    assert parse_instant("2024-01-01 10:00:30", now, berlin) == T0 + 9 * HOUR_MS + 30_000
+    assert parse_instant("2024-01-01 10:00 UTC", now, berlin) == T0 + 10 * HOUR_MS
+    assert parse_instant("2024-01-01 10:00 Asia/Kolkata", now, UTC) == T0 + 4 * HOUR_MS + 30 * 60_000
+    assert parse_instant("2024-01-01 UTC", now, berlin) == T0
+    assert parse_instant("09:15", now, UTC) == T0 + 9 * HOUR_MS + 15 * 60_000
+    assert parse_instant("@1704067200", now, berlin) == T0
+    assert parse_instant("@1704067200.5", now, berlin) == T0 + 500
+
+
+def test_since_duration_counts_from_until_journal_forms_from_now():
+    until = NOW - 30 * 24 * HOUR_MS
+    assert parse_instant("7d", NOW, UTC, until) == until - 7 * 24 * HOUR_MS
+    assert parse_instant("-7d", NOW, UTC, until) == NOW - 7 * 24 * HOUR_MS
+    assert parse_instant("7d ago", NOW, UTC, until) == NOW - 7 * 24 * HOUR_MS
+    assert parse_instant("now", NOW, UTC, until) == NOW
+
+
+def test_future_times_refused():
+    for text in ("+2h", "+1d"):
+        with pytest.raises(WindowError, match="future"):
+            parse_instant(text, NOW, UTC)
+
+
+@pytest.mark.parametrize("text", [
+    "800000d", "9999999999999999999999w", "-800000d", "99999999999999999999999999999999999999s",
+    "1" * 5000 + "s", "0001-01-01", "1899-12-31", "9999-06-01", "9999-12-31T23:59:59",
+    "@99999999999999", "2000000h ago", "10000000w",
+])
+def test_out_of_range_instants_are_window_errors(text):
+    with pytest.raises(WindowError):
+        parse_instant(text, NOW, UTC)
+
+
+def test_range_edges():
+    assert parse_instant("1900-01-01", NOW, UTC) == MIN_MS
+    assert parse_instant("1970-01-01", NOW, ZoneInfo("Europe/Berlin")) == -HOUR_MS  # before the epoch is fine
+    assert parse_instant("9998-12-31T23:59:59", NOW, UTC) < MAX_MS
+
+
+_NASTY = [
+    "", " ", "-", "+", "@", "@-1", "--1d", "-+1d", ".5d", "5.d", "5..5d", "1e9d", "1E-3h", "nan", "inf",
+    "-inf", "NaN%", "1_000", "0x10", "\x00", "7d\x00", "\x1b[2J", "\u202e7d", "7d\u202e", "\uff17d",
+    "\u0661\u0660", "\U0001d7d5d", "9" * 30, "9" * 4301, "9" * 30 + "." + "9" * 30, "." * 100,
+    "2024-01-01T", "2024-01-01T25:00", "2024-13-01", "0000-00-00", "10000-01-01", "-2024-01-01",
+    "2024-01-01 10:00 ../../etc/passwd", "2024-01-01 10:00 /etc/localtime", "now now", "today UTC",
+    "24:00", "99:99:99", "1h -1m", "1 h", "h", "5 ago", "ago", "1d ago ago", "+-1d", "-0s", "0s",
+    "100%", "100.0001", "101%", "-0", "0.0", "5", "5 MB", "5 MiB ", "1000TB", "1000.000001TB",
+    "1e3MB", "99999999999999999999999TB", "\t10\n", "10 %%", "%", "1e-9",
+]
+
+
+def test_fuzz_parsers_raise_only_window_errors():
+    """Whatever is typed: a value in range or a WindowError (exit 2), never another exception."""
+    import random
+
+    rng = random.Random(1234)
+    alphabet = "0123456789.:-+@ TZdhmswaognrtuyMBGiKk%\x1b\u202e\xa0/_"
+    corpus = list(_NASTY)
+    for _ in range(3000):
+        corpus.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 24))))
+    for a in list(_NASTY):
+        for b in ("d", "h", "MB", "%", " ago", " UTC"):
+            corpus.append(a + b)
+    for text in corpus:
+        for tz in (UTC, ZoneInfo("Pacific/Kiritimati"), ZoneInfo("Pacific/Pago_Pago")):
+            for base in (None, NOW, MIN_MS + 1):
+                try:
+                    ms = parse_instant(text, NOW, tz, base)
+                except WindowError:
+                    continue
+                assert MIN_MS <= ms < MAX_MS, (text, ms)
+        try:
+            pm = parse_percent_permille(text)
+            assert 0 <= pm <= 1000, (text, pm)
+        except WindowError:
+            pass
+        try:
+            b = parse_bytes(text)
+            assert 0 <= b <= 10**15, (text, b)
+        except WindowError:
+            pass
+        try:
+            zone(text)
+        except WindowError:
+            pass
 
 
 def test_thresholds():
     assert parse_percent_permille("10") == 100
     assert parse_percent_permille("7.5%") == 75
+    assert parse_percent_permille("7.55") == 76  # half up, exactly (no float)
+    assert parse_percent_permille("100") == 1000
     assert parse_bytes("100MB") == 100_000_000
-    assert parse_bytes("100") == 100_000_000
+    assert parse_bytes("1.5 kB") == 1500
+    assert parse_bytes("0.5KiB") == 512
+    assert parse_bytes("1000TB") == 10**15
     assert parse_bytes("512MiB") == 512 * 2**20
     assert parse_bytes("1GB") == 10**9
     assert parse_bytes("2 GiB") == 2 * 2**30
     assert parse_bytes("0") == 0
-    for bad in ("-5", "101", "x"):
+    for bad in ("-5", "101", "x", "nan", "inf", "1e1", "100.01"):
         with pytest.raises(WindowError):
             parse_percent_permille(bad)
-    with pytest.raises(WindowError):
-        parse_bytes("12 parsecs")
+    for bad in ("12 parsecs", "1001TB", "99999999999999999999999TB", "-1MB", "1e3MB"):
+        with pytest.raises(WindowError):
+            parse_bytes(bad)
+
+
+@pytest.mark.parametrize("text", ["5", "100", "0.5", " 7 "])
+def test_size_without_unit_is_refused(text):
+    """5 bytes, 5 MB or 5 GB? A wrong guess changes every idle-held number silently."""
+    with pytest.raises(WindowError, match="no unit"):
+        parse_bytes(text)
+
+
+def test_zero_size_needs_no_unit():
+    assert parse_bytes("0") == 0
+    assert parse_bytes("0.0") == 0
 
 
 def test_offset_segments_follow_dst():
@@ -157,6 +282,29 @@ def _run_in_pty(args: list[str], env: dict[str, str]) -> str:
 def test_colour_only_on_tty_without_no_color(busy_db):
     args = ["--db", busy_db, "--since", "2024-01-01", "--until", "2024-01-02", "--tz", "UTC"]
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    env["TERM"] = "xterm-256color"
     assert "\x1b[" in _run_in_pty(args, env)
     assert "\x1b[" not in _run_in_pty(args, {**env, "NO_COLOR": "1"})
     assert "\x1b[" not in run_report(*args).stdout  # a pipe
+
+
+def test_color_option_and_environment(busy_db):
+    """--color=auto|always|never; auto: a TTY, TERM not dumb, NO_COLOR empty or unset."""
+    args = ["--db", busy_db, "--since", "2024-01-01", "--until", "2024-01-02", "--tz", "UTC"]
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    env["TERM"] = "xterm"
+    plain = run_report(*args).stdout
+    assert "\x1b[" in _run_in_pty([*args, "--color=auto"], env)
+    assert "\x1b[" in _run_in_pty(args, {**env, "NO_COLOR": ""})  # empty: does not count (no-color.org)
+    assert "\x1b[" not in _run_in_pty(args, {**env, "TERM": "dumb"})
+    assert "\x1b[" not in _run_in_pty(args, {k: v for k, v in env.items() if k != "TERM"})
+    never = _run_in_pty([*args, "--color", "never"], env)
+    assert "\x1b[" not in never
+    assert never.replace("\r\n", "\n") == plain  # same layout, only the escapes differ
+    always = run_report(*args, "--color=always").stdout  # a pipe, but asked for
+    assert "\x1b[" in always
+    assert "\x1b[" in run_report(*args, "--color=always", env={"NO_COLOR": "1", "TERM": "dumb"}).stdout
+    assert re.sub(r"\x1b\[[0-9;]*m", "", always) == plain
+    assert "\x1b[" not in run_report(*args, "--color=always", "--format", "csv").stdout
+    r = run_report(*args, "--color=sometimes")
+    assert r.returncode == 2 and "--color" in r.stderr
