@@ -30,6 +30,9 @@ FAIL = "FAIL"
 SERVICE_USER = "gua"
 DB_MODE = 0o640
 STALE_INTERVALS = 3  # a held DB whose last tick is older than this many intervals is not recording
+EXPORTER_USER = "prometheus"
+EXPORTER_DIR = "/var/lib/prometheus/node-exporter"
+PACKAGED_TEXTFILE = "/run/gua-collector/gua.prom"  # gua.tmpfiles makes the directory; the deb links the file
 
 
 @dataclass(frozen=True)
@@ -49,15 +52,21 @@ class Host:
     proc_root: str = "/proc"
     clock_synchronised: Callable[[], bool | None] | None = None
     service_user: str = SERVICE_USER
+    # Debian's prometheus-node-exporter runs as this user and reads *.prom here.
+    exporter_user: str = EXPORTER_USER
+    exporter_dir: str = EXPORTER_DIR
 
 
-def run_checks(db: str, interval_ms: int, textfile: str, backend: Backend, now_ms: int, host: Host) -> list[Finding]:
+def run_checks(
+    db: str, interval_ms: int, textfile: str, backend: Backend, now_ms: int, host: Host, textfile_users: bool = False
+) -> list[Finding]:
     """Every check, in the order an admin would fix things."""
     findings = _nvml(backend)
     findings += _proc(host)
     findings += _database(os.path.abspath(db), interval_ms, now_ms, host)
     if textfile:
         findings.append(_textfile(textfile, host))
+        findings.append(_textfile_reader(os.path.abspath(textfile), textfile_users, host))
     findings.append(_clock(host))
     return findings
 
@@ -307,7 +316,81 @@ def _textfile(path: str, host: Host) -> Finding:
         return Finding(OK, "textfile", f"{directory} is writable by {host.service_user}")
     return Finding(FAIL, "textfile", f"{host.service_user} cannot write {directory} (owner {_user_name(info.st_uid)}, "
                    f"mode {stat.S_IMODE(info.st_mode):04o}); every tick's metrics would be lost",
-                   "write into a directory the service owns and link it from node_exporter's")
+                   f"textfile = {PACKAGED_TEXTFILE}: the package makes that directory for {host.service_user} "
+                   f"and links the file into {host.exporter_dir}")
+
+
+def _textfile_reader(path: str, users: bool, host: Host) -> Finding:
+    """Can node_exporter, as Debian's package runs it, reach and read the file the collector writes?"""
+    try:
+        reader = pwd.getpwnam(host.exporter_user)
+    except KeyError:
+        return Finding(OK, "node_exporter", f"no user {host.exporter_user} (Debian's prometheus-node-exporter is "
+                       f"not installed); make sure your exporter can read {path}")
+    gids = {reader.pw_gid} | {g.gr_gid for g in grp.getgrall() if host.exporter_user in g.gr_mem}
+    who = f"user {host.exporter_user} (node_exporter)"
+    # Every directory on the way needs x for the reader: /var/lib/gua (0750) does not give it.
+    directory = os.path.dirname(path)
+    parts = [directory]
+    while parts[-1] != os.path.dirname(parts[-1]):
+        parts.append(os.path.dirname(parts[-1]))
+    for part in reversed(parts):
+        try:
+            info = os.stat(part)
+        except OSError:
+            return Finding(WARN, "node_exporter", f"{part} is missing", f"create it, or use {PACKAGED_TEXTFILE}")
+        if not _grants(info, reader.pw_uid, gids, stat.S_IXUSR):
+            return Finding(WARN, "node_exporter", f"{who} cannot enter {part} (owner {_user_name(info.st_uid)}, "
+                           f"mode {stat.S_IMODE(info.st_mode):04o})", f"use {PACKAGED_TEXTFILE}")
+    if users:
+        info = os.stat(directory)
+        group = info.st_gid if info.st_mode & stat.S_ISGID else _primary_gid(host)
+        if reader.pw_uid != info.st_uid and group not in gids:
+            return Finding(WARN, "node_exporter", f"textfile_users = on makes the file 0640, group {_group_name(group)}, "
+                           f"which {who} is not in: it cannot read the file",
+                           f"make {directory} setgid, group {host.exporter_user}: see gua-collector(8), PROMETHEUS")
+    link = _exporter_link(path, host.exporter_dir)
+    if link is None:
+        return Finding(WARN, "node_exporter", f"{host.exporter_dir} has no link to {path}, so node_exporter "
+                       "does not read it", f"ln -s {path} {host.exporter_dir}/gua.prom")
+    mode = "0640, user names" if users else "0644, no user names"
+    return Finding(OK, "node_exporter", f"{who} can read it ({mode}) as {link}")
+
+
+def _grants(info: os.stat_result, uid: int, gids: set[int], owner_bit: int) -> bool:
+    """Whether the owner, group or other bits give uid the permission owner_bit names (x or r)."""
+    shift = 0 if info.st_uid == uid else 3 if info.st_gid in gids else 6
+    return uid == 0 or bool(info.st_mode & (owner_bit >> shift))
+
+
+def _primary_gid(host: Host) -> int:
+    try:
+        return pwd.getpwnam(host.service_user).pw_gid
+    except KeyError:
+        return os.getegid()
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return f"gid {gid}"
+
+
+def _exporter_link(path: str, exporter_dir: str) -> str | None:
+    """The *.prom name in node_exporter's directory that is, or links to, path; None when there is none."""
+    if os.path.dirname(path) == os.path.normpath(exporter_dir) or not os.path.isdir(exporter_dir):
+        return path  # written there directly, or node_exporter reads elsewhere: nothing to link
+    target = os.path.realpath(path)
+    try:
+        names = sorted(os.listdir(exporter_dir))
+    except OSError:
+        return path  # cannot look: say nothing rather than guess
+    for name in names:
+        entry = os.path.join(exporter_dir, name)
+        if name.endswith(".prom") and os.path.realpath(entry) == target:
+            return entry
+    return None
 
 
 def _clock(host: Host) -> Finding:

@@ -32,7 +32,9 @@ DEFAULTS = {
     "retention": "90d",
     "backend": "nvml",
     "textfile": "",
+    "textfile_users": "off",
 }
+BOOLEANS = {"on": True, "yes": True, "true": True, "1": True, "off": False, "no": False, "false": False, "0": False}
 
 # Exit codes, one per problem (documented in gua-collector(8)).
 EXIT_OK = 0
@@ -89,6 +91,7 @@ class Options:
     start_ms: int | None
     textfile: str  # '' = off
     check: bool = False
+    textfile_users: bool = False  # publish per-user series (user names) in the textfile
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -116,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--textfile", metavar="FILE.prom",
         help="also write Prometheus metrics here each tick, for node_exporter's textfile collector "
-        "(e.g. /var/lib/prometheus/node-exporter/gua.prom; default off)",
+        "(e.g. /run/gua-collector/gua.prom, which the deb links into node-exporter's directory; default off)",
+    )
+    parser.add_argument(
+        "--textfile-users", metavar="on|off",
+        help="also publish per-user series (user names) in the textfile, which then becomes 0640 "
+        "(default off: GPU-level series only, 0644)",
     )
     parser.add_argument(
         "--ticks", metavar="N", type=int,
@@ -169,9 +177,13 @@ def parse_options(argv: list[str]) -> Options:
     textfile = values["textfile"].strip()
     if textfile and not textfile.endswith(".prom"):
         raise UsageError(f"textfile must end in .prom (node_exporter reads only those): {textfile!r}")
+    users = BOOLEANS.get(values["textfile_users"].strip().lower())
+    if users is None:
+        raise UsageError(f"textfile_users must be on or off, got {values['textfile_users']!r}")
     if args.check and args.ticks is not None:
         raise UsageError("--check records nothing: it takes no --ticks")
-    return Options(values["db"], interval_ms, retention_ms, backend, args.ticks, start_ms, textfile, args.check)
+    return Options(values["db"], interval_ms, retention_ms, backend, args.ticks, start_ms, textfile, args.check,
+                   textfile_users=users)
 
 
 def _read_config(path: str | None) -> dict[str, str]:
@@ -239,7 +251,7 @@ def _simulated_start(options: Options, last: LastTick | None, log: Log) -> int:
 def _check(options: Options) -> int:
     clock = RealClock()
     findings = run_checks(options.db, options.interval_ms, options.textfile, make_backend(options, clock),
-                          clock.wall_ms(), Host())
+                          clock.wall_ms(), Host(), textfile_users=options.textfile_users)
     sys.stdout.write(render(findings))
     return EXIT_CHECK_FAILED if any(f.level == FAIL for f in findings) else EXIT_OK
 
@@ -292,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         log,
         stop,
         None if fast_forward else watchdog_interval_s(os.environ),
-        Textfile(options.textfile) if options.textfile else None,
+        Textfile(options.textfile, users=options.textfile_users, interval_s=options.interval_ms / 1000,
+                 version=__version__, backend=options.backend) if options.textfile else None,
     )
     install_signal_handlers(stop, notifier.send, service.on_signal)
     try:

@@ -102,6 +102,7 @@ class Service:
         self._gap_from: tuple[int, str] | None = None  # (last tick ms, why) before sampling (re)started
         self._textfile = textfile
         self._textfile_failing = ""
+        self._textfile_reason = ""  # short, for STATUS=
         self._signals: list[int] = []  # delivered by on_signal, handled by the loop
         self._clock_behind = False
         self._pending_events: list[Event] = []  # found while stamping, written with the next tick
@@ -250,11 +251,12 @@ class Service:
             tick = replace(tick, events=tick.events + tuple(self._pending_events))
             self._pending_events.clear()
         self._write(tick)
-        self._status(tick)
         self._ticks += 1
         self._last_ts = tick.ts_ms
+        # Before STATUS=, so the line says whether this tick's textfile was written.
         if self._textfile is not None:
             self._publish(self._textfile, tick)
+        self._status(tick)
 
     def _publish(self, textfile: Textfile, tick: Tick) -> None:
         try:
@@ -263,10 +265,21 @@ class Service:
             if str(error) != self._textfile_failing:
                 self._log.error(f"cannot write {textfile.path}: {error.strerror or error}")
                 self._textfile_failing = str(error)
+                self._textfile_reason = error.strerror or str(error)
             return
         if self._textfile_failing:
             self._log.info(f"writing {textfile.path} again")
             self._textfile_failing = ""
+            self._textfile_reason = ""
+
+    def _invalidate_textfile(self) -> None:
+        """Clean stop: leave a file without GPU or user series, so no alert runs on frozen data."""
+        if self._textfile is None:
+            return
+        try:
+            self._textfile.invalidate()
+        except OSError as error:
+            self._log.error(f"cannot mark {self._textfile.path} stopped: {error.strerror or error}")
 
     def _finish(self, why: str) -> int:
         self._notify("STOPPING=1")
@@ -278,6 +291,7 @@ class Service:
             self._store.end_run(self._clock.wall_ms(), why)
         except sqlite3.Error as error:
             self._log.error(f"could not record the stop: {error}")
+        self._invalidate_textfile()
         self._backend.shutdown()
         self._log.info(why)
         return 0
@@ -460,11 +474,11 @@ class Service:
         return replace(tick, events=tick.events + (gap,))
 
     def _status(self, tick: Tick) -> None:
-        self._last_status = status_line(tick, self._db_failing)
+        self._last_status = status_line(tick, self._db_failing, self._textfile_reason)
         self._notify("STATUS=" + self._last_status)
 
 
-def status_line(tick: Tick, db_failing: str = "") -> str:
+def status_line(tick: Tick, db_failing: str = "", textfile_failing: str = "") -> str:
     """The one-line summary systemctl status shows."""
     gpus = [g for g in tick.gpus if g.gpu.parent_uuid is None]
     procs = {(p.process.pid, p.process.start_ms) for g in tick.gpus for p in g.procs}
@@ -475,6 +489,8 @@ def status_line(tick: Tick, db_failing: str = "") -> str:
         text += f", {bad} failing"
     if db_failing:
         text += f"; database write failing: {db_failing}"
+    if textfile_failing:
+        text += f"; textfile not written: {textfile_failing}"
     return text
 
 

@@ -200,6 +200,7 @@ def test_default_config_documents_every_key_commented_out() -> None:
         "retention": "90d",
         "backend": "nvml",
         "textfile": "",
+        "textfile_users": "off",
     }
 
 
