@@ -9,19 +9,28 @@ two of them, so the rollup path and the raw path give identical output.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import tzinfo
 
 from . import query
 from .errors import Exit, ReportError
 from .window import HOUR_MS, Segment, WindowError, fmt_local, offset_segments
 
+Range = tuple[int, int]  # [lo, hi) in UTC epoch ms
+
 STATES = ("active", "idle_held", "idle")
 HOLE_MIN_MS = 5 * 60_000  # a hole between ticks this long is reported as a gap
 _SUSPECT_SLACK_MS = 60_000  # an hour this short of ticks is looked at tick by tick
 HOLES_KEPT = 1000
 GAP_EVENTS_KEPT = 1000
+# An hour's ticks overlap when their durations add up to more than the time
+# from the last tick before the hour to the hour's last tick, by more than
+# this. Older collectors took ts from the wall clock and the duration from the
+# monotonic clock, each rounded to the ms: consecutive ticks disagree by a ms
+# or so, a few ms over an hour. The collector calls a wall clock more than
+# 1 s behind a step (service.CLOCK_STEP_MS); below it is measurement noise.
+OVERLAP_SLACK_MS = 1000
 STATUS_NAMES = {0: "ok", 1: "error", 2: "lost"}
 
 
@@ -47,6 +56,24 @@ class Plan:
     raw_ranges: tuple[tuple[int, int], ...]
     heat_from_rollups: bool
     note: str  # why rollups were not (fully) used, for the diagnostics
+    # Time where ticks overlap (Overlap.hours inside the window): read from raw
+    # rows with each GPU's time counted once. Not in raw_ranges; the rollup
+    # hours among them (skip_hours) are not read from the rollups.
+    clip_ranges: tuple[Range, ...] = ()
+    skip_hours: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """UTC hours of the window in which ticks cover the same time twice (older collectors)."""
+
+    hours: tuple[int, ...] = ()  # counted once per GPU, from raw rows
+    # Hours with overlap whose raw rows retention removed: only their rollups
+    # remain, built from the overlapping rows; they are reported as written.
+    unremoved_hours: tuple[int, ...] = ()
+    # Sum over those hours' physical GPU-hours of the time beyond one hour:
+    # roughly the GPU time they count twice.
+    unremoved_ms: int = 0
 
 
 @dataclass
@@ -61,6 +88,7 @@ class StateTotals:
     energy_active_mj: int | None = None
     energy_held_mj: int | None = None
     energy_idle_mj: int | None = None
+    overlap_ms: int = 0  # time of overlapping ticks not counted (an earlier tick covered it)
 
     def add_row(self, values: Sequence[int | None]) -> None:
         """Add one query row's columns in query.STATE_COLUMNS order."""
@@ -231,6 +259,7 @@ class Report:
     # SM-unknown time is recorded for ticks from this instant on (an hour
     # boundary; 0: always). Rollups older than schema 2 do not record it.
     sm_since_ms: int = 0
+    overlap: Overlap = field(default_factory=Overlap)
 
     @property
     def window_ms(self) -> int:
@@ -286,6 +315,101 @@ def make_plan(meta: dict[str, str], opts: Options, segments: Sequence[Segment]) 
     return Plan(h0, h1, raw, heat_ok, note)
 
 
+def subtract(ranges: Iterable[Range], cuts: Sequence[Range]) -> tuple[Range, ...]:
+    """The parts of `ranges` outside every one of `cuts` (all half-open, cuts sorted)."""
+    out: list[Range] = []
+    for lo, hi in ranges:
+        for c_lo, c_hi in cuts:
+            if c_hi <= lo or c_lo >= hi:
+                continue
+            if c_lo > lo:
+                out.append((lo, c_lo))
+            lo = max(lo, c_hi)
+        if hi > lo:
+            out.append((lo, hi))
+    return tuple(out)
+
+
+def with_overlap(plan: Plan, hours: Sequence[int], since: int, until: int) -> Plan:
+    """Move the UTC `hours` (with overlapping ticks) of the window to clip_ranges."""
+    if not hours:
+        return plan
+    cuts: list[Range] = []
+    for h in sorted(hours):
+        lo, hi = max(since, h * HOUR_MS), min(until, (h + 1) * HOUR_MS)
+        if hi <= lo:
+            continue
+        if cuts and cuts[-1][1] == lo:
+            cuts[-1] = (cuts[-1][0], hi)
+        else:
+            cuts.append((lo, hi))
+    return replace(
+        plan,
+        raw_ranges=subtract(plan.raw_ranges, cuts),
+        clip_ranges=tuple(cuts),
+        skip_hours=tuple(h for h in sorted(hours) if plan.h0 <= h < plan.h1),
+    )
+
+
+def _meta_int(meta: dict[str, str], key: str) -> int | None:
+    try:
+        return int(meta[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def hour_cover(conn: sqlite3.Connection, meta: dict[str, str], opts: Options) -> dict[int, int]:
+    """UTC hour touching the window -> the busiest GPU's sum of tick durations in the whole hour.
+
+    From the rollups' total_ms where the hour is rolled up (whatever the
+    thresholds: total_ms counts every row), else (or with --no-rollups) from
+    raw rows; both give the same number while the hour's raw rows remain.
+    """
+    first_h, last_h = opts.since_ms // HOUR_MS, (opts.until_ms - 1) // HOUR_MS
+    rolled_next = _meta_int(meta, "rollup_next_hour") if opts.use_rollups else None
+    split = min(last_h + 1, max(first_h, rolled_next if rolled_next is not None else first_h))
+    cover: dict[int, int] = {}
+    if split > first_h:
+        cover.update(query.hour_cover_rollup(conn, first_h, split))
+    if last_h + 1 > split:
+        cover.update(query.gpu_hour_cover_raw(conn, split, last_h + 1))
+    return cover
+
+
+def find_overlap(conn: sqlite3.Connection, meta: dict[str, str], cover: dict[int, int],
+                 physical_ids: set[int]) -> Overlap:
+    """The UTC hours whose ticks overlap: a GPU has more than an hour of time in them.
+
+    A GPU's ticks that do not overlap cover disjoint intervals, so one UTC
+    hour's add up to at most the hour, plus what its first tick reaches back
+    into the hour before (a fraction of a tick interval, while the collector
+    runs steadily); the slack absorbs the rest. An hour holding more
+    (`cover`, by OVERLAP_SLACK_MS) is counted from raw rows with each
+    instant once per GPU. That costs nothing on an ordinary database: the
+    sums are the ones the gap search reads anyway.
+
+    What this does not see: an overlap shorter than the hour's shortfall,
+    e.g. a clock stepped back by a few seconds (less than a tick interval),
+    or an overlap beside a stretch without ticks in the same hour. Such an
+    hour still holds at most an hour (+ the slack) of each GPU's time, so GPU
+    time never exceeds GPUs x window by more than the slack per GPU-hour, and
+    the first tick's reach back before the window, as in every report.
+
+    The decision is made per whole UTC hour, whatever the window, the GPU
+    filter or the data source, so that every report (and --no-rollups)
+    counts the same tick the same way. Hours whose raw rows retention removed
+    (in part) keep their rollups: nothing is left to count once.
+    """
+    pruned = _meta_int(meta, "raw_pruned_before_ms") or 0
+    complete_from = -(-pruned // HOUR_MS)  # hours before it lost raw rows to retention
+    over = sorted(h for h, ms in cover.items() if ms > HOUR_MS + OVERLAP_SLACK_MS)
+    hours = tuple(h for h in over if h >= complete_from)
+    unremoved = tuple(h for h in over if h < complete_from)
+    excess = sum(max(0, total - HOUR_MS) for _, gpu_id, total in query.hour_gpu_totals(conn, unremoved)
+                 if gpu_id in physical_ids)
+    return Overlap(hours, unremoved, excess)
+
+
 # ---------------------------------------------------------------- GPU selection
 
 def select_gpus(rows: Sequence[query.GpuRow], selectors: Sequence[str]) -> list[int] | None:
@@ -327,11 +451,13 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
     since, until = opts.since_ms, opts.until_ms
     meta = query.meta(conn)
     segments = offset_segments(opts.tz, since, until)
-    plan = make_plan(meta, opts, segments)
     gpu_rows = query.gpus(conn)
     by_id = {r.gpu_id: r for r in gpu_rows}
     gpu_ids = select_gpus(gpu_rows, opts.gpus)
     physical_ids = {r.gpu_id for r in gpu_rows if r.parent_id is None}
+    cover = hour_cover(conn, meta, opts)
+    overlap = find_overlap(conn, meta, cover, physical_ids)
+    plan = with_overlap(make_plan(meta, opts, segments), overlap.hours, since, until)
 
     # GPU state per GPU, and the heatmap over physical GPUs.
     per_gpu: dict[int, StateTotals] = {}
@@ -349,14 +475,17 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
 
     if plan.h1 > plan.h0:
         take(query.gpu_state_rollup(conn, plan.h0, plan.h1, gpu_ids,
-                                    segments if plan.heat_from_rollups else None),
+                                    segments if plan.heat_from_rollups else None, plan.skip_hours),
              totals=True, cells=plan.heat_from_rollups)
         if not plan.heat_from_rollups:
-            take(query.gpu_state_raw(conn, plan.h0 * HOUR_MS, plan.h1 * HOUR_MS, opts.active_pm,
-                                     opts.held_bytes, gpu_ids, segments),
-                 totals=False, cells=True)
+            for lo, hi in subtract(((plan.h0 * HOUR_MS, plan.h1 * HOUR_MS),), plan.clip_ranges):
+                take(query.gpu_state_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids, segments),
+                     totals=False, cells=True)
     for lo, hi in plan.raw_ranges:
         take(query.gpu_state_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids, segments),
+             totals=True, cells=True)
+    for lo, hi in plan.clip_ranges:
+        take(query.gpu_state_clipped(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids, segments),
              totals=True, cells=True)
 
     ticks = sum(t.ticks for t in per_gpu.values())
@@ -391,7 +520,7 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
     sm_since_ms = sm_recorded_since(meta, schema_version)
     users, units = _identities(conn, plan, opts, gpu_ids, sm_since_ms, schema_version >= 2)
     first, last_ts = query.first_last_tick(conn, since, until)
-    holes, holes_total = _holes(conn, plan, since, until)
+    holes, holes_total = _holes(conn, plan, since, until, overlap.hours, cover)
     gap_rows = query.gap_events(conn, since, until, GAP_EVENTS_KEPT)
     runs = _runs(conn, since, until)
     warnings = _warnings(meta, plan, opts)
@@ -414,6 +543,7 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
         host_errors=[e for e in errors if e.gpu_id is None],
         warnings=warnings,
         sm_since_ms=sm_since_ms,
+        overlap=overlap,
     )
 
 
@@ -452,10 +582,13 @@ def _identities(
         parts = []
         if plan.h1 > plan.h0:
             parts.append(query.identity_rollup(conn, plan.h0, plan.h1, gpu_ids, by_unit,
-                                               sm_since_ms, has_sm_unknown))
+                                               sm_since_ms, has_sm_unknown, plan.skip_hours))
         for lo, hi in plan.raw_ranges:
             parts.append(query.identity_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids,
                                             by_unit, sm_since_ms))
+        for lo, hi in plan.clip_ranges:
+            parts.append(query.identity_clipped(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids,
+                                                by_unit, sm_since_ms))
         for rows in parts:
             for gpu_id, account_id, unit, *values in rows:
                 if not keep(account_id):
@@ -473,7 +606,9 @@ def _identities(
     return out[0], out[1]
 
 
-def _holes(conn: sqlite3.Connection, plan: Plan, since: int, until: int) -> tuple[list[Hole], int]:
+def _holes(conn: sqlite3.Connection, plan: Plan, since: int, until: int,
+           overlap_hours: Sequence[int] = (), hour_cover: dict[int, int] | None = None,
+           ) -> tuple[list[Hole], int]:
     """Stretches of >= HOLE_MIN_MS inside the window with no tick covering them.
 
     Scanning every tick would cost seconds on a year; instead each hour's
@@ -481,18 +616,26 @@ def _holes(conn: sqlite3.Connection, plan: Plan, since: int, until: int) -> tupl
     that are short of ticks, and only those are read tick by tick. Any hole
     of HOLE_MIN_MS leaves at least half of it in one hour, which then falls
     more than the slack short (a tick's duration may spill into the hour
-    before, by at most one interval, which the slack absorbs).
+    before, by at most one interval, which the slack absorbs). Hours with
+    overlapping ticks are read too: the time counted twice there could hide
+    a hole from the sums.
     """
     cover: dict[int, int] = {}
     if plan.h1 > plan.h0:
-        cover.update(query.hour_cover_rollup(conn, plan.h0, plan.h1))
+        if hour_cover is not None:
+            # The rollups' sums, already read to look for overlap (hour_cover
+            # reads hour_gpu for every hour a plan takes from the rollups).
+            cover.update((h, ms) for h, ms in hour_cover.items() if plan.h0 <= h < plan.h1)
+        else:
+            cover.update(query.hour_cover_rollup(conn, plan.h0, plan.h1))
     for lo, hi in plan.raw_ranges:
         for h, ms in query.hour_cover_raw(conn, lo, hi):
             cover[h] = cover.get(h, 0) + (ms or 0)
+    overlap_set = set(overlap_hours)
     suspects: list[list[int]] = []  # runs of consecutive hours [a, b]
     for h in range(since // HOUR_MS, (until - 1) // HOUR_MS + 1):
         expected = min(until, (h + 1) * HOUR_MS) - max(since, h * HOUR_MS)
-        if cover.get(h, 0) < expected - _SUSPECT_SLACK_MS:
+        if cover.get(h, 0) < expected - _SUSPECT_SLACK_MS or h in overlap_set:
             if suspects and suspects[-1][1] == h - 1:
                 suspects[-1][1] = h
             else:

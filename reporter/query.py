@@ -23,6 +23,7 @@ from .window import HOUR_MS, Segment
 STATE_COLUMNS = (
     "ticks", "total_ms", "active_ms", "held_ms", "idle_ms", "unknown_ms",
     "coverage_pm_ms", "energy_active_mj", "energy_held_mj", "energy_idle_mj",
+    "overlap_ms",
 )
 # Columns of an identity aggregate after (gpu_id, account_id, unit).
 IDENTITY_COLUMNS = (
@@ -39,6 +40,13 @@ def _in_clause(column: str, ids: Sequence[int] | None) -> str:
     if not ids:
         return " AND 0"
     return f" AND {column} IN ({','.join(str(int(i)) for i in ids)})"
+
+
+def _not_in(column: str, values: Sequence[int]) -> str:
+    """`AND column NOT IN (...)` for hours we computed; '' when there are none."""
+    if not values:
+        return ""
+    return f" AND {column} NOT IN ({','.join(str(int(v)) for v in values)})"
 
 
 def cell_expr(ts_expr: str, segments: Sequence[Segment] | None) -> str:
@@ -100,19 +108,10 @@ def meta(conn: sqlite3.Connection) -> dict[str, str]:
 
 # ---------------------------------------------------------------- GPU state
 
-def gpu_state_raw(
-    conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
-    gpu_ids: Sequence[int] | None, segments: Sequence[Segment] | None,
-) -> list[tuple]:
-    """Classify raw gpu_sample rows; one row per (gpu_id, heatmap cell).
-
-    The held test is a correlated subquery on proc_sample's primary key
-    (tick_id, gpu_id, ...), evaluated only for ok rows below the active
-    threshold (CASE is lazy). Held: a compute process with unknown memory,
-    or compute memory in total above the threshold; graphics-only
-    processes (Xorg) never hold a card.
-    """
-    sql = f"""
+# The aggregate both raw GPU queries share, over a subquery of classified rows
+# (gpu_id, cell, d = counted duration, cov, e = energy, st = state, cut =
+# duration not counted because an earlier tick of the GPU covered it).
+_STATE_SUMS = """
         SELECT gpu_id, cell,
                count(*),
                sum(d),
@@ -123,14 +122,20 @@ def gpu_state_raw(
                sum(CASE WHEN cov IS NOT NULL THEN d * cov ELSE 0 END),
                sum(CASE st WHEN 0 THEN e END),
                sum(CASE st WHEN 1 THEN e END),
-               sum(CASE st WHEN 2 THEN e END)
-        FROM (
-            SELECT g.gpu_id AS gpu_id,
-                   t.duration_ms AS d,
-                   g.coverage_permille AS cov,
-                   g.energy_mj AS e,
-                   {cell_expr('t.ts_ms', segments)} AS cell,
-                   CASE
+               sum(CASE st WHEN 2 THEN e END),
+               sum(cut)
+        FROM ({rows}
+            LIMIT -1  -- no limit; it stops SQLite flattening this subquery, which
+                      -- would evaluate `st` (and its subquery) once per sum()
+        )
+        GROUP BY gpu_id, cell
+"""
+# The state of one gpu_sample row `g`. The held test is a correlated subquery
+# on proc_sample's primary key (tick_id, gpu_id, ...), evaluated only for ok
+# rows below the active threshold (CASE is lazy). Held: a compute process
+# with unknown memory, or compute memory in total above the threshold;
+# graphics-only processes (Xorg) never hold a card.
+_STATE_CASE = """CASE
                        WHEN g.status != 0 OR g.util_permille IS NULL THEN 3
                        WHEN g.util_permille >= :active THEN 0
                        WHEN (SELECT count(*) > count(ps.mem_mib)
@@ -140,36 +145,82 @@ def gpu_state_raw(
                                AND ps.gpu_id = g.gpu_id
                                AND ps.kind & 1) THEN 1
                        ELSE 2
-                   END AS st
+                   END"""
+
+
+def gpu_state_raw(
+    conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
+    gpu_ids: Sequence[int] | None, segments: Sequence[Segment] | None,
+) -> list[tuple]:
+    """Classify raw gpu_sample rows; one row per (gpu_id, heatmap cell).
+
+    Columns after (gpu_id, cell): STATE_COLUMNS. Every tick counts its whole
+    duration: for time where ticks overlap use gpu_state_clipped.
+    """
+    rows = f"""
+            SELECT g.gpu_id AS gpu_id,
+                   t.duration_ms AS d,
+                   g.coverage_permille AS cov,
+                   g.energy_mj AS e,
+                   0 AS cut,
+                   {cell_expr('t.ts_ms', segments)} AS cell,
+                   {_STATE_CASE} AS st
             FROM tick AS t
             JOIN gpu_sample AS g ON g.tick_id = t.tick_id
-            WHERE t.ts_ms >= :lo AND t.ts_ms < :hi{_in_clause('g.gpu_id', gpu_ids)}
-            LIMIT -1  -- no limit; it stops SQLite flattening this subquery, which
-                      -- would evaluate `st` (and its subquery) once per sum()
-        )
-        GROUP BY gpu_id, cell
-    """
+            WHERE t.ts_ms >= :lo AND t.ts_ms < :hi{_in_clause('g.gpu_id', gpu_ids)}"""
+    sql = _STATE_SUMS.format(rows=rows)
     return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes}).fetchall()
 
 
 def gpu_state_rollup(
     conn: sqlite3.Connection, h0: int, h1: int,
     gpu_ids: Sequence[int] | None, segments: Sequence[Segment] | None,
+    skip_hours: Sequence[int] = (),
 ) -> list[tuple]:
-    """The same aggregate from hour_gpu, for whole UTC hours [h0, h1)."""
+    """The same aggregate from hour_gpu, for whole UTC hours [h0, h1) but `skip_hours`."""
     sql = f"""
         SELECT gpu_id, {cell_expr(f'hour * {HOUR_MS}', segments)} AS cell,
                sum(ticks), sum(total_ms), sum(active_ms), sum(held_ms),
                sum(idle_ms), sum(unknown_ms), sum(coverage_pm_ms),
-               sum(energy_active_mj), sum(energy_held_mj), sum(energy_idle_mj)
+               sum(energy_active_mj), sum(energy_held_mj), sum(energy_idle_mj),
+               0
         FROM hour_gpu
-        WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}
+        WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
         GROUP BY gpu_id, cell
     """
     return conn.execute(sql, {"h0": h0, "h1": h1}).fetchall()
 
 
 # ---------------------------------------------------------------- identities
+
+# The aggregate both raw identity queries share, over one row per holder per
+# GPU per tick: (gpu_id, account_id, unit, ts, d = counted duration,
+# mem_null, mem, sm_null, sm).
+_IDENTITY_SUMS = """
+        SELECT gpu_id, account_id, unit,
+               sum(d),
+               sum(CASE WHEN NOT sm_null AND sm * 10 < :active THEN d ELSE 0 END),
+               sum(mem * d),
+               sum(CASE WHEN mem_null THEN d ELSE 0 END),
+               sum(CASE WHEN sm_null AND ts >= :sm_since THEN d ELSE 0 END),
+               sum(CASE WHEN ts < :sm_since THEN d ELSE 0 END)
+        FROM ({rows}
+        )
+        WHERE mem_null OR mem * 1048576 > :held
+        GROUP BY gpu_id, account_id, unit
+"""
+
+
+def _holder_columns(unit_col: str) -> str:
+    """Per (tick, GPU, account[, unit]): its compute processes' memory and SM, as the rollups sum them."""
+    return f"""ps.gpu_id AS gpu_id,
+                   p.account_id AS account_id,
+                   {unit_col} AS unit,
+                   count(*) > count(ps.mem_mib) AS mem_null,
+                   coalesce(sum(ps.mem_mib), 0) AS mem,
+                   count(*) > count(ps.sm_util) AS sm_null,
+                   coalesce(sum(ps.sm_util), 0) AS sm"""
+
 
 def identity_raw(
     conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
@@ -186,46 +237,30 @@ def identity_raw(
     SM-unknown time counts only from `sm_since_ms` on: before it the rollups
     do not record it (schema 1), and both paths must give the same numbers;
     held time before it is returned as `sm_unrecorded_ms` instead.
+    Every tick counts its whole duration: where ticks overlap use identity_clipped.
     """
     unit_col = "p.unit" if by_unit else "''"
     unit_where = " AND p.unit != ''" if by_unit else ""
-    sql = f"""
-        SELECT gpu_id, account_id, unit,
-               sum(d),
-               sum(CASE WHEN NOT sm_null AND sm * 10 < :active THEN d ELSE 0 END),
-               sum(mem * d),
-               sum(CASE WHEN mem_null THEN d ELSE 0 END),
-               sum(CASE WHEN sm_null AND ts >= :sm_since THEN d ELSE 0 END),
-               sum(CASE WHEN ts < :sm_since THEN d ELSE 0 END)
-        FROM (
-            SELECT ps.gpu_id AS gpu_id,
-                   p.account_id AS account_id,
-                   {unit_col} AS unit,
+    rows = f"""
+            SELECT {_holder_columns(unit_col)},
                    t.ts_ms AS ts,
-                   t.duration_ms AS d,
-                   count(*) > count(ps.mem_mib) AS mem_null,
-                   coalesce(sum(ps.mem_mib), 0) AS mem,
-                   count(*) > count(ps.sm_util) AS sm_null,
-                   coalesce(sum(ps.sm_util), 0) AS sm
+                   t.duration_ms AS d
             FROM tick AS t
             JOIN proc_sample AS ps ON ps.tick_id = t.tick_id
             JOIN process AS p ON p.proc_id = ps.proc_id
             WHERE t.ts_ms >= :lo AND t.ts_ms < :hi
               AND ps.kind & 1{unit_where}{_in_clause('ps.gpu_id', gpu_ids)}
-            GROUP BY ps.tick_id, ps.gpu_id, p.account_id, {unit_col}
-        )
-        WHERE mem_null OR mem * 1048576 > :held
-        GROUP BY gpu_id, account_id, unit
-    """
+            GROUP BY ps.tick_id, ps.gpu_id, p.account_id, {unit_col}"""
+    sql = _IDENTITY_SUMS.format(rows=rows)
     return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes,
                               "sm_since": sm_since_ms}).fetchall()
 
 
 def identity_rollup(
     conn: sqlite3.Connection, h0: int, h1: int, gpu_ids: Sequence[int] | None, by_unit: bool,
-    sm_since_ms: int = 0, has_sm_unknown: bool = True,
+    sm_since_ms: int = 0, has_sm_unknown: bool = True, skip_hours: Sequence[int] = (),
 ) -> list[tuple]:
-    """The same rows from hour_account / hour_unit for whole UTC hours [h0, h1).
+    """The same rows from hour_account / hour_unit for whole UTC hours [h0, h1) but `skip_hours`.
 
     `has_sm_unknown` False: a schema 1 database, without the column (then
     `sm_since_ms` is at or after h1, so no hour reads it).
@@ -238,10 +273,125 @@ def identity_rollup(
                sum(CASE WHEN hour >= :sm_since / {HOUR_MS} THEN {sm_col} ELSE 0 END),
                sum(CASE WHEN hour < :sm_since / {HOUR_MS} THEN held_ms ELSE 0 END)
         FROM {table}
-        WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}
+        WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
         GROUP BY gpu_id, account_id, unit
     """
     return conn.execute(sql, {"h0": h0, "h1": h1, "sm_since": sm_since_ms}).fetchall()
+
+
+# ---------------------------------------------------------------- overlapping ticks
+#
+# Older collectors stored ticks that cover the same time twice: the wall
+# clock stepped back inside a run, or a run replayed times already stored.
+# Summing their durations would count that time twice (more GPU time than
+# GPUs x window). Where ticks overlap, each GPU's row counts only the part of
+# its interval (ts - d, ts] after the previous tick of that GPU in
+# (ts_ms, tick_id) order: (max(ts - d, prev), ts]. Those intervals never
+# overlap, so an instant is counted at most once per GPU; with equal tick
+# durations exactly once. Which hours get this treatment is decided per UTC
+# hour in classify.py (find_overlap), from the hourly sums.
+
+# One row per gpu_sample in [:lo, :hi) with `d` its counted duration (clipped
+# as above) and `cut` the part not counted. The previous tick of the GPU comes
+# from lag() inside the range; for the GPU's first row in the range, from a
+# backwards walk on tick_ts from :lo that stops at the row's own start (a
+# tick ending before it cannot overlap it), with gpu_sample's primary key.
+_CLIPPED_ROWS = """
+    WITH ordered AS (
+        SELECT t.tick_id AS tick_id, g.gpu_id AS gpu_id, t.ts_ms AS ts, t.duration_ms AS full_d,
+               lag(t.ts_ms) OVER (PARTITION BY g.gpu_id ORDER BY t.ts_ms, t.tick_id) AS prev
+        FROM tick AS t
+        JOIN gpu_sample AS g ON g.tick_id = t.tick_id
+        WHERE t.ts_ms >= :lo AND t.ts_ms < :hi{gpu_filter}
+    ),
+    clipped AS (
+        SELECT tick_id, gpu_id, ts, full_d,
+               min(full_d, ts - coalesce(prev, (
+                   SELECT b.ts_ms
+                   FROM tick AS b
+                   JOIN gpu_sample AS bg ON bg.tick_id = b.tick_id AND bg.gpu_id = ordered.gpu_id
+                   WHERE b.ts_ms < :lo AND b.ts_ms > ordered.ts - ordered.full_d
+                   ORDER BY b.ts_ms DESC
+                   LIMIT 1
+               ), ts - full_d)) AS d
+        FROM ordered
+    )"""
+
+
+def gpu_state_clipped(
+    conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
+    gpu_ids: Sequence[int] | None, segments: Sequence[Segment] | None,
+) -> list[tuple]:
+    """gpu_state_raw for [lo, hi), counting each GPU's time once where ticks overlap.
+
+    A row's energy is scaled to the part of its duration that counts (integer
+    division), so energy by state goes with the time it is reported with.
+    """
+    rows = f"""
+            SELECT c.gpu_id AS gpu_id,
+                   c.d AS d,
+                   g.coverage_permille AS cov,
+                   CASE WHEN c.d = c.full_d THEN g.energy_mj
+                        ELSE g.energy_mj * c.d / c.full_d END AS e,
+                   c.full_d - c.d AS cut,
+                   {cell_expr('c.ts', segments)} AS cell,
+                   {_STATE_CASE} AS st
+            FROM clipped AS c
+            JOIN gpu_sample AS g ON g.tick_id = c.tick_id AND g.gpu_id = c.gpu_id"""
+    sql = _CLIPPED_ROWS.format(gpu_filter=_in_clause('g.gpu_id', gpu_ids)) + _STATE_SUMS.format(rows=rows)
+    return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes}).fetchall()
+
+
+def identity_clipped(
+    conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
+    gpu_ids: Sequence[int] | None, by_unit: bool, sm_since_ms: int = 0,
+) -> list[tuple]:
+    """identity_raw for [lo, hi), with each GPU's tick counted as in gpu_state_clipped."""
+    unit_col = "p.unit" if by_unit else "''"
+    unit_where = " AND p.unit != ''" if by_unit else ""
+    rows = f"""
+            SELECT {_holder_columns(unit_col)},
+                   c.ts AS ts,
+                   c.d AS d
+            FROM clipped AS c
+            JOIN proc_sample AS ps ON ps.tick_id = c.tick_id AND ps.gpu_id = c.gpu_id
+            JOIN process AS p ON p.proc_id = ps.proc_id
+            WHERE ps.kind & 1{unit_where}
+            GROUP BY ps.tick_id, ps.gpu_id, p.account_id, {unit_col}"""
+    sql = _CLIPPED_ROWS.format(gpu_filter=_in_clause('g.gpu_id', gpu_ids)) + _IDENTITY_SUMS.format(rows=rows)
+    return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes,
+                              "sm_since": sm_since_ms}).fetchall()
+
+
+def gpu_hour_cover_raw(conn: sqlite3.Connection, h0: int, h1: int) -> list[tuple[int, int]]:
+    """(UTC hour, the largest per-GPU sum of tick durations) for hours [h0, h1), from raw rows.
+
+    The same number as max(total_ms) over hour_gpu (hour_cover_rollup) where
+    the hour is rolled up and its raw rows remain.
+    """
+    return conn.execute(
+        f"""
+        SELECT hour, max(ms)
+        FROM (
+            SELECT t.ts_ms / {HOUR_MS} AS hour, sum(t.duration_ms) AS ms
+            FROM tick AS t
+            JOIN gpu_sample AS g ON g.tick_id = t.tick_id
+            WHERE t.ts_ms >= :lo AND t.ts_ms < :hi
+            GROUP BY hour, g.gpu_id
+        )
+        GROUP BY hour
+        """,
+        {"lo": h0 * HOUR_MS, "hi": h1 * HOUR_MS},
+    ).fetchall()
+
+
+def hour_gpu_totals(conn: sqlite3.Connection, hours: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(hour, gpu_id, total_ms) of hour_gpu for the given hours (a few: those with overlap)."""
+    if not hours:
+        return []
+    return conn.execute(
+        f"SELECT hour, gpu_id, total_ms FROM hour_gpu WHERE hour IN ({','.join(str(int(h)) for h in hours)})"
+    ).fetchall()
 
 
 # ---------------------------------------------------------------- coverage of time

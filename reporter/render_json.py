@@ -184,6 +184,10 @@ def to_dict(rep: Report) -> dict[str, Any]:
             "sm_unknown_users": len(rep.sm_unknown_users),
             "sm_recorded_since_ms": rep.sm_recorded_since_ms,
             "sm_unrecorded_ms": sum(i.sm_unrecorded_ms for i in rep.users),
+            "overlap_ms": h.overlap_ms,
+            "overlap_hours": len(rep.overlap.hours),
+            "overlap_unremoved_ms": rep.overlap.unremoved_ms,
+            "overlap_unremoved_hours": len(rep.overlap.unremoved_hours),
             "gap_events": [
                 {"start_ms": g.start_ms, "end_ms": g.end_ms, "run_id": g.run_id, "detail": g.detail}
                 for g in rep.gap_events
@@ -211,8 +215,9 @@ def to_dict(rep: Report) -> dict[str, Any]:
         # Diagnostics only (not part of the contract's comparisons): how the
         # numbers were obtained.
         "source": {
-            "rollup_hours": rep.plan.h1 - rep.plan.h0,
+            "rollup_hours": rep.plan.h1 - rep.plan.h0 - len(rep.plan.skip_hours),
             "raw_ranges_ms": [list(r) for r in rep.plan.raw_ranges],
+            "overlap_ranges_ms": [list(r) for r in rep.plan.clip_ranges],
             "note": rep.plan.note,
         },
     }

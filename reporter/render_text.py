@@ -221,6 +221,15 @@ def render(rep: Report, colour: bool = False) -> str:
             add(f"    ... {rep.holes_total - LIST_N} more (see --format json)")
     else:
         add(f"  gaps: none (no stretch >= {HOLE_MIN_MS // 60000} min without ticks)")
+    if h.overlap_ms or rep.overlap.hours:
+        n = len(rep.overlap.hours)
+        add(f"  overlap: ticks covering the same time twice in {n} UTC hour{'s' if n != 1 else ''} "
+            "(clock set")
+        add(f"    back, run replayed): {_h(h.overlap_ms)} GPU-h counted once, not twice")
+    if rep.overlap.unremoved_hours:
+        n = len(rep.overlap.unremoved_hours)
+        add(f"  overlap kept in {n} UTC hour{'s' if n != 1 else ''} whose raw samples retention removed:")
+        add(f"    about {_h(rep.overlap.unremoved_ms)} GPU-h there are counted twice (rollups only)")
     unclean = [r for r in rep.runs if r.clean is False]
     add(f"  collector runs: {len(rep.runs)} in window, {len(unclean)} unclean stop(s)")
     for r in unclean[:LIST_N]:

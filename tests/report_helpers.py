@@ -127,8 +127,7 @@ class HandDb:
         from gua_collector import rollup as store
 
         row = self.conn.execute("SELECT min(ts_ms) / 3600000 FROM tick").fetchone()
-        params = {"lo": row[0] * HOUR, "hi": end_hour * HOUR,
-                  "active": schema.ROLLUP_ACTIVE_PERMILLE, "held": schema.ROLLUP_HELD_BYTES}
+        params = {"lo": row[0] * HOUR, "hi": end_hour * HOUR, **store.thresholds(self.conn)}
         for st in store.DELETE_ROLLUP:
             self.conn.execute(st, {"lo": params["lo"], "hi": params["hi"]})
         for st in (store.ROLLUP_GPU, store.ROLLUP_ACCOUNT, store.ROLLUP_UNIT):
@@ -211,3 +210,35 @@ def sim_ticks(start_ms: int, end_ms: int, interval_ms: int, scenario: str = "lab
         yield records.Tick(ts, d, tuple(gpus))
         prev_ts = ts
         n += 1
+
+
+# ---------------------------------------------------------------- through the collector's Store
+
+def store_run(store, ticks, started_ms: int | None = None, interval_ms: int = 10_000,
+              scenario: str = "lab", stop_ms: int | None = None, batch: int = 500) -> None:
+    """One collector run written through the collector's own Store (which also rolls up).
+
+    `ticks` are records.Tick; the run starts at `started_ms` (default: the
+    first tick) and ends cleanly at `stop_ms` when given, else uncleanly.
+    """
+    ticks = list(ticks)
+    store.begin_run(ticks[0].ts_ms if started_ms is None else started_ms, interval_ms,
+                    f"simulate:{scenario}", "gpu01", "test")
+    for n in range(0, len(ticks), batch):
+        store.write_ticks(ticks[n:n + batch])
+    if stop_ms is not None:
+        store.end_run(stop_ms)
+
+
+def shifted(ticks, by_ms: int, first_duration: int | None = None) -> list:
+    """The same ticks `by_ms` later (earlier when negative): a wall clock set wrong.
+
+    `first_duration` replaces the first tick's duration: a step of the wall
+    clock inside a run keeps the monotonic duration of the tick after it.
+    """
+    from dataclasses import replace
+
+    out = [replace(t, ts_ms=t.ts_ms + by_ms) for t in ticks]
+    if out and first_duration is not None:
+        out[0] = replace(out[0], duration_ms=first_duration)
+    return out
