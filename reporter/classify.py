@@ -168,6 +168,13 @@ class GpuReport:
         return out
 
 
+def _fmt_offset(ms: int) -> str:
+    """+05:30, -03:30, +12:45."""
+    sign = "-" if ms < 0 else "+"
+    minutes = abs(ms) // 60_000
+    return f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+
+
 def _hours_text(ms: int) -> str:
     h = ms / HOUR_MS
     return f"{h:.2f}" if h < 1 else f"{h:.1f}"
@@ -260,6 +267,12 @@ class Report:
     # boundary; 0: always). Rollups older than schema 2 do not record it.
     sm_since_ms: int = 0
     overlap: Overlap = field(default_factory=Overlap)
+    # Known GPU time of physical GPUs that the heatmap cannot place, and why:
+    # hours before `heat_unplaced_before_ms` exist only as UTC-hour rollups
+    # (retention removed their raw rows) and the zone's offset is not whole hours.
+    heat_unplaced_ms: int = 0
+    heat_unplaced_before_ms: int | None = None
+    heat_unplaced_offsets: tuple[int, ...] = ()  # the zone's offsets (ms) that are not whole hours
 
     @property
     def window_ms(self) -> int:
@@ -277,6 +290,21 @@ class Report:
     def sm_unknown_users(self) -> list[Identity]:
         """Listed users with held time whose per-process SM was unknown."""
         return [i for i in self.users if i.sm_unknown_ms]
+
+    @property
+    def heat_note(self) -> str | None:
+        """Why part of the known GPU time is not in the heatmap; None when all of it is."""
+        if not self.heat_unplaced_ms:
+            return None
+        before = self.heat_unplaced_before_ms
+        when = f"before {fmt_local(before, self.options.tz)} " if before else ""
+        if self.heat_unplaced_offsets:
+            zone = "a " + " / ".join(_fmt_offset(o) for o in self.heat_unplaced_offsets) + " zone"
+        else:
+            zone = "a zone whose offset changes off the UTC hour"
+        return (f"hours {when}exist only as UTC-hour rollups (retention removed their raw "
+                f"samples); {zone} cannot place them in local hours, so "
+                f"{self.heat_unplaced_ms / HOUR_MS:.2f} GPU-h of known time is not in the heatmap")
 
     @property
     def sm_recorded_since_ms(self) -> int | None:
@@ -516,6 +544,9 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
     for g in gpus:
         if not g.is_mig:
             headline.add(g.totals)
+    # Both sums cover the same rows unless the heatmap was read from raw rows
+    # for rolled-up hours whose raw rows retention removed.
+    heat_unplaced = headline.known_ms - sum(v[1] for v in heat.values())
 
     sm_since_ms = sm_recorded_since(meta, schema_version)
     users, units = _identities(conn, plan, opts, gpu_ids, sm_since_ms, schema_version >= 2)
@@ -544,6 +575,10 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
         warnings=warnings,
         sm_since_ms=sm_since_ms,
         overlap=overlap,
+        heat_unplaced_ms=heat_unplaced,
+        heat_unplaced_before_ms=_meta_int(meta, "raw_pruned_before_ms") if heat_unplaced else None,
+        heat_unplaced_offsets=tuple(sorted({s.offset_ms for s in segments if s.offset_ms % HOUR_MS}))
+        if heat_unplaced else (),
     )
 
 

@@ -171,6 +171,9 @@ def to_dict(rep: Report) -> dict[str, Any]:
             "active_share": cells,
             "active_ms": active_ms,
             "known_ms": known_ms,
+            "unplaced_known_ms": rep.heat_unplaced_ms,
+            "unplaced_before_ms": rep.heat_unplaced_before_ms if rep.heat_unplaced_ms else None,
+            "note": rep.heat_note,
         },
         "energy": {
             "gpus_reporting": len(rep.energy_gpus),

@@ -230,6 +230,12 @@ def render(rep: Report, colour: bool = False) -> str:
         n = len(rep.overlap.unremoved_hours)
         add(f"  overlap kept in {n} UTC hour{'s' if n != 1 else ''} whose raw samples retention removed:")
         add(f"    about {_h(rep.overlap.unremoved_ms)} GPU-h there are counted twice (rollups only)")
+    if rep.heat_note:
+        import textwrap  # only when there is a note to wrap
+
+        # The note is gua's own words, dates and offsets: nothing to escape.
+        for i, line in enumerate(textwrap.wrap(f"heatmap: {rep.heat_note}", WIDTH - 4)):
+            add(("  " if i == 0 else "    ") + line)
     unclean = [r for r in rep.runs if r.clean is False]
     add(f"  collector runs: {len(rep.runs)} in window, {len(unclean)} unclean stop(s)")
     for r in unclean[:LIST_N]:
