@@ -10,7 +10,6 @@ import sqlite3
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -281,7 +280,8 @@ def test_clean_stop_invalidates_the_file(tmp_path: Path) -> None:
 
 
 def test_textfile_option(tmp_path: Path) -> None:
-    proc = run_collector("--db", str(tmp_path / "gua.db"), "--backend", "simulate", "--ticks", "1", "--textfile", str(tmp_path / "gua.txt"))
+    proc = run_collector("--db", str(tmp_path / "gua.db"), "--backend", "simulate", "--ticks", "1",
+                         "--textfile", str(tmp_path / "gua.txt"))
     assert proc.returncode == 2 and "must end in .prom" in proc.stderr
     proc = run_collector("--db", str(tmp_path / "gua.db"), "--backend", "simulate", "--ticks", "1",
                          "--textfile", str(tmp_path / "gua.prom"), "--textfile-users", "maybe")
@@ -409,14 +409,9 @@ def test_symlinked_directory_is_the_admins_choice(tmp_path: Path) -> None:
 # --- gua-collector --check: can the service write it, can node_exporter read it ------------------
 
 @pytest.fixture
-def open_base() -> Iterator[Path]:
-    """A directory every user may enter (pytest's tmp_path is 0700), removed after the test."""
-    import shutil
-
-    base = Path(tempfile.mkdtemp(prefix="gua-check-", dir="/tmp"))
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base)
+def open_base(shared_dir: str) -> Path:
+    """A directory every user may enter (pytest's tmp_path is 0700)."""
+    return Path(shared_dir)
 
 
 def _reader() -> tuple[str, int]:
