@@ -122,6 +122,11 @@ def deb_extract(deb: Path, tmp_path: Path) -> Path:
     return out
 
 
+RULES = "/usr/share/gua-collector/prometheus/gua-rules.yml"
+DASHBOARD = "/usr/share/gua-collector/grafana/gua.json"
+NODE_EXPORTER_LINK = "/var/lib/prometheus/node-exporter/gua.prom"
+
+
 def unit_path(files: dict[str, str] | list[str]) -> str:
     units = [f for f in files if f.endswith("/systemd/system/gua-collector.service")]
     assert len(units) == 1, units
@@ -172,6 +177,9 @@ def test_collector_deb_contents(build: Build) -> None:
         "/usr/lib/python3/dist-packages/gua_collector/__init__.py",
         "/usr/lib/python3/dist-packages/gua_collector/main.py",
         "/usr/share/doc/gua-collector/copyright",
+        RULES,
+        DASHBOARD,
+        NODE_EXPORTER_LINK,
     ):
         assert path in files, f"{path} not in gua-collector.deb"
     unit_path(files)
@@ -181,7 +189,9 @@ def test_collector_deb_contents(build: Build) -> None:
 
 def test_collector_deb_permissions(build: Build) -> None:
     for path, mode in deb_files(build.collector_deb).items():
-        if path.endswith("/"):
+        if path == NODE_EXPORTER_LINK:
+            assert mode == "lrwxrwxrwx root/root", f"{path}: {mode}"
+        elif path.endswith("/"):
             assert mode == "drwxr-xr-x root/root", f"{path}: {mode}"
         elif path.startswith("/usr/bin/") or path.startswith("/usr/share/python3/runtime.d/"):
             assert mode == "-rwxr-xr-x root/root", f"{path}: {mode}"
@@ -198,9 +208,23 @@ def test_collector_deb_ships_the_deploy_files_unchanged(build: Build, tmp_path: 
         "/usr/lib/tmpfiles.d/gua.conf": DEPLOY / "gua.tmpfiles",
         "/etc/gua/gua-collector.conf": DEPLOY / "gua-collector.conf",
         "/usr/lib/gua-collector/vendor/pynvml.py": PACKAGING / "vendor" / "pynvml.py",
+        RULES: DEPLOY / "prometheus" / "gua-rules.yml",
+        DASHBOARD: DEPLOY / "grafana" / "gua.json",
     }
     for installed, source in pairs.items():
         assert (root / installed.lstrip("/")).read_bytes() == source.read_bytes(), installed
+
+
+def test_collector_deb_links_the_textfile_for_debian_s_node_exporter(build: Build) -> None:
+    """Debian's node-exporter reads its own root-owned directory as user prometheus: the deb's link
+    leads it to the file the service may write, which tmpfiles.d creates (empty) at boot."""
+    listing = run("dpkg-deb", "-c", build.collector_deb).stdout
+    assert f".{NODE_EXPORTER_LINK} -> /run/gua-collector/gua.prom" in listing, listing
+    tmpfiles = (DEPLOY / "gua.tmpfiles").read_text()
+    assert "\nd /run/gua-collector 0755 gua gua -\n" in tmpfiles
+    assert "\nf /run/gua-collector/gua.prom - - - -\n" in tmpfiles, "never touches the mode of a live file"
+    unit = (DEPLOY / "gua-collector.service").read_text()
+    assert "\nReadWritePaths=-/run/gua-collector\n" in unit, "ProtectSystem=strict would refuse the write"
 
 
 def test_vendored_pynvml_is_the_recorded_upstream_file() -> None:
@@ -314,6 +338,8 @@ def test_collector_rpm_contents(build: Build) -> None:
                  "/usr/share/man/man8/gua-collector.8.gz"):
         assert path in files, f"{path} not in the gua-collector rpm"
     assert any(re.search(r"/site-packages/gua_collector/main\.py$", f) for f in files)
+    assert RULES in files and DASHBOARD in files
+    assert not any(f.startswith("/var/lib/prometheus") for f in files), "node_exporter's paths differ off Debian"
     assert not any("gua_report" in f for f in files)
     assert rpm_query(build.collector_rpm, "-c").split() == ["/etc/gua/gua-collector.conf"]
     flags = rpm_query(build.collector_rpm, "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\n]")
