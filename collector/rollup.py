@@ -72,6 +72,9 @@ GROUP BY hour, gpu_id
 # :active), busy (every sm_util known, sum at or above it) or SM unknown (some
 # sm_util NULL: MIG, NVML NOT_SUPPORTED). Busy time is held - idle_held -
 # sm_unknown; counting unknown SM as busy would hide an idle holder.
+# Idle-held time splits again by the holder's CPU over the tick: waiting on
+# the CPU (idle_cpu_busy_ms, at least :cpu_busy permille of one core), CPU
+# unknown (idle_cpu_unknown_ms), or abandoned (the rest).
 _HOLDERS = """
 WITH t AS (
     SELECT tick_id, duration_ms AS d, ts_ms / 3600000 AS hour
@@ -83,7 +86,10 @@ per AS (
            max(ps.mem_mib IS NULL) AS mem_unknown,
            coalesce(sum(ps.mem_mib), 0) AS mem,
            max(ps.sm_util IS NULL) AS sm_unknown,
-           coalesce(sum(ps.sm_util), 0) AS sm
+           coalesce(sum(ps.sm_util), 0) AS sm,
+           -- A process that left during the tick has no CPU reading; it holds nothing either.
+           max(ps.cpu_permille IS NULL AND NOT ps.kind & 4) AS cpu_unknown,
+           coalesce(sum(ps.cpu_permille), 0) AS cpu
     FROM t
     JOIN proc_sample AS ps USING (tick_id)
     JOIN process AS p USING (proc_id)
@@ -95,13 +101,22 @@ SELECT hour, gpu_id, account_id, {select_unit}
        sum(CASE WHEN sm_unknown = 0 AND sm * 10 < :active THEN d ELSE 0 END),
        sum(mem * d),
        sum(CASE WHEN mem_unknown THEN d ELSE 0 END),
-       sum(CASE WHEN sm_unknown THEN d ELSE 0 END)
+       sum(CASE WHEN sm_unknown THEN d ELSE 0 END),
+       sum(CASE WHEN sm_unknown = 0 AND sm * 10 < :active AND cpu_unknown = 0 AND cpu >= :cpu_busy
+                THEN d ELSE 0 END),
+       sum(CASE WHEN sm_unknown = 0 AND sm * 10 < :active AND cpu_unknown THEN d ELSE 0 END)
 FROM per
 WHERE mem_unknown OR mem * 1048576 > :held
 GROUP BY hour, gpu_id, account_id {group_unit}
 """
-_ACCOUNT_COLUMNS = "hour, gpu_id, account_id, held_ms, idle_held_ms, mem_mib_ms, unknown_mem_ms, sm_unknown_ms"
-_UNIT_COLUMNS = "hour, gpu_id, account_id, unit, held_ms, idle_held_ms, mem_mib_ms, unknown_mem_ms, sm_unknown_ms"
+_ACCOUNT_COLUMNS = (
+    "hour, gpu_id, account_id, held_ms, idle_held_ms, mem_mib_ms, unknown_mem_ms, sm_unknown_ms,"
+    " idle_cpu_busy_ms, idle_cpu_unknown_ms"
+)
+_UNIT_COLUMNS = (
+    "hour, gpu_id, account_id, unit, held_ms, idle_held_ms, mem_mib_ms, unknown_mem_ms, sm_unknown_ms,"
+    " idle_cpu_busy_ms, idle_cpu_unknown_ms"
+)
 _ACCOUNT_SELECT = _HOLDERS.format(unit="''", where="", select_unit="", group_unit="")
 _UNIT_SELECT = _HOLDERS.format(unit="p.unit", where="AND p.unit != ''", select_unit="unit,", group_unit=", unit")
 ROLLUP_ACCOUNT = f"INSERT INTO hour_account ({_ACCOUNT_COLUMNS}){_ACCOUNT_SELECT}"
@@ -128,8 +143,7 @@ class Rollups:
         self._conn = conn
         self._loaded = False  # settings are read from meta on first use
         self._next: int | None = None
-        self._active = schema.ROLLUP_ACTIVE_PERMILLE
-        self._held = schema.ROLLUP_HELD_BYTES
+        self._thresholds: dict[str, int] = {}
 
     def forget(self) -> None:
         """After a rollback, progress cached inside it is void: reload it lazily."""
@@ -142,7 +156,7 @@ class Rollups:
     def _load(self) -> None:
         next_hour = _meta(self._conn, "rollup_next_hour")
         self._next = int(next_hour) if next_hour is not None else None
-        self._active, self._held = _thresholds(self._conn)
+        self._thresholds = thresholds(self._conn)
         self._loaded = True
 
     def before(self, hour: int) -> None:
@@ -160,12 +174,7 @@ class Rollups:
             self._roll_up(hour, hour + 1)
 
     def _roll_up(self, first_hour: int, end_hour: int) -> None:
-        params = {
-            "lo": first_hour * HOUR_MS,
-            "hi": end_hour * HOUR_MS,
-            "active": self._active,
-            "held": self._held,
-        }
+        params = {"lo": first_hour * HOUR_MS, "hi": end_hour * HOUR_MS, **self._thresholds}
         for statement in DELETE_ROLLUP:
             self._conn.execute(statement, {"lo": params["lo"], "hi": params["hi"]})
         for statement in (ROLLUP_GPU, ROLLUP_ACCOUNT, ROLLUP_UNIT):
@@ -188,8 +197,7 @@ def backfill_sm_unknown(conn: sqlite3.Connection) -> None:
     first = -(-int(pruned) // HOUR_MS) if pruned else 0
     next_hour = _meta(conn, "rollup_next_hour")
     if next_hour is not None and int(next_hour) > first:
-        active, held = _thresholds(conn)
-        params = {"lo": first * HOUR_MS, "hi": int(next_hour) * HOUR_MS, "active": active, "held": held}
+        params = {"lo": first * HOUR_MS, "hi": int(next_hour) * HOUR_MS, **thresholds(conn)}
         for statement in (BACKFILL_ACCOUNT, BACKFILL_UNIT):
             conn.execute(statement, params)
     conn.execute(UPSERT_META, ("sm_unknown_since_hour", str(first)))
@@ -200,8 +208,10 @@ def _meta(conn: sqlite3.Connection, key: str) -> str | None:
     return None if row is None else str(row[0])
 
 
-def _thresholds(conn: sqlite3.Connection) -> tuple[int, int]:
-    """(active permille, held bytes) the rollups are classified with."""
-    active = int(_meta(conn, "rollup_active_permille") or schema.ROLLUP_ACTIVE_PERMILLE)
-    held = int(_meta(conn, "rollup_held_bytes") or schema.ROLLUP_HELD_BYTES)
-    return active, held
+def thresholds(conn: sqlite3.Connection) -> dict[str, int]:
+    """The rollups' classification parameters (:active permille, :held bytes, :cpu_busy permille)."""
+    return {
+        "active": int(_meta(conn, "rollup_active_permille") or schema.ROLLUP_ACTIVE_PERMILLE),
+        "held": int(_meta(conn, "rollup_held_bytes") or schema.ROLLUP_HELD_BYTES),
+        "cpu_busy": int(_meta(conn, "rollup_cpu_busy_permille") or schema.ROLLUP_CPU_BUSY_PERMILLE),
+    }

@@ -182,9 +182,25 @@ CREATE TABLE hour_unit (
 # each process has been idle without scanning history. The collector keeps it
 # up to date in each tick's transaction (store.UPSERT_PROC_STATE) and prunes
 # it with retention; one row per (GPU, process) seen in about the last day.
+#
+# Also schema 2: host CPU per tick and each GPU process's CPU and resident
+# memory, so that idle-held time splits into waiting on CPU (the process
+# loads or preprocesses data) and abandoned (no SM, ~no CPU). Rows written
+# by schema 1 have NULL there: their idle-held time is "CPU unknown".
 _V2 = """
 ALTER TABLE hour_account ADD COLUMN sm_unknown_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE hour_unit ADD COLUMN sm_unknown_ms INTEGER NOT NULL DEFAULT 0;
+
+ALTER TABLE tick ADD COLUMN cpu_permille INTEGER;        -- all host CPUs busy over the tick, 0..1000; NULL unknown
+ALTER TABLE proc_sample ADD COLUMN cpu_permille INTEGER; -- CPU over the tick, 1000 = one core; NULL unknown
+ALTER TABLE proc_sample ADD COLUMN rss_mib INTEGER;      -- resident host memory at the tick; NULL unknown
+ALTER TABLE hour_account ADD COLUMN idle_cpu_busy_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hour_account ADD COLUMN idle_cpu_unknown_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hour_unit ADD COLUMN idle_cpu_busy_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hour_unit ADD COLUMN idle_cpu_unknown_ms INTEGER NOT NULL DEFAULT 0;
+-- Schema 1 recorded no CPU: its idle-held time is CPU unknown, not abandoned.
+UPDATE hour_account SET idle_cpu_unknown_ms = idle_held_ms;
+UPDATE hour_unit SET idle_cpu_unknown_ms = idle_held_ms;
 
 CREATE TABLE proc_gpu_state (
     gpu_id         INTEGER NOT NULL,
@@ -196,6 +212,10 @@ CREATE TABLE proc_gpu_state (
     PRIMARY KEY (gpu_id, proc_id)
 ) WITHOUT ROWID;
 """
+
+# An idle-held holder whose processes use at least this much CPU together
+# (permille of one core: 10 %) is waiting on the CPU; below it, abandoned.
+ROLLUP_CPU_BUSY_PERMILLE = 100
 
 # proc_gpu_state counts a process active in a tick when sm_util * 10 >= this
 # (permille): the default active threshold, fixed when the tick is written.
@@ -332,6 +352,7 @@ def ensure_schema(conn: sqlite3.Connection, created_ms: int) -> int:
                     ("created_ms", str(created_ms)),
                     ("rollup_active_permille", str(ROLLUP_ACTIVE_PERMILLE)),
                     ("rollup_held_bytes", str(ROLLUP_HELD_BYTES)),
+                    ("rollup_cpu_busy_permille", str(ROLLUP_CPU_BUSY_PERMILLE)),
                 ],
             )
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

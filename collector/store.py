@@ -47,7 +47,7 @@ INSERT INTO run (started_ms, interval_ms, backend, hostname, version)
 VALUES (?, ?, ?, ?, ?)
 """
 UPDATE_RUN_STOPPED = "UPDATE run SET stopped_ms = ? WHERE run_id = ?"
-INSERT_TICK = "INSERT INTO tick (run_id, ts_ms, duration_ms) VALUES (?, ?, ?)"
+INSERT_TICK = "INSERT INTO tick (run_id, ts_ms, duration_ms, cpu_permille) VALUES (?, ?, ?, ?)"
 INSERT_GPU_SAMPLE = """
 INSERT INTO gpu_sample
     (tick_id, gpu_id, status, util_permille, coverage_permille,
@@ -55,8 +55,8 @@ INSERT INTO gpu_sample
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 """
 INSERT_PROC_SAMPLE = """
-INSERT OR REPLACE INTO proc_sample (tick_id, gpu_id, proc_id, kind, mem_mib, sm_util)
-VALUES (?, ?, ?, ?, ?, ?)
+INSERT OR REPLACE INTO proc_sample (tick_id, gpu_id, proc_id, kind, mem_mib, sm_util, cpu_permille, rss_mib)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 """
 # What `gua-report now` reads instead of history: the fold of schema.py
 # (_BACKFILL_PROC_STATE is the same in one statement), one row per (GPU,
@@ -239,7 +239,7 @@ class Store:
 
     def _write_tick(self, tick: Tick) -> None:
         conn = self._conn
-        cur = conn.execute(INSERT_TICK, (self._run_id, tick.ts_ms, tick.duration_ms))
+        cur = conn.execute(INSERT_TICK, (self._run_id, tick.ts_ms, tick.duration_ms, tick.host_cpu_permille))
         tick_id = cur.lastrowid
         gpu_rows = []
         proc_rows = []
@@ -261,7 +261,9 @@ class Store:
             )
             for proc in sample.procs:
                 proc_id = self._proc_id(proc.process)
-                proc_rows.append((tick_id, gpu_id, proc_id, proc.kind, proc.mem_mib, proc.sm_util))
+                proc_rows.append(
+                    (tick_id, gpu_id, proc_id, proc.kind, proc.mem_mib, proc.sm_util, proc.cpu_permille, proc.rss_mib)
+                )
                 sm = proc.sm_util
                 state_rows.append({
                     "gpu": gpu_id, "proc": proc_id, "ts": tick.ts_ms, "start": start,

@@ -115,3 +115,58 @@ def test_simulated_lab_tells_a_preprocessing_notebook_from_an_abandoned_job() ->
     assert cpu[(0, "alice")] == 0, "the finished job does nothing on the CPU either"
     assert cpu[(2, "bob")] == 2500, "bob's notebook preprocesses on 2.5 cores while its GPU idles"
     assert tick.host_cpu_permille is not None and 0 < tick.host_cpu_permille < 1000
+
+
+def test_rollups_split_idle_held_by_cpu_as_the_raw_rows_say(tmp_path: Path) -> None:
+    """Waiting on CPU, CPU unknown and abandoned in hour_account equal a by-hand fold of the raw rows."""
+    import io
+    import sqlite3
+    import threading
+    from collections import defaultdict
+
+    from gua_collector.service import Log, Service, Settings
+    from gua_collector.store import Store
+
+    class Quiet:
+        def send(self, message: str) -> None:
+            pass
+
+    clock = SimClock(START + 8 * 3_600_000)  # Monday 16:00: alice's job finishes at 17:00
+    store = Store.open(str(tmp_path / "gua.db"), now_ms=clock.wall_ms())
+    service = Service(Settings(interval_s=30, retention_ms=7 * 86_400_000, ticks=4 * 120 + 1), store,
+                      SimBackend("lab", clock), clock, Quiet(), Log(io.StringIO(), journal=False),
+                      threading.Event(), None)
+    assert service.run() == 0
+    store.close()
+    conn = sqlite3.connect(tmp_path / "gua.db")
+    per: dict[tuple[int, int, int], list[tuple[int, int, int | None, int | None, int]]] = defaultdict(list)
+    hours = {}
+    for tick_id, ts, d, gpu, account, kind, mem, sm, cpu in conn.execute(
+        "SELECT t.tick_id, t.ts_ms, t.duration_ms, ps.gpu_id, p.account_id, ps.kind, ps.mem_mib, ps.sm_util,"
+        " ps.cpu_permille FROM tick t JOIN proc_sample ps USING (tick_id) JOIN process p USING (proc_id)"):
+        if kind & schema.KIND_COMPUTE:
+            per[(tick_id, gpu, account)].append((kind, mem, sm, cpu, d))
+            hours[tick_id] = ts // 3_600_000
+    want: dict[tuple[int, int, int], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for (tick_id, gpu, account), rows in per.items():
+        held = sum(r[1] for r in rows) * 1_048_576 > schema.ROLLUP_HELD_BYTES
+        idle = all(r[2] is not None for r in rows) and sum(r[2] for r in rows) * 10 < schema.ROLLUP_ACTIVE_PERMILLE
+        if not (held and idle):
+            continue
+        running = [r for r in rows if not r[0] & schema.KIND_EXITED]
+        d = rows[0][4]
+        key = (hours[tick_id], gpu, account)
+        want[key][0] += d
+        if any(r[3] is None for r in running):
+            want[key][2] += d
+        elif sum(r[3] for r in running) >= schema.ROLLUP_CPU_BUSY_PERMILLE:
+            want[key][1] += d
+    got = {(h, g, a): [i, b, u] for h, g, a, i, b, u in conn.execute(
+        "SELECT hour, gpu_id, account_id, idle_held_ms, idle_cpu_busy_ms, idle_cpu_unknown_ms FROM hour_account"
+        " WHERE idle_held_ms > 0")}
+    rolled_hours = {h for h, _, _ in got}
+    assert got == {k: v for k, v in want.items() if k[0] in rolled_hours and v[0]}
+    users = dict(conn.execute("SELECT account_id, username FROM account").fetchall())
+    busy = {users[a]: b for (h, g, a), (i, b, u) in got.items() if b}
+    abandoned = {users[a] for (h, g, a), (i, b, u) in got.items() if i - b - u > 0}
+    assert "bob" in busy and "alice" in abandoned and "alice" not in busy

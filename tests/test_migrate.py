@@ -78,6 +78,14 @@ def v1(native, tmp_path) -> str:
     return path
 
 
+# Where sm_unknown_ms sits in an hour_account / hour_unit row: before schema 2's CPU columns.
+SM_UNKNOWN = -3
+
+
+def _without_sm(row: tuple) -> tuple:
+    return row[:SM_UNKNOWN] + row[SM_UNKNOWN + 1:]
+
+
 def columns(path: str, table: str) -> list[str]:
     with sqlite3.connect(path) as conn:
         return [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
@@ -122,7 +130,10 @@ def test_fresh_database_is_schema_2(tmp_path: Path) -> None:
         meta = dict(conn.execute("SELECT key, value FROM meta"))
     assert meta["sm_unknown_since_hour"] == "0"  # recorded from the start
     for table in ("hour_account", "hour_unit"):
-        assert columns(path, table)[-1] == "sm_unknown_ms"
+        assert columns(path, table)[-3:] == ["sm_unknown_ms", "idle_cpu_busy_ms", "idle_cpu_unknown_ms"]
+    assert columns(path, "tick")[-1] == "cpu_permille"
+    assert columns(path, "proc_sample")[-2:] == ["cpu_permille", "rss_mib"]
+    assert meta["rollup_cpu_busy_permille"] == str(schema.ROLLUP_CPU_BUSY_PERMILLE)
     # what `gua-report now` reads, complete from the start
     assert meta["proc_state_since_ms"] == "0"
     assert columns(path, "proc_gpu_state") == [
@@ -151,13 +162,16 @@ def test_v1_upgrades_in_place(native: str, v1: str) -> None:
     # raw rows and every other table intact; the rollups equal the natively written ones
     for table, rows in before.items():
         if table not in ("hour_account", "hour_unit", "meta"):
-            assert after[table] == rows, table
+            width = len(rows[0]) if rows else 0
+            # Schema 2 adds nullable CPU columns to tick and proc_sample: NULL (unknown) on old rows.
+            assert [r[:width] for r in after[table]] == rows, table
+            assert all(v is None for r in after[table] for v in r[width:]), table
     assert after == dump(native)
     # proc_gpu_state rebuilt from raw rows equals the one kept tick by tick
     assert "proc_gpu_state" not in before and len(after["proc_gpu_state"]) == 3  # alice, bob, carol
     assert dict(after["meta"])["proc_state_since_ms"] == "0"  # all raw rows within a day: complete
-    assert sum(r[-1] for r in after["hour_unit"]) == 0  # units: carol's job, SM known
-    assert sum(r[-1] for r in after["hour_account"]) > 0
+    assert sum(r[SM_UNKNOWN] for r in after["hour_unit"]) == 0  # units: carol's job, SM known
+    assert sum(r[SM_UNKNOWN] for r in after["hour_account"]) > 0
 
 
 def test_upgrade_after_retention_records_where_it_starts(native: str, v1: str) -> None:
@@ -182,8 +196,8 @@ def test_upgrade_after_retention_records_where_it_starts(native: str, v1: str) -
     got, want = dump(v1), dump(native)
     for table in ("hour_account", "hour_unit"):
         old = [r for r in got[table] if r[0] < since_hour]
-        assert old and all(r[-1] == 0 for r in old), "pruned hours cannot know: 0, not a guess"
-        assert [r[:-1] for r in old] == [r[:-1] for r in want[table] if r[0] < since_hour]
+        assert old and all(r[SM_UNKNOWN] == 0 for r in old), "pruned hours cannot know: 0, not a guess"
+        assert [_without_sm(r) for r in old] == [_without_sm(r) for r in want[table] if r[0] < since_hour]
         assert [r for r in got[table] if r[0] >= since_hour] == [r for r in want[table] if r[0] >= since_hour]
 
     rep = report_json(v1, *WINDOW)

@@ -197,6 +197,6 @@ def test_rollups_seek_by_time_never_scan_facts(tmp_path: Path, name: str) -> Non
     Store.open(str(tmp_path / "gua.db"), now_ms=START).close()
     conn = sqlite3.connect(tmp_path / "gua.db")
     sql = getattr(store_module, name)
-    plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, {"lo": 0, "hi": 1, "active": 100, "held": 1})]
+    plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, {"lo": 0, "hi": 1, "active": 100, "held": 1, "cpu_busy": 100})]
     scans = [step for step in plan if step.startswith("SCAN") and any(t in step for t in ("ps", "g", "proc_sample", "gpu_sample", "tick", " t"))]
     assert not scans, plan
