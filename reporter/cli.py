@@ -199,7 +199,12 @@ def _attach_time_values(argv: Sequence[str]) -> list[str]:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    args = make_parser().parse_args(_attach_time_values(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:  # `gua-report merge FILE...`: one fleet report (merge.py)
+        from .merge import run as run_merge
+
+        return run_merge(argv[1:])
+    args = make_parser().parse_args(_attach_time_values(argv))
     now_ms = int(time.time() * 1000)
     try:
         opts = _options(args, now_ms)
