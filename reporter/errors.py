@@ -19,6 +19,7 @@ class Exit(IntEnum):
     SCHEMA_NEWER = 6
     CORRUPT = 7
     EMPTY_WINDOW = 8
+    NOT_RECORDING = 9  # gua-report now: the newest tick is too old to call "now"
 
 
 EXIT_TABLE = (
@@ -30,6 +31,7 @@ EXIT_TABLE = (
     (Exit.SCHEMA_NEWER, "database schema is newer than this gua-report"),
     (Exit.CORRUPT, "database file is corrupt"),
     (Exit.EMPTY_WINDOW, "no samples in the requested window"),
+    (Exit.NOT_RECORDING, "collector not recording (gua-report now: newest tick too old)"),
 )
 
 
