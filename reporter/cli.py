@@ -200,6 +200,10 @@ def _attach_time_values(argv: Sequence[str]) -> list[str]:
 
 def run(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["now"]:  # `gua-report now ...`: its own options and exit codes (now.py)
+        from .now import run as run_now
+
+        return run_now(argv[1:])
     if argv[:1] == ["merge"]:  # `gua-report merge FILE...`: one fleet report (merge.py)
         from .merge import run as run_merge
 
