@@ -107,6 +107,22 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rollups", action="store_true",
                    help="verification: ignore the hourly rollups, classify every raw row (slow)")
     p.add_argument("--version", action="version", version=f"gua-report {__version__}")
+    fleet = p.add_argument_group(
+        "fleet", "one report across servers; to merge saved JSON documents instead:\n"
+        "gua-report merge FILE... (see gua-report merge --help)")
+    fleet.add_argument("--ssh", metavar="HOSTS",
+                       help="run this report (same window, thresholds, --gpu, --user, --db) on each "
+                            "host, comma-separated [user@]host, with your ssh in BatchMode, all at once, "
+                            "and print one fleet report; a host that fails is a line in it")
+    fleet.add_argument("--ssh-command", default="gua-report", metavar="CMD",
+                       help="the program to run on each host, split into words as a shell would "
+                            "(default gua-report; e.g. /opt/gua/bin/gua-report or 'sudo -n -u gua "
+                            "gua-report')")
+    fleet.add_argument("--ssh-config", metavar="FILE", help="ssh_config file to use (ssh -F)")
+    fleet.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="an ssh option (ssh -o), repeatable; e.g. ConnectTimeout=30 (default 10)")
+    fleet.add_argument("--ssh-timeout", default="120s", metavar="DURATION",
+                       help="overall limit for all hosts; a host still running then is a line (default 120s)")
     return p
 
 
@@ -210,6 +226,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         return run_merge(argv[1:])
     args = make_parser().parse_args(_attach_time_values(argv))
     now_ms = int(time.time() * 1000)
+    if args.ssh is not None:  # `--ssh HOSTS`: this report on each host, merged (ssh.py)
+        from .ssh import run as run_ssh
+
+        return run_ssh(args, _options, now_ms, DEFAULT_DB)
     try:
         opts = _options(args, now_ms)
         db = open_readonly(args.db)
