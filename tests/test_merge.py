@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import unicodedata
@@ -456,3 +457,38 @@ def test_merge_end_to_end_through_the_installed_command(docs, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("gua-report fleet: 3 hosts, 3 merged\n")
     assert os.path.basename(paths[0]) not in r.stdout  # hosts are named by their hostnames
+
+
+# ---------------------------------------------------------------- the contract
+
+JSON_MD = Path(__file__).resolve().parent.parent / "reporter" / "JSON.md"
+
+
+def _documented(table_after: str) -> set[str]:
+    """The `field` names of the first table after a heading line of JSON.md's merge section."""
+    text = JSON_MD.read_text()
+    text = text[text.index("## `gua-report merge` and `--ssh`"):]
+    text = text[text.index(table_after):]
+    rows = []
+    for line in text.splitlines()[1:]:
+        if line.startswith("|"):
+            rows.append(line)
+        elif rows:
+            break
+    names = set()
+    for row in rows[2:]:
+        names |= {n for n in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+    return names
+
+
+def test_json_md_documents_every_field_of_the_fleet_document(docs, tmp_path, capsys):
+    f = fleet_json(capsys, *write_docs(tmp_path, *docs.values()))
+    assert set(f) == _documented("Versions:")
+    assert set(f["hosts"][0]) == _documented("host:")
+
+
+def test_merge_reads_the_version_this_gua_report_writes():
+    """Bumping render_json.FORMAT_VERSION must come with a look at merge.py (and this tuple)."""
+    from gua_report.render_json import FORMAT_VERSION
+
+    assert FORMAT_VERSION in merge_mod.KNOWN_HOST_VERSIONS
