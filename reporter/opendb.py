@@ -8,6 +8,12 @@ Facts this relies on (measured with SQLite 3.40, see DESIGN.md):
   can write the directory, could create a -shm. With no -wal there is no
   uncommitted state to see, so `immutable=1` is both correct and inert.
 - `immutable=1` is wrong while a -wal exists (it would ignore the WAL).
+- SQLite trusts the page count in a valid header: a file cut short reads as
+  zero-filled pages, i.e. silently missing rows, not always as an error.
+  While the main file is all there is (no -wal with content), a file shorter
+  than its header says is corrupt (_truncation). With a -wal the main file
+  may legitimately lag (a checkpoint writes page 1 first and the file grows
+  after), so it is not judged alone.
 """
 
 from __future__ import annotations
@@ -25,6 +31,66 @@ from .errors import Exit, ReportError
 SCHEMA_VERSION = 2  # the newest gua schema this reporter understands
 APPLICATION = "gua"
 _MAGIC = b"SQLite format 3\x00"
+_HEADER_BYTES = 100
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What a reader that takes no locks can see of the database and its -wal/-shm."""
+
+    ino: int
+    size: int
+    mtime_ns: int
+    header: bytes  # the first 100 bytes: page size, change counter, page count
+    wal_size: int | None  # None: no -wal
+    shm: bool
+
+    @property
+    def wal_has_content(self) -> bool:
+        return bool(self.wal_size)
+
+
+def file_state(path: str) -> FileState | None:
+    """The files as they are now; None when the database cannot be read at all."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(_HEADER_BYTES)
+            st = os.fstat(f.fileno())
+    except OSError:
+        return None
+    try:
+        wal_size: int | None = os.stat(path + "-wal").st_size
+    except OSError:
+        wal_size = None
+    return FileState(st.st_ino, st.st_size, st.st_mtime_ns, header, wal_size, os.path.exists(path + "-shm"))
+
+
+def _truncation(state: FileState) -> str | None:
+    """Why the main file is too short for what its header says; None when it is not.
+
+    Header fields (sqlite.org/fileformat.html): page size at 16-17 (1 means
+    65536), the change counter at 24-27, the page count at 28-31, valid only
+    when the change counter equals "version-valid-for" at 92-95. Only for a
+    main file that holds the whole database (no -wal with content).
+    """
+    if state.size == 0:
+        return None  # an empty file is an empty database: "not gua", not corrupt
+    h = state.header
+    if len(h) < _HEADER_BYTES:
+        return f"only {state.size} bytes, shorter than the {_HEADER_BYTES}-byte SQLite header"
+    page_size = int.from_bytes(h[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or page_size & (page_size - 1):
+        return f"damaged SQLite header (page size {page_size})"
+    pages = int.from_bytes(h[28:32], "big")
+    if pages and h[24:28] == h[92:96]:  # SQLite reads this many pages, zeros past the end
+        if state.size < pages * page_size:
+            return (f"truncated: {state.size} bytes, but its header counts {pages} pages of "
+                    f"{page_size} bytes ({pages * page_size} bytes)")
+        return None
+    if state.size % page_size:  # SQLite counts whole pages of the file: a cut one goes unseen
+        return f"truncated? {state.size} bytes is not a whole number of {page_size}-byte pages"
+    return None
 
 
 @dataclass(frozen=True)
@@ -143,16 +209,29 @@ def open_readonly(path: str) -> OpenedDb:
     Raises ReportError with the exit code for each failure.
     """
     _precheck(path)
-    immutable = not os.path.exists(path + "-wal")
+    return _open_once(path, file_state(path))
+
+
+def _lock_free(state: FileState | None) -> bool:
+    """Read with immutable=1: no -wal, or a -wal a killed collector left without its -shm."""
+    return state is None or state.wal_size is None or not state.shm
+
+
+def _open_once(path: str, state: FileState | None) -> OpenedDb:
+    """One attempt of open_readonly, deciding from `state` how to read."""
+    immutable = _lock_free(state)
     warning = ""
-    if not immutable and not os.path.exists(path + "-shm"):
+    if immutable and state is not None and state.wal_size is not None:
         # A -wal without its -shm: a collector was killed and nobody has
         # opened the DB since. Reading the WAL needs a rebuilt -shm, i.e.
         # creating a file (or failing, without write access to the
         # directory); read the main file alone instead and say so.
-        immutable = True
         warning = ("the collector left a -wal file without its -shm (killed?); its newest "
                    "ticks are not shown until gua-collector starts again")
+    if state is not None and not state.wal_has_content:
+        why = _truncation(state)
+        if why:
+            raise ReportError(Exit.CORRUPT, f"{path} is corrupt ({why})")
     conn: sqlite3.Connection | None = None
     try:
         # isolation_level=None: we issue BEGIN ourselves so the whole report
