@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import tzinfo
 
-from . import query
+from . import opendb, query
 from .errors import Exit, ReportError
 from .window import HOUR_MS, Segment, WindowError, fmt_local, offset_segments
 
@@ -464,15 +464,51 @@ def select_gpus(rows: Sequence[query.GpuRow], selectors: Sequence[str]) -> list[
 
 def build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Options,
           open_warning: str = "") -> Report:
-    """Run every query in one read transaction and assemble the Report."""
-    conn.execute("BEGIN")  # one snapshot for the whole report, however long the collector writes
+    """Run every query in one read transaction and assemble the Report.
+
+    A connection opendb opened without locks (no collector running) reads
+    pages as they are on disk: if a collector starts or stops meanwhile, it
+    may checkpoint pages under the read, which then fails ("malformed") or
+    mixes two states. Whatever the outcome, such a read is done again, by
+    then through the collector's -wal and its locks (opendb.open_readonly
+    decides afresh), so a healthy database is never called corrupt.
+    """
+    reopened: list[sqlite3.Connection] = []
     try:
-        rep = _build(conn, db_path, schema_version, opts)
+        for attempt in range(opendb.READ_TRIES):
+            try:
+                rep = _build_snapshot(conn, db_path, schema_version, opts)
+                failure: Exception | None = None
+            except (sqlite3.DatabaseError, ReportError, WindowError) as exc:
+                failure = exc
+            if not opendb.changed_under(conn):
+                if failure is not None:
+                    raise failure
+                break
+            if attempt == opendb.READ_TRIES - 1:
+                raise ReportError(
+                    Exit.CORRUPT,
+                    f"{db_path} changed during each of {opendb.READ_TRIES} reads (a collector starting "
+                    "and stopping?); it is not known to be corrupt: run gua-report again",
+                )
+            opendb.settle(attempt + 1)
+            db = opendb.open_readonly(db_path)
+            reopened.append(db.conn)
+            conn, schema_version, open_warning = db.conn, db.schema_version, db.warning
     finally:
-        conn.execute("COMMIT")
+        for c in reopened:
+            c.close()
     if open_warning:
         rep.warnings.insert(0, open_warning)
     return rep
+
+
+def _build_snapshot(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Options) -> Report:
+    conn.execute("BEGIN")  # one snapshot for the whole report, however long the collector writes
+    try:
+        return _build(conn, db_path, schema_version, opts)
+    finally:
+        conn.execute("COMMIT")
 
 
 def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Options) -> Report:

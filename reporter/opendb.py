@@ -8,6 +8,12 @@ Facts this relies on (measured with SQLite 3.40, see DESIGN.md):
   can write the directory, could create a -shm. With no -wal there is no
   uncommitted state to see, so `immutable=1` is both correct and inert.
 - `immutable=1` is wrong while a -wal exists (it would ignore the WAL).
+- `immutable=1` takes no lock: a collector that starts (or stops) during the
+  read may checkpoint pages into the main file under it, and SQLite then
+  reads a mix of old and new pages ("database disk image is malformed", or
+  silently wrong rows). So a lock-free read remembers what the files looked
+  like (FileState) and the caller reads again, through the WAL and its locks
+  (`mode=ro`) once a -wal exists, when they changed (changed_under).
 - SQLite trusts the page count in a valid header: a file cut short reads as
   zero-filled pages, i.e. silently missing rows, not always as an error.
   While the main file is all there is (no -wal with content), a file shorter
@@ -23,6 +29,7 @@ import os
 import pwd
 import sqlite3
 import stat
+import time
 import urllib.parse
 from dataclasses import dataclass
 
@@ -32,6 +39,11 @@ SCHEMA_VERSION = 2  # the newest gua schema this reporter understands
 APPLICATION = "gua"
 _MAGIC = b"SQLite format 3\x00"
 _HEADER_BYTES = 100
+# How often a read is tried again when the files changed under a lock-free
+# read (a collector starting or stopping): by the second try a starting
+# collector's -wal exists and the read goes through its locks.
+READ_TRIES = 3
+_SETTLE_S = (0.0, 0.2, 1.0)  # pause before each try: let a starting or stopping collector finish
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,31 @@ def file_state(path: str) -> FileState | None:
     except OSError:
         wal_size = None
     return FileState(st.st_ino, st.st_size, st.st_mtime_ns, header, wal_size, os.path.exists(path + "-shm"))
+
+
+class ReadConnection(sqlite3.Connection):
+    """A read-only connection that remembers the files as they were when it was opened."""
+
+    gua_path: str = ""
+    gua_immutable: bool = False
+    gua_state: FileState | None = None
+
+
+def changed_under(conn: sqlite3.Connection) -> bool:
+    """True when `conn` read without locks (immutable) and the files changed since it was opened.
+
+    Its reads may then mix pages from before and after a checkpoint: read
+    again (open_readonly decides afresh, through the WAL if one exists now).
+    A connection opened with `mode=ro` reads a snapshot under SQLite's locks.
+    """
+    if not isinstance(conn, ReadConnection) or not conn.gua_immutable:
+        return False
+    return file_state(conn.gua_path) != conn.gua_state
+
+
+def settle(attempt: int) -> None:
+    """Pause before try `attempt` (0-based) of a read that the files changed under."""
+    time.sleep(_SETTLE_S[min(attempt, len(_SETTLE_S) - 1)])
 
 
 def _truncation(state: FileState) -> str | None:
@@ -206,10 +243,35 @@ def _map_sqlite_error(path: str, exc: sqlite3.Error) -> ReportError:
 def open_readonly(path: str) -> OpenedDb:
     """Open `path` read-only and check it is a gua database of a known version.
 
-    Raises ReportError with the exit code for each failure.
+    Raises ReportError with the exit code for each failure. A failure while
+    the files changed under a lock-free read (a collector starting or
+    stopping) is not a verdict on the database: it is tried again.
     """
     _precheck(path)
-    return _open_once(path, file_state(path))
+    for attempt in range(READ_TRIES):
+        settle(attempt)
+        state = file_state(path)
+        try:
+            return _open_once(path, state)
+        except ReportError:
+            if attempt == READ_TRIES - 1 or not _moved(state, file_state(path)):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _moved(before: FileState | None, after: FileState | None) -> bool:
+    """Did the files change in a way that can fail an open decided on `before`?
+
+    Any change, for a lock-free read; for a read through the WAL, a -wal or
+    -shm that came or went (a collector stopping between the look and the
+    open), not the WAL growing as a running collector commits.
+    """
+    if before is None or after is None:
+        return before != after
+    if _lock_free(before):
+        return before != after
+    return ((before.wal_size is None, before.shm, before.ino)
+            != (after.wal_size is None, after.shm, after.ino))
 
 
 def _lock_free(state: FileState | None) -> bool:
@@ -232,11 +294,13 @@ def _open_once(path: str, state: FileState | None) -> OpenedDb:
         why = _truncation(state)
         if why:
             raise ReportError(Exit.CORRUPT, f"{path} is corrupt ({why})")
-    conn: sqlite3.Connection | None = None
+    conn: ReadConnection | None = None
     try:
         # isolation_level=None: we issue BEGIN ourselves so the whole report
         # reads one snapshot while the collector keeps committing.
-        conn = sqlite3.connect(_uri(path, immutable), uri=True, isolation_level=None, timeout=10.0)
+        conn = sqlite3.connect(_uri(path, immutable), uri=True, isolation_level=None, timeout=10.0,
+                               factory=ReadConnection)
+        conn.gua_path, conn.gua_immutable, conn.gua_state = path, immutable, state
         conn.execute("PRAGMA query_only = ON")
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
