@@ -28,6 +28,10 @@ TOP_USERS = 10
 HOSTS_PER_USER = 4  # per-host detail lines under one user in text
 TOP_GPUS = 10
 LOW_COVERAGE = 0.95  # below this the utilization split is less trustworthy (JSON.md)
+# A document may carry megabytes in one string: text shows a bounded part
+# (JSON has it all), so a hostile host cannot flood the admin's screen.
+TEXT_CHARS = 300
+WARNINGS_N = 8
 
 # What each host status means, in words (text) — JSON carries the key.
 STATUS_TEXT = {
@@ -180,6 +184,11 @@ def render_csv(fleet: Fleet, tz_name: str) -> str:
 
 # ---------------------------------------------------------------- text
 
+def _short(text: str, n: int = TEXT_CHARS) -> str:
+    """Escaped, and at most n characters of it (escapes count, so the bound holds on screen)."""
+    return _cut(safe(text[: n * 2]), n)
+
+
 def _wrapped(add: Any, text: str, indent: str = "  ", more: str = "    ") -> None:
     """A long line (already escaped) over several, never past 80 columns."""
     for line in textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=more,
@@ -255,7 +264,7 @@ def _hosts(add: Any, fleet: Fleet) -> None:
             f"{_pct(s.share(s.idle_held_ms))} {_pct(s.share(s.idle_ms))}  {status}")
     for h in fleet.hosts:
         if h.reason:
-            _wrapped(add, f"{safe(h.label)}: {safe(h.reason)}")
+            _wrapped(add, f"{_short(h.label, 40)}: {_short(h.reason)}")
 
 
 def _users(add: Any, fleet: Fleet) -> None:
@@ -335,8 +344,10 @@ def _quality(add: Any, fleet: Fleet) -> None:
         parts.append(f"{q.errors} NVML/collector error(s)" if q.errors else "no errors")
         if q.unknown_ms:
             parts.append(f"{_h(q.unknown_ms)} GPU-h unknown")
-        _wrapped(add, f"{safe(h.label)}: " + "; ".join(parts))
+        _wrapped(add, f"{_short(h.label, 40)}: " + "; ".join(parts))
         for note in h.notes:
-            _wrapped(add, f"note: {safe(note)}", indent="    ", more="      ")
-        for w in q.warnings:
-            _wrapped(add, f"warning: {safe(w)}", indent="    ", more="      ")
+            _wrapped(add, f"note: {_short(note)}", indent="    ", more="      ")
+        for w in q.warnings[:WARNINGS_N]:
+            _wrapped(add, f"warning: {_short(w)}", indent="    ", more="      ")
+        if len(q.warnings) > WARNINGS_N:
+            add(f"    ... {len(q.warnings) - WARNINGS_N} more warnings (see --format json)")

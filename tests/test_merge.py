@@ -492,3 +492,17 @@ def test_merge_reads_the_version_this_gua_report_writes():
     from gua_report.render_json import FORMAT_VERSION
 
     assert FORMAT_VERSION in merge_mod.KNOWN_HOST_VERSIONS
+
+
+def test_a_huge_string_is_shown_in_part(docs, tmp_path, capsys):
+    """A host cannot flood the admin's screen: text shows a bounded part, JSON all of it."""
+    flood = {"format_version": 2, "error": {"code": 8, "message": "\x1b[2J" * 200_000}}
+    noisy = copy.deepcopy(docs["gpu02"])
+    noisy["data_quality"]["warnings"] = ["w" * 100_000] * 50
+    paths = write_docs(tmp_path, docs["gpu01"], noisy, flood)
+    code, out, _ = merge_run(capsys, *paths)
+    assert code == 0
+    _inert(out)
+    assert len(out.splitlines()) < 120 and len(out) < 10_000
+    assert "... 42 more warnings (see --format json)" in out
+    assert len(fleet_json(capsys, *paths)["hosts"][2]["reason"]) == len("error 8: ") + 800_000
