@@ -11,8 +11,9 @@ directory and an ssh_config of their own, passed with --ssh-config:
 
 The remote program is a wrapper named with --ssh-command (gua-report-test,
 so that a gua-report installed on the machine cannot answer for gpu03).
-Everything started here is stopped here. Skipped, with the reason, where
-sshd, ssh or ssh-keygen is missing.
+Every process started here is stopped here (as root, /run/sshd is made
+if missing, as the openssh-server package makes it at boot, and kept).
+Skipped, with the reason, where sshd, ssh or ssh-keygen is missing.
 """
 
 from __future__ import annotations
@@ -50,17 +51,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_listening(port: int, proc: subprocess.Popen, log: Path) -> None:
+def _listening(port: int, proc: subprocess.Popen) -> bool:
+    """True once sshd accepts connections; False if it exited (its port was taken meanwhile)."""
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"sshd exited {proc.returncode}: {log.read_text()}")
+            return False
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
+            return True
         except OSError:
             time.sleep(0.05)
-    pytest.fail(f"sshd not listening on {port}: {log.read_text()}")
+    return False
+
+
+def _start_sshd(cfg: Path, log: Path, servers: list[subprocess.Popen]) -> int:
+    """sshd -D on a free loopback port; a few tries, as another process may take the port first."""
+    for _ in range(3):
+        port = _free_port()
+        with open(log, "w") as logf:
+            proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg), "-p", str(port)],
+                                    stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        servers.append(proc)
+        if _listening(port, proc):
+            return port
+        proc.kill()
+        proc.wait()
+    pytest.fail(f"sshd did not start: {log.read_text()}")
 
 
 def _sshd_config(d: Path, name: str, path_env: str) -> Path:
@@ -88,9 +105,10 @@ def _sshd_config(d: Path, name: str, path_env: str) -> Path:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    missing = [p for p in (SSHD, shutil.which("ssh"), shutil.which("ssh-keygen")) if not p or not os.path.exists(p)]
-    if missing or not shutil.which("ssh") or not shutil.which("ssh-keygen"):
-        pytest.skip("needs OpenSSH: /usr/sbin/sshd, ssh and ssh-keygen (apt-get install openssh-server "
+    missing = [name for name, found in ((SSHD, os.access(SSHD, os.X_OK)), ("ssh", shutil.which("ssh")),
+                                        ("ssh-keygen", shutil.which("ssh-keygen"))) if not found]
+    if missing:
+        pytest.skip(f"needs OpenSSH: {', '.join(missing)} not found (apt-get install openssh-server "
                     "openssh-client)")
     d = tmp_path_factory.mktemp("sshfleet")
     for key in ("host_key", "user_key"):
@@ -111,24 +129,17 @@ def fleet(tmp_path_factory):
         "esac\n"
     )
     wrapper.chmod(0o755)
-    # As root, sshd needs its privilege separation directory (made at boot by
-    # the package's tmpfiles.d; a container may not have booted).
-    made_run_dir = False
-    if os.geteuid() == 0 and not os.path.isdir("/run/sshd"):
-        os.mkdir("/run/sshd", 0o755)
-        made_run_dir = True
+    # As root, sshd needs its privilege separation directory, which the
+    # package's tmpfiles.d makes at boot (a container may not have booted).
+    # It is made here as the package would and left in place: another test
+    # run's sshd may be using it at the same time.
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", 0o755, exist_ok=True)
     servers: list[subprocess.Popen] = []
     ports = {}
     try:
         for name, path_env in (("a", f"{bindir}:/usr/bin:/bin"), ("b", "/usr/bin:/bin")):
-            cfg = _sshd_config(d, name, path_env)
-            port = _free_port()
-            log = d / f"sshd_{name}.log"
-            with open(log, "w") as logf:
-                servers.append(subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg), "-p", str(port)],
-                                                stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-            _wait_listening(port, servers[-1], log)
-            ports[name] = port
+            ports[name] = _start_sshd(_sshd_config(d, name, path_env), d / f"sshd_{name}.log", servers)
         dead = _free_port()  # nothing listens here: connection refused
         me = pwd.getpwuid(os.getuid()).pw_name
         config = d / "ssh_config"
@@ -152,15 +163,14 @@ def fleet(tmp_path_factory):
             except ProcessLookupError:
                 pass
         for proc in servers:
-            proc.terminate()
+            if proc.poll() is None:
+                proc.terminate()
         for proc in servers:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if made_run_dir:
-            os.rmdir("/run/sshd")
 
 
 def fleet_report(fleet, hosts: str, *extra: str, fmt: str = "json") -> subprocess.CompletedProcess:
