@@ -22,7 +22,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import tzinfo
 from typing import Any
 
@@ -256,7 +256,8 @@ def _gpu(d: dict[str, Any], path: str) -> GpuLine:
     mig = d.get("mig")
     if mig is not None and not isinstance(mig, dict):
         raise BadDocument(f"{path}mig: expected an object or null, got {_what(mig)}")
-    errors = sum(_int(e, "count", p) for e, p in _objs(d, "errors", path)) if d.get("errors") else 0
+    # `errors` is read when present: it describes the GPU, the split does not need it.
+    errors = sum(_int(e, "count", p) for e, p in _objs(d, "errors", path)) if "errors" in d else 0
     return GpuLine(_str(d, "uuid", path), _int(d, "index", path, 0, 2**31), _str(d, "name", path),
                    mig is not None, _states(d, path), errors)
 
@@ -298,8 +299,8 @@ def parse_report(doc: dict[str, Any], version: int) -> HostReport:
     intervals = [_opt_int(r, "interval_ms", p) or 0 for r, p in _objs(dq, "runs", "data_quality.")]
     gpus = tuple(_gpu(g, p) for g, p in _objs(doc, "gpus", ""))
     quality = _quality(dq, "data_quality.")
-    quality = Quality(quality.coverage, quality.unknown_ms, quality.holes_total, quality.gap_events_total,
-                      quality.unclean_stops, quality.errors + sum(g.errors for g in gpus), quality.warnings)
+    # One count of NVML/collector errors per host: its own and its GPUs'.
+    quality = replace(quality, errors=quality.errors + sum(g.errors for g in gpus))
     return HostReport(
         format_version=version,
         generator=doc["generator"] if isinstance(doc.get("generator"), str) else "",
