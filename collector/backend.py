@@ -53,6 +53,14 @@ class RawDevice:
     mig_devices: list[RawDevice] = field(default_factory=list)
     parent_uuid: str | None = None
     mig_slot: int | None = None
+    # GPM (Hopper and newer), over the stretch since the previous full read, in
+    # per mille: SM activity is DCGM's SM_ACTIVE (time an SM had a warp
+    # resident, averaged over all SMs), tensor activity DCGM's
+    # PIPE_TENSOR_ACTIVE. None: unsupported, MIG, or no earlier sample yet.
+    sm_active_permille: int | None = None
+    tensor_active_permille: int | None = None
+    gpm_supported: bool = False  # the device offers GPM (values may still be None this read)
+    gpm_error: str = ""  # why GPM gave nothing this read, when a call failed; the other values stand
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -13,6 +15,18 @@ from .procinfo import ProcReader
 
 # NVML_ERROR_FUNCTION_NOT_FOUND; spelled out because old pynvml releases lack the name.
 _FUNCTION_NOT_FOUND = 13
+_NOT_SUPPORTED = 3  # NVML_ERROR_NOT_SUPPORTED
+_NO_PERMISSION = 4  # NVML_ERROR_NO_PERMISSION
+_ARGUMENT_VERSION_MISMATCH = 25  # NVML_ERROR_ARGUMENT_VERSION_MISMATCH: this pynvml's struct is not the driver's
+
+# nvmlGpmMetricId_t values (ABI-stable enums). DCGM computes DCGM_FI_PROF_SM_ACTIVE
+# (1002, "cycles an SM has at least one warp assigned") from NVML_GPM_METRIC_SM_UTIL
+# and DCGM_FI_PROF_PIPE_TENSOR_ACTIVE (1004) from NVML_GPM_METRIC_ANY_TENSOR_UTIL
+# (DcgmFieldIdToNvmlGpmMetricId in DCGM's dcgm_fields.cpp). Not SM_OCCUPANCY (3):
+# that is warps resident over the maximum, far lower than SM activity for busy work.
+GPM_SM_ACTIVE = 2
+GPM_TENSOR_ACTIVE = 5
+_GPM_VERSION = 1  # NVML_GPM_METRICS_GET_VERSION
 
 # What the capability cache is keyed by: an NVML index, or (index, MIG slot).
 Device = int | tuple[int, int]
@@ -48,6 +62,7 @@ class NvmlBackend:
         # is its index, or (index, slot) for a MIG instance.
         self._supported: dict[tuple[Device, str], bool] = {}
         self._proc_versions: dict[str, list[str]] = {}
+        self._gpm = Gpm(nvml)
 
     def init(self) -> None:
         nvml = self._nvml or load_pynvml()
@@ -60,11 +75,14 @@ class NvmlBackend:
             raise BackendInitError(f"NVML library not loadable: {error}") from error
         self._handles.clear()
         self._supported.clear()
+        self._gpm.close()  # buffers of an earlier session that was not shut down
+        self._gpm = Gpm(nvml)
         if self._lookup is None:
             self._lookup = ProcReader()
 
     def shutdown(self) -> None:
         if self._nvml is not None:
+            self._gpm.close()  # the buffers are NVML's memory: free them while NVML is up
             try:
                 self._nvml.nvmlShutdown()
             except self._nvml.NVMLError:
@@ -104,6 +122,7 @@ class NvmlBackend:
             return self._read(index, handle, cursor, full)
         except nvml.NVMLError as error:
             self._handles.pop(index, None)
+            self._gpm.forget(index)  # the next GPM interval would span the failure
             lost = getattr(error, "value", None) == nvml.NVML_ERROR_GPU_IS_LOST
             raise DeviceError(str(error), lost=lost) from error
 
@@ -118,6 +137,13 @@ class NvmlBackend:
         if not full:
             return RawDevice(uuid, index, "", None, None, util, [], proc_util, None, None, mig_enabled)
         memory_total, memory_used = self._memory(index, handle)
+        if mig_enabled:
+            # GPM of a MIG GPU is per GPU instance (nvmlGpmMigSampleGet); like
+            # utilization there, it is left unknown.
+            self._gpm.forget(index)
+            gpm = GpmReading()
+        else:
+            gpm = self._gpm.read(index, handle)
         return RawDevice(
             uuid=uuid,
             index=index,
@@ -132,6 +158,10 @@ class NvmlBackend:
             power_mw=self._optional(index, "power", lambda: nvml.nvmlDeviceGetPowerUsage(handle)),
             mig_enabled=mig_enabled,
             mig_devices=self._mig_devices(index, handle, uuid) if mig_enabled else [],
+            sm_active_permille=gpm.sm_active,
+            tensor_active_permille=gpm.tensor_active,
+            gpm_supported=gpm.supported,
+            gpm_error=gpm.error,
         )
 
     def _optional(self, device: Device, what: str, call: Callable[[], Any]) -> Any:
@@ -264,3 +294,184 @@ class NvmlBackend:
 
 def _text(value: str | bytes) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class GpmReading:
+    """One device's GPM figures for one read; None where unknown."""
+
+    sm_active: int | None = None  # per mille
+    tensor_active: int | None = None
+    supported: bool = False
+    error: str = ""  # why this read has no figures, when a GPM call failed
+
+
+@dataclass
+class _GpmBuffers:
+    """A device's two GPM sample buffers, swapped at every read."""
+
+    baseline: Any  # the sample of the device's previous full read (valid when primed)
+    spare: Any  # filled by the next read
+    primed: bool = False
+
+
+# A device without GPM: not offered, a driver older than the API (R520), or
+# this pynvml's struct not the driver's. Said silently at the probe.
+_GPM_ABSENT = (_NOT_SUPPORTED, _FUNCTION_NOT_FOUND, _ARGUMENT_VERSION_MISMATCH)
+# Errors after which a device is not asked again; after the probe said yes they are told once.
+_GPM_FOR_GOOD = (*_GPM_ABSENT, _NO_PERMISSION)
+_NO_PERMISSION_HINT = " (profiling restricted to admin users? see NVreg_RestrictProfilingToAdminUsers)"
+
+
+class Gpm:
+    """SM and tensor activity per device from NVML's GPM API (Hopper and newer).
+
+    A GPM metric is a difference of two samples, so each device keeps the
+    sample of its previous full read and the figures cover the stretch
+    between two ticks. Support is probed once per device; the two sample
+    buffers and the one metrics request are allocated once and reused, so a
+    tick costs two NVML calls per device and no allocation.
+    """
+
+    def __init__(self, nvml: ModuleType | None) -> None:
+        self._nvml = nvml
+        # index -> buffers, or None once the device is known not to offer GPM.
+        self._devices: dict[int, _GpmBuffers | None] = {}
+        self._request: Any = None  # one nvmlGpmMetricsGet_t for every device: reads are sequential
+
+    def read(self, index: int, handle: Any) -> GpmReading:
+        """Figures since this device's previous read; raises NVMLError only when the GPU is lost."""
+        nvml = self._nvml
+        assert nvml is not None
+        if index in self._devices and self._devices[index] is None:
+            return GpmReading()
+        try:
+            buffers = self._devices.get(index) or self._start(index, handle)
+            if buffers is None:
+                return GpmReading()
+            nvml.nvmlGpmSampleGet(handle, buffers.spare)
+        except nvml.NVMLError as error:
+            return self._failed(index, error)
+        older, newer = buffers.baseline, buffers.spare
+        # This sample is the next read's baseline, whatever the metrics call says.
+        buffers.baseline, buffers.spare = newer, older
+        primed, buffers.primed = buffers.primed, True
+        if not primed:
+            return GpmReading(supported=True)  # first read: no interval yet
+        try:
+            return self._metrics(older, newer)
+        except nvml.NVMLError as error:
+            if _code(error) in _GPM_FOR_GOOD or _code(error) == nvml.NVML_ERROR_GPU_IS_LOST:
+                return self._failed(index, error)
+            return GpmReading(supported=True, error=f"GPM metrics failed: {error}")
+
+    def forget(self, index: int) -> None:
+        """Drop the device's previous sample: the next read starts a new interval."""
+        buffers = self._devices.get(index)
+        if buffers is not None:
+            buffers.primed = False
+
+    def close(self) -> None:
+        """Free every sample buffer (before nvmlShutdown); support answers are forgotten too."""
+        for buffers in self._devices.values():
+            if buffers is not None:
+                self._free(buffers.baseline, buffers.spare)
+        self._devices.clear()
+        self._request = None
+
+    def _start(self, index: int, handle: Any) -> _GpmBuffers | None:
+        """Probe the device once; where it offers GPM, allocate its two buffers."""
+        if not self._probe(handle):
+            self._devices[index] = None
+            return None
+        nvml = self._nvml
+        assert nvml is not None
+        if self._request is None:
+            self._request = _metrics_request(nvml)
+        first = nvml.nvmlGpmSampleAlloc()
+        try:
+            second = nvml.nvmlGpmSampleAlloc()
+        except nvml.NVMLError:
+            self._free(first)
+            raise
+        buffers = self._devices[index] = _GpmBuffers(first, second)
+        return buffers
+
+    def _probe(self, handle: Any) -> bool:
+        """Whether the device offers GPM; an old pynvml or driver without the API says no."""
+        nvml = self._nvml
+        assert nvml is not None
+        query = getattr(nvml, "nvmlGpmQueryDeviceSupport", None)
+        if query is None or not hasattr(nvml, "c_nvmlGpmMetricsGet_t"):
+            return False  # a pynvml older than the GPM API
+        try:
+            return bool(query(handle).isSupportedDevice)  # SUCCESS with 0 on pre-Hopper GPUs
+        except nvml.NVMLError as error:
+            if _code(error) in _GPM_ABSENT:
+                return False
+            raise  # NO_PERMISSION among others: told once, by read()
+
+    def _metrics(self, older: Any, newer: Any) -> GpmReading:
+        """SM and tensor activity between two samples."""
+        nvml = self._nvml
+        assert nvml is not None
+        request = self._request
+        request.sample1 = older
+        request.sample2 = newer
+        nvml.nvmlGpmMetricsGet(request)
+        metrics = request.metrics
+        return GpmReading(_permille(metrics[0]), _permille(metrics[1]), supported=True)
+
+    def _failed(self, index: int, error: Exception) -> GpmReading:
+        """A GPM call failed: no figures this read; the device's other reads stand.
+
+        A lost GPU is the device's failure, not GPM's: it goes up. Where the
+        driver refuses GPM for good, the device is not asked again.
+        """
+        nvml = self._nvml
+        assert nvml is not None
+        code = _code(error)
+        if code == nvml.NVML_ERROR_GPU_IS_LOST:
+            raise error
+        buffers = self._devices.get(index)
+        if code in _GPM_FOR_GOOD:
+            if buffers is not None:
+                self._free(buffers.baseline, buffers.spare)
+            self._devices[index] = None
+            hint = _NO_PERMISSION_HINT if code == _NO_PERMISSION else ""
+            return GpmReading(error=f"GPM unavailable: {error}{hint}; SM activity is not recorded for this GPU")
+        self.forget(index)  # the buffer may hold half a sample: start a new interval
+        return GpmReading(supported=buffers is not None, error=f"GPM read failed: {error}")
+
+    def _free(self, *samples: Any) -> None:
+        nvml = self._nvml
+        assert nvml is not None
+        for sample in samples:
+            try:
+                nvml.nvmlGpmSampleFree(sample)
+            except nvml.NVMLError:
+                pass  # NVML already gone (driver unloaded): nothing left to free
+
+
+def _code(error: Exception) -> int | None:
+    return getattr(error, "value", None)
+
+
+def _metrics_request(nvml: ModuleType) -> Any:
+    """An nvmlGpmMetricsGet_t asking for SM and tensor activity; NVML writes only values and return codes into it."""
+    request = nvml.c_nvmlGpmMetricsGet_t()
+    request.version = _GPM_VERSION
+    request.numMetrics = 2
+    request.metrics[0].metricId = GPM_SM_ACTIVE
+    request.metrics[1].metricId = GPM_TENSOR_ACTIVE
+    return request
+
+
+def _permille(metric: Any) -> int | None:
+    """A GPM percentage (0.0-100.0) in per mille; None where NVML gave no value for this metric."""
+    if getattr(metric, "nvmlReturn", 0) != 0:
+        return None  # NVML_SUCCESS is 0: this one metric failed, the other may not have
+    value = float(metric.value)
+    if math.isnan(value):
+        return None  # DCGM reads NaN as blank too
+    return min(1000, max(0, round(value * 10)))

@@ -63,6 +63,11 @@ class GpuSample:
     energy_mj: int | None = None
     procs: tuple[ProcSample, ...] = ()
     error: str = ""  # what went wrong when status != OK
+    # GPM over the tick, 0..1000; None where the GPU has no GPM (pre-Hopper,
+    # MIG), at its first tick, or when the GPM call failed. SM activity low
+    # while util_permille is high marks a starved card (a spinning kernel).
+    sm_active_permille: int | None = None
+    tensor_active_permille: int | None = None
 
 
 @dataclass(frozen=True)

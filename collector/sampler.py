@@ -103,6 +103,7 @@ class DeviceState:
     proc_util_supported: bool = True
     energy_mj: int | None = None
     failing: str = ""  # last error text, to log a failure once, not every tick
+    gpm_failing: str = ""  # likewise for GPM, whose failure leaves the device's other reads standing
     # pid -> identity for the pids this tick may report: those running at the
     # last tick and those seen doing SM work since. Rebuilt every tick.
     seen: dict[int, Seen] = field(default_factory=dict)
@@ -328,6 +329,7 @@ class Sampler:
                                     info.uuid))
         # What the next tick may need: the pids running now. Reported exits are dropped.
         state.seen = {pid: state.seen[pid] for pid in running}
+        self._gpm_event(raw, state, events, ts_ms)
         return GpuSample(
             gpu=info,
             status=schema.STATUS_OK,
@@ -337,4 +339,13 @@ class Sampler:
             power_mw=raw.power_mw,
             energy_mj=state.energy_delta(raw.energy_mj),
             procs=tuple(procs),
+            sm_active_permille=raw.sm_active_permille,
+            tensor_active_permille=raw.tensor_active_permille,
         )
+
+    @staticmethod
+    def _gpm_event(raw: RawDevice, state: DeviceState, events: list[Event], ts_ms: int) -> None:
+        """One nvml_error event when GPM starts failing on a device (or fails anew), not one per tick."""
+        if raw.gpm_error and raw.gpm_error != state.gpm_failing:
+            events.append(Event(ts_ms, "nvml_error", raw.gpm_error, raw.uuid))
+        state.gpm_failing = raw.gpm_error

@@ -54,6 +54,8 @@ class SimProc:
 
 # A GPU's workload: simulated wall time (ms) -> (device util %, processes).
 Workload = Callable[[int], tuple[int, tuple[SimProc, ...]]]
+# A GPM-capable card's activity: simulated wall time (ms) -> (SM active, tensor active), per mille.
+GpmModel = Callable[[int], tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class SimGpu:
     memory_mib: int
     workload: Workload
     mig: tuple[SimGpu, ...] = ()
+    gpm: GpmModel | None = None  # None: no GPM (pre-Hopper), as every card of the older scenarios
 
 
 def _week_ms(t_ms: int) -> int:
@@ -141,8 +144,43 @@ def idle(t_ms: int) -> tuple[int, tuple[SimProc, ...]]:
     return 0, ()
 
 
-def _card(n: int, workload: Workload, name: str = "NVIDIA H100 80GB HBM3") -> SimGpu:
-    return SimGpu(f"GPU-5a1e0000-0000-4000-8000-{n:012d}", name, 81_559, workload)
+def _card(n: int, workload: Workload, name: str = "NVIDIA H100 80GB HBM3", gpm: GpmModel | None = None) -> SimGpu:
+    return SimGpu(f"GPU-5a1e0000-0000-4000-8000-{n:012d}", name, 81_559, workload, gpm=gpm)
+
+
+def spin_kernel(pid: int = 45_001) -> Workload:
+    """carol's one-block spin loop: a kernel always resident, so NVML reads 100 %, on one SM of 132."""
+    start = 1_760_000_000_000
+
+    def workload(t_ms: int) -> tuple[int, tuple[SimProc, ...]]:
+        return 100, (SimProc(pid, start, "carol", "spin", _session_cgroup("carol"), 600, 100, cpu=100),)
+
+    return workload
+
+
+def spin_gpm(t_ms: int) -> tuple[int, int]:
+    """One busy SM of 132: about 0.8 % SM active (as measured on an H100), no tensor work."""
+    return 7 + (t_ms // 60_000) % 3, 0  # 0.7..0.9 %
+
+
+def with_tenant(workload: Workload, tenant: Workload) -> Workload:
+    """workload's card with tenant's processes beside it; the card's utilization stays workload's."""
+
+    def both(t_ms: int) -> tuple[int, tuple[SimProc, ...]]:
+        util, procs = workload(t_ms)
+        return util, procs + tenant(t_ms)[1]
+
+    return both
+
+
+def gpm_following(workload: Workload) -> GpmModel:
+    """GPM of real training work: SMs busy about 90 % of the time a kernel runs, tensor pipes half of it."""
+
+    def model(t_ms: int) -> tuple[int, int]:
+        util = workload(t_ms)[0]
+        return util * 9, util * 5
+
+    return model
 
 
 def lab() -> tuple[SimGpu, ...]:
@@ -180,6 +218,19 @@ def mig() -> tuple[SimGpu, ...]:
     return (parent, _card(1, carol_duty_cycle()))
 
 
+def gpm() -> tuple[SimGpu, ...]:
+    """GPM on two Hopper cards: carol's spin kernel (100 % util, ~0.8 % SM active) and alice's training
+    with bob's idle 4 GB beside it; bob's notebook and the display card are on Ampere cards without GPM
+    (unknown, never 0)."""
+    training = alice_training()
+    return (
+        _card(0, spin_kernel(), gpm=spin_gpm),
+        _card(1, with_tenant(training, bob_notebook(mem_gib=4, pid=30_011, bursts=False)), gpm=gpm_following(training)),
+        _card(2, bob_notebook(), name="NVIDIA A100-SXM4-80GB"),
+        _card(3, display_only, name="NVIDIA A100-SXM4-80GB"),
+    )
+
+
 SCENARIOS: dict[str, Callable[[], tuple[SimGpu, ...]]] = {
     "lab": lab,
     "lab8": lab8,
@@ -187,6 +238,7 @@ SCENARIOS: dict[str, Callable[[], tuple[SimGpu, ...]]] = {
     "faults": lab,
     "hang": lab,
     "late": lab,
+    "gpm": gpm,
 }
 
 
@@ -265,6 +317,7 @@ class SimBackend:
         self._lookup = SimLookup()
         self._energy: dict[str, tuple[int, float]] = {}  # uuid -> (last integrated instant, mJ)
         self._recent: dict[str, dict[int, int]] = {}  # uuid -> instant -> util, reused by the energy counter
+        self._gpm_at: dict[str, int] = {}  # uuid -> instant of the previous full read (the GPM baseline)
         self._t0_ms = 0
         self._full_reads = 0
         self._hang_after = hang_after
@@ -291,8 +344,12 @@ class SimBackend:
         now = self._clock.wall_ms()
         if full and index == 0:
             self._full_reads += 1
-        self._fault(index, now)
         gpu = self._gpus[index]
+        try:
+            self._fault(index, now)
+        except DeviceError:
+            self._gpm_at.pop(gpu.uuid, None)  # as NVML's: the next GPM interval starts afresh
+            raise
         return self._raw(gpu, index, now, cursor, full, None, None)
 
     def _fault(self, index: int, now: int) -> None:
@@ -320,6 +377,7 @@ class SimBackend:
         if not full:
             return RawDevice(gpu.uuid, index, "", None, None, util, [], proc_util, None, None, is_mig_parent)
         self._lookup.publish(procs, now)
+        gpm_supported, sm_active, tensor_active = self._gpm(gpu, now) if sampled else (False, None, None)
         used = sum(p.mem_mib or 0 for p in procs) + (0 if is_mig_child else 420)
         return RawDevice(
             uuid=gpu.uuid,
@@ -340,7 +398,24 @@ class SimBackend:
             mig_devices=[self._raw(m, index, now, Cursor(), True, gpu.uuid, s) for s, m in enumerate(gpu.mig)],
             parent_uuid=parent,
             mig_slot=slot,
+            gpm_supported=gpm_supported,
+            sm_active_permille=sm_active,
+            tensor_active_permille=tensor_active,
         )
+
+    def _gpm(self, gpu: SimGpu, now: int) -> tuple[bool, int | None, int | None]:
+        """(supported, SM active, tensor active): the model's mean over the instants since the previous full read."""
+        if gpu.gpm is None:
+            return False, None, None
+        since = self._gpm_at.get(gpu.uuid)
+        self._gpm_at[gpu.uuid] = now
+        if since is None:
+            return True, None, None  # the first sample: no interval yet
+        first = since + 1
+        first += -first % SAMPLE_PERIOD_MS
+        values = [gpu.gpm(t) for t in range(first, now + 1, SAMPLE_PERIOD_MS)] or [gpu.gpm(now)]
+        return (True, round(sum(sm for sm, _ in values) / len(values)),
+                round(sum(tensor for _, tensor in values) / len(values)))
 
     def _sample_times(self, now: int, since_us: int) -> range:
         """Sample instants (ms) still in the driver's buffer and newer than since_us."""

@@ -144,6 +144,8 @@ def test_read_with_fallbacks() -> None:
         (12, 50 * 2**20, schema.KIND_GRAPHICS),
     ]
     assert raw.energy_mj is None and raw.power_mw == 310_000
+    # A pynvml without the GPM API: SM activity unknown, and no error for it.
+    assert (raw.sm_active_permille, raw.gpm_supported, raw.gpm_error) == (None, False, "")
 
 
 def test_not_found_means_no_new_samples() -> None:

@@ -261,6 +261,34 @@ def test_mig_instances_are_sampled_with_their_parent() -> None:
     assert tick.gpus[1].procs[0].mem_mib == 5 * 1024 and tick.gpus[1].util_permille is None
 
 
+def test_gpm_activity_passes_through_and_is_none_for_a_failed_gpu() -> None:
+    raw = RawDevice(**{**device(0, [], [(1, 100)]).__dict__, "sm_active_permille": 8, "tensor_active_permille": 0,
+                       "gpm_supported": True})
+    backend = FakeBackend({0: raw, 1: device(1, [], [(1, 100)])}, FakeLookup({}))
+    sampler = Sampler(backend)
+    tick = sampler.tick(10_000, 10_000)
+    assert [(g.util_permille, g.sm_active_permille, g.tensor_active_permille) for g in tick.gpus] == [
+        (1000, 8, 0), (1000, None, None)], "a starved card: utilization 100 %, SM activity 0.8 %; no GPM: unknown"
+    backend.devices[0] = DeviceError("Unknown Error")
+    failed = sampler.tick(20_000, 10_000).gpus[0]
+    assert failed.status == schema.STATUS_ERROR and failed.sm_active_permille is None
+
+
+def test_gpm_error_is_one_event_and_the_sample_stands() -> None:
+    broken = RawDevice(**{**device(0, [], [(1, 50)]).__dict__, "gpm_supported": True,
+                          "gpm_error": "GPM read failed: Unknown Error"})
+    backend = FakeBackend({0: broken}, FakeLookup({}))
+    sampler = Sampler(backend)
+    first = sampler.tick(10_000, 10_000)
+    assert first.gpus[0].status == schema.STATUS_OK and first.gpus[0].util_permille == 500
+    assert [(e.kind, e.detail, e.gpu_uuid) for e in first.events] == [("nvml_error", "GPM read failed: Unknown Error", "GPU-0")]
+    assert sampler.tick(20_000, 10_000).events == (), "the same failure next tick is not a new event"
+    backend.devices[0] = device(0, [], [(2, 50)])
+    assert sampler.tick(30_000, 10_000).events == ()
+    backend.devices[0] = broken
+    assert [e.kind for e in sampler.tick(40_000, 10_000).events] == ["nvml_error"], "a new episode is told again"
+
+
 def test_hidden_proc_is_reported_once() -> None:
     lookup = FakeLookup({})
     lookup.why_hidden = "/proc is mounted hidepid=2"
