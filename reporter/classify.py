@@ -1,7 +1,10 @@
 """Turn query results into a Report: plan rollup vs raw, add the parts, find gaps.
 
 Data flow: opendb (connection) -> query (SQL aggregates) -> here (Report
-dataclasses, pure integer sums) -> render_text / render_json / render_csv.
+records, pure integer sums) -> render_text / render_json / render_csv.
+The records are plain classes with __slots__, not dataclasses: importing
+dataclasses (and inspect with it) and building each class cost ~20 ms at
+every start of gua-report, more than a one-hour report takes.
 Every number in a Report is an integer sum of database facts or a ratio of
 two of them, so the rollup path and the raw path give identical output.
 """
@@ -10,7 +13,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
 from datetime import tzinfo
 
 from . import opendb, query
@@ -34,61 +36,78 @@ OVERLAP_SLACK_MS = 1000
 STATUS_NAMES = {0: "ok", 1: "error", 2: "lost"}
 
 
-@dataclass(frozen=True)
 class Options:
-    since_ms: int
-    until_ms: int
-    tz: tzinfo
-    tz_name: str
-    active_pm: int = 100
-    held_bytes: int = 100_000_000
-    gpus: tuple[str, ...] = ()
-    users: tuple[str, ...] = ()
-    use_rollups: bool = True
+    """The report asked for: window, zone, thresholds, filters. Not changed once made."""
+
+    __slots__ = ("since_ms", "until_ms", "tz", "tz_name", "active_pm", "held_bytes", "gpus", "users",
+                 "use_rollups")
+
+    def __init__(self, since_ms: int, until_ms: int, tz: tzinfo, tz_name: str, active_pm: int = 100,
+                 held_bytes: int = 100_000_000, gpus: tuple[str, ...] = (), users: tuple[str, ...] = (),
+                 use_rollups: bool = True) -> None:
+        self.since_ms = since_ms
+        self.until_ms = until_ms
+        self.tz = tz
+        self.tz_name = tz_name
+        self.active_pm = active_pm
+        self.held_bytes = held_bytes
+        self.gpus = gpus
+        self.users = users
+        self.use_rollups = use_rollups
 
 
-@dataclass(frozen=True)
 class Plan:
     """Which hours come from rollups and which time ranges from raw rows."""
 
-    h0: int  # rollup hours [h0, h1); h0 == h1: none
-    h1: int
-    raw_ranges: tuple[tuple[int, int], ...]
-    heat_from_rollups: bool
-    note: str  # why rollups were not (fully) used, for the diagnostics
-    # Time where ticks overlap (Overlap.hours inside the window): read from raw
-    # rows with each GPU's time counted once. Not in raw_ranges; the rollup
-    # hours among them (skip_hours) are not read from the rollups.
-    clip_ranges: tuple[Range, ...] = ()
-    skip_hours: tuple[int, ...] = ()
+    __slots__ = ("h0", "h1", "raw_ranges", "heat_from_rollups", "note", "clip_ranges", "skip_hours")
+
+    def __init__(self, h0: int, h1: int, raw_ranges: tuple[Range, ...], heat_from_rollups: bool, note: str,
+                 clip_ranges: tuple[Range, ...] = (), skip_hours: tuple[int, ...] = ()) -> None:
+        self.h0 = h0  # rollup hours [h0, h1); h0 == h1: none
+        self.h1 = h1
+        self.raw_ranges = raw_ranges
+        self.heat_from_rollups = heat_from_rollups
+        self.note = note  # why rollups were not (fully) used, for the diagnostics
+        # Time where ticks overlap (Overlap.hours inside the window): read from raw
+        # rows with each GPU's time counted once. Not in raw_ranges; the rollup
+        # hours among them (skip_hours) are not read from the rollups.
+        self.clip_ranges = clip_ranges
+        self.skip_hours = skip_hours
 
 
-@dataclass(frozen=True)
 class Overlap:
     """UTC hours of the window in which ticks cover the same time twice (older collectors)."""
 
-    hours: tuple[int, ...] = ()  # counted once per GPU, from raw rows
-    # Hours with overlap whose raw rows retention removed: only their rollups
-    # remain, built from the overlapping rows; they are reported as written.
-    unremoved_hours: tuple[int, ...] = ()
-    # Sum over those hours' physical GPU-hours of the time beyond one hour:
-    # roughly the GPU time they count twice.
-    unremoved_ms: int = 0
+    __slots__ = ("hours", "unremoved_hours", "unremoved_ms")
+
+    def __init__(self, hours: tuple[int, ...] = (), unremoved_hours: tuple[int, ...] = (),
+                 unremoved_ms: int = 0) -> None:
+        self.hours = hours  # counted once per GPU, from raw rows
+        # Hours with overlap whose raw rows retention removed: only their rollups
+        # remain, built from the overlapping rows; they are reported as written.
+        self.unremoved_hours = unremoved_hours
+        # Sum over those hours' physical GPU-hours of the time beyond one hour:
+        # roughly the GPU time they count twice.
+        self.unremoved_ms = unremoved_ms
 
 
-@dataclass
 class StateTotals:
-    ticks: int = 0
-    total_ms: int = 0
-    active_ms: int = 0
-    held_ms: int = 0
-    idle_ms: int = 0
-    unknown_ms: int = 0
-    coverage_pm_ms: int = 0
-    energy_active_mj: int | None = None
-    energy_held_mj: int | None = None
-    energy_idle_mj: int | None = None
-    overlap_ms: int = 0  # time of overlapping ticks not counted (an earlier tick covered it)
+    """Sums of GPU-tick facts by state (query.STATE_COLUMNS)."""
+
+    __slots__ = query.STATE_COLUMNS
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self.total_ms = 0
+        self.active_ms = 0
+        self.held_ms = 0
+        self.idle_ms = 0
+        self.unknown_ms = 0
+        self.coverage_pm_ms = 0
+        self.energy_active_mj: int | None = None
+        self.energy_held_mj: int | None = None
+        self.energy_idle_mj: int | None = None
+        self.overlap_ms = 0  # time of overlapping ticks not counted (an earlier tick covered it)
 
     def add_row(self, values: Sequence[int | None]) -> None:
         """Add one query row's columns in query.STATE_COLUMNS order."""
@@ -123,23 +142,33 @@ class StateTotals:
         return any(getattr(self, f"energy_{s}_mj") is not None for s in ("active", "held", "idle"))
 
 
-@dataclass(frozen=True)
 class ErrorSummary:
-    gpu_id: int | None
-    kind: str
-    count: int
-    first_ms: int
-    last_ms: int
-    last_detail: str
+    """Error events of one kind (and GPU) in the window."""
+
+    __slots__ = ("gpu_id", "kind", "count", "first_ms", "last_ms", "last_detail")
+
+    def __init__(self, gpu_id: int | None, kind: str, count: int, first_ms: int, last_ms: int,
+                 last_detail: str) -> None:
+        self.gpu_id = gpu_id
+        self.kind = kind
+        self.count = count
+        self.first_ms = first_ms
+        self.last_ms = last_ms
+        self.last_detail = last_detail
 
 
-@dataclass
 class GpuReport:
-    row: query.GpuRow
-    parent: query.GpuRow | None
-    totals: StateTotals
-    errors: list[ErrorSummary]
-    last_status: str | None
+    """One GPU or MIG instance with samples in the window."""
+
+    __slots__ = ("row", "parent", "totals", "errors", "last_status")
+
+    def __init__(self, row: query.GpuRow, parent: query.GpuRow | None, totals: StateTotals,
+                 errors: list[ErrorSummary], last_status: str | None) -> None:
+        self.row = row
+        self.parent = parent
+        self.totals = totals
+        self.errors = errors
+        self.last_status = last_status
 
     @property
     def is_mig(self) -> bool:
@@ -180,20 +209,22 @@ def _hours_text(ms: int) -> str:
     return f"{h:.2f}" if h < 1 else f"{h:.1f}"
 
 
-@dataclass
 class Identity:
     """One user, or one (user, unit) pair; sums of per-GPU-per-tick facts."""
 
-    user: str
-    uid: int | None
-    unit: str  # '' for the per-user rows
-    held_ms: int = 0
-    idle_held_ms: int = 0  # held with every sm_util known and their sum below the threshold
-    mem_mib_ms: int = 0
-    unknown_mem_ms: int = 0
-    sm_unknown_ms: int = 0  # held with some sm_util unknown: neither idle-held nor busy
-    sm_unrecorded_ms: int = 0  # held before the database records SM-unknown time
-    gpu_ids: set[int] = field(default_factory=set)
+    __slots__ = ("user", "uid", "unit", *query.IDENTITY_COLUMNS, "gpu_ids")
+
+    def __init__(self, user: str, uid: int | None, unit: str) -> None:
+        self.user = user
+        self.uid = uid
+        self.unit = unit  # '' for the per-user rows
+        self.held_ms = 0
+        self.idle_held_ms = 0  # held with every sm_util known and their sum below the threshold
+        self.mem_mib_ms = 0
+        self.unknown_mem_ms = 0
+        self.sm_unknown_ms = 0  # held with some sm_util unknown: neither idle-held nor busy
+        self.sm_unrecorded_ms = 0  # held before the database records SM-unknown time
+        self.gpu_ids: set[int] = set()
 
     def add_row(self, gpu_id: int, values: Sequence[int | None]) -> None:
         """Add one query row's columns in query.IDENTITY_COLUMNS order."""
@@ -213,66 +244,95 @@ class Identity:
         return self.mem_mib_ms * 1_048_576 / 1e9 / HOUR_MS
 
 
-@dataclass(frozen=True)
 class Hole:
-    start_ms: int
-    end_ms: int
-    open_ended: bool  # no tick after it: the collector may be down now
+    """A stretch inside the window that no tick covers."""
+
+    __slots__ = ("start_ms", "end_ms", "open_ended")
+
+    def __init__(self, start_ms: int, end_ms: int, open_ended: bool) -> None:
+        self.start_ms = start_ms
+        self.end_ms = end_ms
+        self.open_ended = open_ended  # no tick after it: the collector may be down now
 
 
-@dataclass(frozen=True)
 class RunInfo:
-    run_id: int
-    started_ms: int
-    stopped_ms: int | None
-    interval_ms: int
-    backend: str
-    hostname: str
-    version: str
-    clean: bool | None  # None: still running (the latest run, not stopped)
-    last_tick_ms: int | None  # for an unclean stop: the last tick it wrote
+    """A collector run overlapping the window."""
+
+    __slots__ = ("run_id", "started_ms", "stopped_ms", "interval_ms", "backend", "hostname", "version",
+                 "clean", "last_tick_ms")
+
+    def __init__(self, run_id: int, started_ms: int, stopped_ms: int | None, interval_ms: int, backend: str,
+                 hostname: str, version: str, clean: bool | None, last_tick_ms: int | None) -> None:
+        self.run_id = run_id
+        self.started_ms = started_ms
+        self.stopped_ms = stopped_ms
+        self.interval_ms = interval_ms
+        self.backend = backend
+        self.hostname = hostname
+        self.version = version
+        self.clean = clean  # None: still running (the latest run, not stopped)
+        self.last_tick_ms = last_tick_ms  # for an unclean stop: the last tick it wrote
 
 
-@dataclass(frozen=True)
 class GapEvent:
-    start_ms: int
-    end_ms: int | None
-    run_id: int | None
-    detail: str
+    """A `gap` event of the collector overlapping the window."""
+
+    __slots__ = ("start_ms", "end_ms", "run_id", "detail")
+
+    def __init__(self, start_ms: int, end_ms: int | None, run_id: int | None, detail: str) -> None:
+        self.start_ms = start_ms
+        self.end_ms = end_ms
+        self.run_id = run_id
+        self.detail = detail
 
 
-@dataclass
 class Report:
-    options: Options
-    plan: Plan
-    db_path: str
-    schema_version: int
-    created_ms: int | None
-    hostnames: list[str]
-    gpus: list[GpuReport]
-    headline: StateTotals
-    users: list[Identity]
-    units: list[Identity]
-    heat: dict[int, tuple[int, int]]  # cell -> (active_ms, known_ms)
-    first_tick_ms: int | None
-    last_tick_ms: int | None
-    holes: list[Hole]
-    holes_total: int
-    gap_events: list[GapEvent]
-    gap_events_total: int
-    runs: list[RunInfo]
-    host_errors: list[ErrorSummary]  # events with no GPU (init_failed, db_error)
-    warnings: list[str]
-    # SM-unknown time is recorded for ticks from this instant on (an hour
-    # boundary; 0: always). Rollups older than schema 2 do not record it.
-    sm_since_ms: int = 0
-    overlap: Overlap = field(default_factory=Overlap)
-    # Known GPU time of physical GPUs that the heatmap cannot place, and why:
-    # hours before `heat_unplaced_before_ms` exist only as UTC-hour rollups
-    # (retention removed their raw rows) and the zone's offset is not whole hours.
-    heat_unplaced_ms: int = 0
-    heat_unplaced_before_ms: int | None = None
-    heat_unplaced_offsets: tuple[int, ...] = ()  # the zone's offsets (ms) that are not whole hours
+    """Everything the renderers print; built by `build`."""
+
+    __slots__ = ("options", "plan", "db_path", "schema_version", "created_ms", "hostnames", "gpus", "headline",
+                 "users", "units", "heat", "first_tick_ms", "last_tick_ms", "holes", "holes_total",
+                 "gap_events", "gap_events_total", "runs", "host_errors", "warnings", "sm_since_ms", "overlap",
+                 "heat_unplaced_ms", "heat_unplaced_before_ms", "heat_unplaced_offsets")
+
+    def __init__(
+        self, *, options: Options, plan: Plan, db_path: str, schema_version: int, created_ms: int | None,
+        hostnames: list[str], gpus: list[GpuReport], headline: StateTotals, users: list[Identity],
+        units: list[Identity], heat: dict[int, tuple[int, int]], first_tick_ms: int | None,
+        last_tick_ms: int | None, holes: list[Hole], holes_total: int, gap_events: list[GapEvent],
+        gap_events_total: int, runs: list[RunInfo], host_errors: list[ErrorSummary], warnings: list[str],
+        sm_since_ms: int = 0, overlap: Overlap | None = None, heat_unplaced_ms: int = 0,
+        heat_unplaced_before_ms: int | None = None, heat_unplaced_offsets: tuple[int, ...] = (),
+    ) -> None:
+        self.options = options
+        self.plan = plan
+        self.db_path = db_path
+        self.schema_version = schema_version
+        self.created_ms = created_ms
+        self.hostnames = hostnames
+        self.gpus = gpus
+        self.headline = headline
+        self.users = users
+        self.units = units
+        self.heat = heat  # cell -> (active_ms, known_ms)
+        self.first_tick_ms = first_tick_ms
+        self.last_tick_ms = last_tick_ms
+        self.holes = holes
+        self.holes_total = holes_total
+        self.gap_events = gap_events
+        self.gap_events_total = gap_events_total
+        self.runs = runs
+        self.host_errors = host_errors  # events with no GPU (init_failed, db_error)
+        self.warnings = warnings
+        # SM-unknown time is recorded for ticks from this instant on (an hour
+        # boundary; 0: always). Rollups older than schema 2 do not record it.
+        self.sm_since_ms = sm_since_ms
+        self.overlap = overlap if overlap is not None else Overlap()
+        # Known GPU time of physical GPUs that the heatmap cannot place, and why:
+        # hours before `heat_unplaced_before_ms` exist only as UTC-hour rollups
+        # (retention removed their raw rows) and the zone's offset is not whole hours.
+        self.heat_unplaced_ms = heat_unplaced_ms
+        self.heat_unplaced_before_ms = heat_unplaced_before_ms
+        self.heat_unplaced_offsets = heat_unplaced_offsets  # the zone's offsets (ms) that are not whole hours
 
     @property
     def window_ms(self) -> int:
@@ -371,9 +431,11 @@ def with_overlap(plan: Plan, hours: Sequence[int], since: int, until: int) -> Pl
             cuts[-1] = (cuts[-1][0], hi)
         else:
             cuts.append((lo, hi))
-    return replace(
-        plan,
+    return Plan(
+        plan.h0, plan.h1,
         raw_ranges=subtract(plan.raw_ranges, cuts),
+        heat_from_rollups=plan.heat_from_rollups,
+        note=plan.note,
         clip_ranges=tuple(cuts),
         skip_hours=tuple(h for h in sorted(hours) if plan.h0 <= h < plan.h1),
     )

@@ -4,29 +4,36 @@ Every expected failure becomes one line on stderr, `gua-report: error: ...`,
 and a distinct exit code (errors.Exit); tracebacks are for bugs only. With
 --format json a failure after the command line was accepted also prints a
 small JSON document on stdout, so a script always gets JSON (JSON.md).
+
+Start-up time is most of what a short report costs (a one-hour window reads
+in ~10 ms), so modules are imported where they are first needed: --version,
+--help and the merge, now and --ssh commands never load the report's
+classification and SQL (classify, query), typing is for type checkers only.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sqlite3
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import TextIO, TypeVar
 
 from . import __version__
-from .classify import Options, build
 from .errors import EXIT_TABLE, Exit, ReportError, escape
-from .opendb import open_readonly
 from .render_json import FORMAT_VERSION
-from .window import WindowError, parse_bytes, parse_instant, parse_percent_permille, zone
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms)
+if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Callable, Sequence
+    from typing import TextIO, TypeVar
+
+    from .classify import Options
+
+    T = TypeVar("T")
 
 DEFAULT_DB = "/var/lib/gua/gua.db"
 _KNOWN_USERS_SHOWN = 20  # an error line names at most this many users
-
-T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +42,35 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # The message quotes what was typed, which may hold terminal controls.
         self.exit(Exit.BAD_ARGS, f"{self.prog}: error: {escape(message, ascii_only=False)}\n")
+
+
+def _columns() -> int:
+    """shutil.get_terminal_size().columns, without importing shutil (it loads bz2, lzma: ~2 ms)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]  # None: AttributeError below
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, as wide as argparse makes it (the terminal less 2).
+
+    argparse makes one for every add_argument and asks shutil (imported for
+    it) for the terminal's width each time; a report never prints help, so
+    that was start-up time spent for nothing. make_parser asks once.
+    """
+
+    columns = 80  # the terminal's, set by make_parser
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, self.columns - 2 if width is None else width)
 
 
 def _exit_code_line(code: int, text: str) -> str:
@@ -73,12 +109,13 @@ def _epilog() -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    _Formatter.columns = _columns()
     p = _Parser(
         prog="gua-report",
         description="Read-only report of active, idle-held and truly idle GPU time\n"
         "from a gua-collector database.",
         epilog=_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     p.add_argument("--db", default=DEFAULT_DB, metavar="PATH", help=f"database (default {DEFAULT_DB})")
     p.add_argument("--since", default="7d", metavar="WHEN",
@@ -128,6 +165,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _parse(option: str, value: str, parse: Callable[..., T], *extra: object) -> T:
     """Run one value parser; its error names the option, as argparse's do."""
+    from .window import WindowError
+
     try:
         return parse(value, *extra)
     except WindowError as exc:
@@ -135,6 +174,9 @@ def _parse(option: str, value: str, parse: Callable[..., T], *extra: object) -> 
 
 
 def _options(args: argparse.Namespace, now_ms: int) -> Options:
+    from .classify import Options
+    from .window import WindowError, parse_bytes, parse_instant, parse_percent_permille, zone
+
     tz, tz_name = _parse("--tz", args.tz, zone)
     until = _parse("--until", args.until, parse_instant, now_ms, tz)
     # A plain duration for --since is a window length ending at --until, so
@@ -165,6 +207,7 @@ def _check_users(conn: sqlite3.Connection, selectors: Sequence[str]) -> None:
     if not selectors:
         return
     from .query import accounts
+    from .window import WindowError
 
     rows = accounts(conn).values()
     known = {name for _, name in rows} | {str(uid) for uid, _ in rows if uid is not None}
@@ -230,6 +273,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         from .ssh import run as run_ssh
 
         return run_ssh(args, _options, now_ms, DEFAULT_DB)
+    import sqlite3
+
+    from .classify import build
+    from .opendb import open_readonly
+    from .window import WindowError
+
     try:
         opts = _options(args, now_ms)
         db = open_readonly(args.db)

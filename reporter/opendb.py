@@ -24,14 +24,10 @@ Facts this relies on (measured with SQLite 3.40, see DESIGN.md):
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import sqlite3
 import stat
 import time
-import urllib.parse
-from dataclasses import dataclass
 
 from .errors import Exit, ReportError
 
@@ -46,16 +42,35 @@ READ_TRIES = 3
 _SETTLE_S = (0.0, 0.2, 1.0)  # pause before each try: let a starting or stopping collector finish
 
 
-@dataclass(frozen=True)
 class FileState:
-    """What a reader that takes no locks can see of the database and its -wal/-shm."""
+    """What a reader that takes no locks can see of the database and its -wal/-shm.
 
-    ino: int
-    size: int
-    mtime_ns: int
-    header: bytes  # the first 100 bytes: page size, change counter, page count
-    wal_size: int | None  # None: no -wal
-    shm: bool
+    Two states are equal when every field is: a difference means the files
+    changed. (A plain class rather than a dataclass: see classify.py.)
+    """
+
+    __slots__ = ("ino", "size", "mtime_ns", "header", "wal_size", "shm")
+
+    def __init__(self, ino: int, size: int, mtime_ns: int, header: bytes, wal_size: int | None,
+                 shm: bool) -> None:
+        self.ino = ino
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self.header = header  # the first 100 bytes: page size, change counter, page count
+        self.wal_size = wal_size  # None: no -wal
+        self.shm = shm
+
+    def _key(self) -> tuple[int, int, int, bytes, int | None, bool]:
+        return (self.ino, self.size, self.mtime_ns, self.header, self.wal_size, self.shm)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FileState) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return "FileState" + repr(self._key())
 
     @property
     def wal_has_content(self) -> bool:
@@ -99,7 +114,9 @@ def changed_under(conn: sqlite3.Connection) -> bool:
 
 def settle(attempt: int) -> None:
     """Pause before try `attempt` (0-based) of a read that the files changed under."""
-    time.sleep(_SETTLE_S[min(attempt, len(_SETTLE_S) - 1)])
+    pause = _SETTLE_S[min(attempt, len(_SETTLE_S) - 1)]
+    if pause:  # sleep(0) still yields the CPU: on a busy host, a time slice lost before every report
+        time.sleep(pause)
 
 
 def _truncation(state: FileState) -> str | None:
@@ -130,16 +147,24 @@ def _truncation(state: FileState) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
 class OpenedDb:
-    conn: sqlite3.Connection
-    path: str
-    immutable: bool  # opened without looking at (absent) WAL state
-    schema_version: int
-    warning: str = ""  # something the report should say about how it was opened
+    """A database open_readonly opened, and how."""
+
+    __slots__ = ("conn", "path", "immutable", "schema_version", "warning")
+
+    def __init__(self, conn: sqlite3.Connection, path: str, immutable: bool, schema_version: int,
+                 warning: str = "") -> None:
+        self.conn = conn
+        self.path = path
+        self.immutable = immutable  # opened without looking at (absent) WAL state
+        self.schema_version = schema_version
+        self.warning = warning  # something the report should say about how it was opened
 
 
 def _owner_text(st: os.stat_result) -> tuple[str, str]:
+    import grp  # only for a permission error's message
+    import pwd
+
     try:
         user = pwd.getpwuid(st.st_uid).pw_name
     except KeyError:
@@ -215,8 +240,24 @@ def _precheck(path: str) -> None:
             raise _permission_error(side)
 
 
+# Bytes a path may keep in a SQLite URI: urllib.parse.quote's unreserved set
+# and "/". Everything else, "%", "?" and "#" included, is percent-encoded.
+_URI_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~/")
+
+
+def quote_path(path: str) -> str:
+    """`path` percent-encoded for a `file:` URI, as urllib.parse.quote(path) writes it.
+
+    Here rather than urllib.parse, whose import (it pulls in ipaddress) cost
+    more start-up time than a one-hour report takes. Unlike quote(), a name
+    that is not valid UTF-8 (the bytes os.fsdecode kept as surrogates) is
+    encoded as the bytes it has on disk, so it still opens.
+    """
+    return "".join(chr(b) if b in _URI_SAFE else f"%{b:02X}" for b in os.fsencode(path))
+
+
 def _uri(path: str, immutable: bool) -> str:
-    quoted = urllib.parse.quote(os.path.abspath(path))
+    quoted = quote_path(os.path.abspath(path))
     return f"file:{quoted}?mode=ro&immutable=1" if immutable else f"file:{quoted}?mode=ro"
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from .window import HOUR_MS, Segment
 
@@ -72,15 +71,20 @@ def cell_expr(ts_expr: str, segments: Sequence[Segment] | None) -> str:
 
 # ---------------------------------------------------------------- dimensions
 
-@dataclass(frozen=True)
 class GpuRow:
-    gpu_id: int
-    uuid: str
-    index: int
-    name: str
-    memory_total: int | None
-    parent_id: int | None
-    mig_slot: int | None
+    """One row of the gpu table (a plain class: dataclasses cost start-up time)."""
+
+    __slots__ = ("gpu_id", "uuid", "index", "name", "memory_total", "parent_id", "mig_slot")
+
+    def __init__(self, gpu_id: int, uuid: str, index: int, name: str, memory_total: int | None,
+                 parent_id: int | None, mig_slot: int | None) -> None:
+        self.gpu_id = gpu_id
+        self.uuid = uuid
+        self.index = index
+        self.name = name
+        self.memory_total = memory_total
+        self.parent_id = parent_id
+        self.mig_slot = mig_slot
 
 
 def gpus(conn: sqlite3.Connection) -> list[GpuRow]:

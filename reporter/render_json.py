@@ -8,12 +8,14 @@ meaning of one needs FORMAT_VERSION + 1.
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from . import __version__
-from .classify import GpuReport, Identity, Report, StateTotals
 from .window import HOUR_MS, iso_utc
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms)
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .classify import GpuReport, Identity, Report, StateTotals
 
 # 2: identities gained sm_unknown_ms: held time with SM unknown is no longer
 # implied busy (held_ms - idle_held_ms), see JSON.md.
@@ -107,6 +109,8 @@ def _identity(i: Identity, uuid_of: dict[int, str]) -> dict[str, Any]:
 
 
 def to_dict(rep: Report) -> dict[str, Any]:
+    from .classify import StateTotals  # here: --help imports this module for FORMAT_VERSION
+
     o = rep.options
     window_h = rep.window_ms / HOUR_MS
     h = rep.headline
@@ -227,4 +231,6 @@ def to_dict(rep: Report) -> dict[str, Any]:
 
 
 def render(rep: Report) -> str:
+    import json
+
     return json.dumps(to_dict(rep), indent=2, sort_keys=False) + "\n"

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -30,7 +28,10 @@ MAX_BYTES = 10**15
 # and float() would take 'nan', 'inf', '1e3' and '1_000'.
 _NUMBER = r"([0-9]+)(?:\.([0-9]+))?"
 # A systemd-style time span: one or more <number><unit>, e.g. 90m, 1h30m, 2 days.
-_SPAN_PART = re.compile(_NUMBER + r"\s*([a-z]+)\s*", re.IGNORECASE)
+# Letters are spelled out in both cases rather than with re.IGNORECASE: that
+# flag makes a [a-z] class match U+212A KELVIN SIGN and U+017F (long s) too,
+# and compiling it costs ~5 ms of every start (Unicode case folding tables).
+_SPAN_PART = re.compile(_NUMBER + r"\s*([a-zA-Z]+)\s*")
 _UNIT_MS = {
     "s": 1000, "sec": 1000, "secs": 1000, "second": 1000, "seconds": 1000,
     "m": 60_000, "min": 60_000, "mins": 60_000, "minute": 60_000, "minutes": 60_000,
@@ -43,7 +44,7 @@ _UNIT_MS = {
 _MAX_DIGITS = 18
 _FRACTION_DIGITS = 9
 
-_SIZE = re.compile(r"^\s*" + _NUMBER + r"\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*" + _NUMBER + r"\s*([kmgtKMGT][iI]?[bB]?|[bB])?\s*$")  # ASCII units, as _SPAN_PART
 _SIZE_FACTOR = {
     "b": 1,
     "k": 10**3, "kb": 10**3, "ki": 2**10, "kib": 2**10,
@@ -210,6 +211,8 @@ def parse_bytes(text: str) -> int:
 
 def local_zone() -> tuple[tzinfo, str]:
     """The host's zone as a ZoneInfo (with DST rules), and a name to print."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError  # here: `--tz UTC` and --help need no zoneinfo
+
     name = os.environ.get("TZ", "").lstrip(":")
     if name:
         try:
@@ -233,6 +236,8 @@ def zone(name: str | None) -> tuple[tzinfo, str]:
         return local_zone()
     if name.upper() in ("UTC", "Z"):
         return UTC, "UTC"
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
     try:
         return ZoneInfo(name), name
     except (ZoneInfoNotFoundError, ValueError):
@@ -245,12 +250,23 @@ def offset_ms(tz: tzinfo, ts_ms: int) -> int:
     return int(off.total_seconds() * 1000)
 
 
-@dataclass(frozen=True)
 class Segment:
     """From `start_ms` (inclusive) the zone is `offset_ms` ahead of UTC."""
 
-    start_ms: int
-    offset_ms: int
+    __slots__ = ("start_ms", "offset_ms")
+
+    def __init__(self, start_ms: int, offset_ms: int) -> None:
+        self.start_ms = start_ms
+        self.offset_ms = offset_ms
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Segment) and (self.start_ms, self.offset_ms) == (other.start_ms, other.offset_ms)
+
+    def __hash__(self) -> int:
+        return hash((self.start_ms, self.offset_ms))
+
+    def __repr__(self) -> str:
+        return f"Segment({self.start_ms}, {self.offset_ms})"
 
 
 def offset_segments(tz: tzinfo, since_ms: int, until_ms: int) -> list[Segment]:
