@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interval", metavar="DURATION", help="time between ticks, e.g. 10s, 1m (default 10s)")
     parser.add_argument("--retention", metavar="DURATION", help="keep raw samples this long, e.g. 90d (default 90d)")
     parser.add_argument("--backend", metavar="BACKEND",
-                        help="nvml (default) or simulate[:SCENARIO] (lab, lab8, mig, faults, hang, late)")
+                        help="nvml (default) or simulate[:SCENARIO] (lab, lab8, mig, faults, hang, late, gpm)")
     parser.add_argument(
         "--textfile", metavar="FILE.prom",
         help="also write Prometheus metrics here each tick, for node_exporter's textfile collector "

@@ -194,6 +194,10 @@ ALTER TABLE hour_unit ADD COLUMN sm_unknown_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tick ADD COLUMN cpu_permille INTEGER;        -- all host CPUs busy over the tick, 0..1000; NULL unknown
 ALTER TABLE proc_sample ADD COLUMN cpu_permille INTEGER; -- CPU over the tick, 1000 = one core; NULL unknown
 ALTER TABLE proc_sample ADD COLUMN rss_mib INTEGER;      -- resident host memory at the tick; NULL unknown
+-- GPM (Hopper and later): SM activity and tensor-pipe activity over the tick,
+-- 0..1000, as DCGM's SM_ACTIVE / PIPE_TENSOR_ACTIVE; NULL where unsupported.
+ALTER TABLE gpu_sample ADD COLUMN sm_active_permille INTEGER;
+ALTER TABLE gpu_sample ADD COLUMN tensor_active_permille INTEGER;
 ALTER TABLE hour_account ADD COLUMN idle_cpu_busy_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE hour_account ADD COLUMN idle_cpu_unknown_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE hour_unit ADD COLUMN idle_cpu_busy_ms INTEGER NOT NULL DEFAULT 0;

@@ -51,8 +51,8 @@ INSERT_TICK = "INSERT INTO tick (run_id, ts_ms, duration_ms, cpu_permille) VALUE
 INSERT_GPU_SAMPLE = """
 INSERT INTO gpu_sample
     (tick_id, gpu_id, status, util_permille, coverage_permille,
-     mem_used_mib, power_mw, energy_mj)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+     mem_used_mib, power_mw, energy_mj, sm_active_permille, tensor_active_permille)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 INSERT_PROC_SAMPLE = """
 INSERT OR REPLACE INTO proc_sample (tick_id, gpu_id, proc_id, kind, mem_mib, sm_util, cpu_permille, rss_mib)
@@ -257,6 +257,8 @@ class Store:
                     sample.mem_used_mib,
                     sample.power_mw,
                     sample.energy_mj,
+                    sample.sm_active_permille,
+                    sample.tensor_active_permille,
                 )
             )
             for proc in sample.procs:

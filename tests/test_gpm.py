@@ -499,3 +499,24 @@ def test_gpu_check_judging_against_the_simulator() -> None:
     judged = _gpu_check("--selftest-sim")
     assert judged.returncode in (0, 3), judged.stdout + judged.stderr  # 3: GPM checks skipped (not stored yet)
     assert " 0 failed" in judged.stdout and "holder idle-held" in judged.stdout
+
+
+def test_gpm_activity_is_stored_null_where_unsupported(tmp_path: Path) -> None:
+    """Through the real write path: values where GPM exists, NULL (unknown) elsewhere, never 0."""
+    import sqlite3
+
+    from gua_collector.store import Store
+
+    store = Store.open(str(tmp_path / "gua.db"), now_ms=MONDAY_10H)
+    store.begin_run(MONDAY_10H, 10_000, "simulate:gpm", "host", "0")
+    store.write_ticks(sim_ticks("gpm", 12))
+    store.close()
+    conn = sqlite3.connect(tmp_path / "gua.db")
+    rows = conn.execute(
+        "SELECT g.gpu_index, min(s.sm_active_permille), max(s.sm_active_permille), count(s.sm_active_permille),"
+        " max(s.util_permille) FROM gpu_sample s JOIN gpu g USING (gpu_id) JOIN tick t USING (tick_id)"
+        " WHERE t.duration_ms > 0 GROUP BY g.gpu_index").fetchall()
+    by_gpu = {r[0]: r[1:] for r in rows}
+    assert by_gpu[0][1] < 50 and by_gpu[0][3] >= 900, "the spin kernel: ~100 % utilization, <5 % SM active"
+    assert by_gpu[1][2] == 11, "GPM on card 1 every tick after the first"
+    assert by_gpu[2][2] == 0 and by_gpu[3][2] == 0, "no GPM: NULL, not 0"
