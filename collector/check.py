@@ -121,6 +121,8 @@ def _device(backend: Backend, index: int) -> Finding:
     supported = [name for name, ok in has.items() if ok]
     missing = [name for name, ok in has.items() if not ok]
     detail = f"{raw.name}, {raw.uuid}; supports {', '.join(supported) or 'none of the optional reads'}"
+    # GPM (Hopper and later) is a bonus, not a requirement: said, never a WARN.
+    detail += "; GPM SM activity" + ("" if raw.gpm_supported else " not offered")
     if raw.mig_enabled:
         detail += f"; MIG on, {len(raw.mig_devices)} instances (their utilization is unknown to NVML)"
     if not has["utilization samples"] and not raw.mig_enabled:

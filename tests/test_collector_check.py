@@ -66,6 +66,12 @@ def test_missing_driver_fails_with_the_fix(tmp_path: Path) -> None:
     assert nvml.level == FAIL and "Driver Not Loaded" in nvml.detail and "driver" in nvml.fix
 
 
+def test_gpm_is_said_but_never_a_warning(tmp_path: Path) -> None:
+    found = {f.subject: f for f in checks(tmp_path / "gua.db", backend=SimBackend("gpm", RealClock()))}
+    assert "GPM SM activity" in found["GPU 0"].detail and "not offered" not in found["GPU 0"].detail
+    assert "GPM SM activity not offered" in found["GPU 2"].detail and found["GPU 2"].level == OK
+
+
 def test_mig_and_missing_capabilities_are_reported(tmp_path: Path) -> None:
     found = checks(tmp_path / "gua.db", backend=SimBackend("mig", RealClock()))
     gpu0 = next(f for f in found if f.subject == "GPU 0")
