@@ -6,6 +6,14 @@ been idle never needs a scan of history. A schema 1 database has no such
 table: there "idle since" comes from the last 24 hours of raw rows (a
 bounded range on tick_ts), and says so.
 
+Schema 2 also records CPU (host per tick, each GPU process's per tick): an
+idle-held process is *waiting on CPU* when, in a tick of the last few
+minutes in which it was idle on that GPU, its CPU reached the collector's
+rule (meta rollup_cpu_busy_permille); *abandoned* when its CPU is known now
+and stayed below the rule in all of them; *CPU unknown* otherwise (schema 1,
+first tick of a process, /proc unreadable). Those ticks are a seek on
+tick_ts and proc_sample's primary key, never a scan.
+
 Exit codes are the report's (errors.Exit) plus NOT_RECORDING when the newest
 tick is too old to call "now". With --check they follow the monitoring-plugins
 convention instead (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN) and the output is
@@ -40,7 +48,21 @@ RAW_LOOKBACK_MS = DAY_MS
 # after a longer break restarts a process's idle clock.
 HOLE_MS = 300_000
 
+# The collector's rule for "waiting on CPU" when meta does not say
+# (gua_collector.schema.ROLLUP_CPU_BUSY_PERMILLE; the reporter does not import
+# the collector): 100 = 10 % of one core over a tick.
+CPU_BUSY_PERMILLE = 100
+# How far back an idle-held process's CPU is looked at: one tick (10 s by
+# default) is too little evidence to call a process abandoned, since a data
+# loader that waits on a disk or the network between bursts can spend a
+# whole tick below the rule; 5 minutes bridges such pauses and still calls a
+# finished job abandoned within minutes of its end. At least CPU_WINDOW_TICKS
+# ticks when the collector's interval is long.
+CPU_WINDOW_MS = 300_000
+CPU_WINDOW_TICKS = 3
+
 KIND_COMPUTE, KIND_GRAPHICS, KIND_EXITED = 1, 2, 4
+CPU_STATES = ("abandoned", "waiting_on_cpu", "cpu_unknown")  # of an idle-held process, in listing order
 STATUS_NAMES = {0: "ok", 1: "error", 2: "lost"}
 
 # monitoring-plugins return codes (--check only)
@@ -83,6 +105,10 @@ class ProcNow:
     idle_since_ms: int | None = None
     idle_ms: int | None = None
     lower_bound: bool = False  # idle since at or before what the database can tell
+    cpu_permille: int | None = None  # CPU over the newest tick, 1000 = one core; None unknown
+    rss_mib: int | None = None  # resident host memory at the newest tick
+    cpu_max_permille: int | None = None  # idle-held only: highest known CPU in its idle ticks of the window
+    cpu_state: str | None = None  # idle-held only: one of CPU_STATES
 
 
 @dataclass
@@ -98,6 +124,11 @@ class NowReport:
     basis_since_ms: int | None  # idle since at this instant may be earlier in truth
     tz: tzinfo
     tz_name: str
+    cpu_recorded: bool = True  # schema 2: the database has CPU columns
+    host_cpu_permille: int | None = None  # all host CPUs busy over the newest tick, 0..1000
+    cpu_busy_permille: int = CPU_BUSY_PERMILLE  # the rule: waiting on CPU at or above this
+    cpu_busy_from_meta: bool = False  # the rule came from meta, not the default
+    cpu_window_ms: int = CPU_WINDOW_MS
     gpus: list[GpuNow] = field(default_factory=list)
     procs: list[ProcNow] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -106,13 +137,22 @@ class NowReport:
     def idle_held(self) -> list[ProcNow]:
         return [p for p in self.procs if p.state == "idle_held"]
 
+    def with_cpu_state(self, cpu_state: str) -> list[ProcNow]:
+        """Idle-held processes in one CPU state, longest idle first."""
+        return [p for p in self.procs if p.state == "idle_held" and p.cpu_state == cpu_state]
+
+    @property
+    def abandoned(self) -> list[ProcNow]:
+        return self.with_cpu_state("abandoned")
+
     @property
     def freeable_mib(self) -> int:
-        return sum(p.mem_mib or 0 for p in self.idle_held)
+        """What ending the abandoned processes would free: those waiting on CPU are working."""
+        return sum(p.mem_mib or 0 for p in self.abandoned)
 
     @property
     def freeable_unknown(self) -> int:
-        return sum(1 for p in self.idle_held if p.mem_mib is None)
+        return sum(1 for p in self.abandoned if p.mem_mib is None)
 
 
 class NotRecording(ReportError):
@@ -129,6 +169,7 @@ class NotRecording(ReportError):
 # --- reading -----------------------------------------------------------------------
 # All through primary keys or tick_ts; nothing here grows with history.
 Q_LATEST_TICK = "SELECT tick_id, run_id, ts_ms FROM tick ORDER BY ts_ms DESC LIMIT 1"
+Q_HOST_CPU = "SELECT cpu_permille FROM tick WHERE tick_id = ?"  # schema 2
 Q_NEWEST_RUN = "SELECT run_id, stopped_ms, interval_ms, hostname FROM run ORDER BY run_id DESC LIMIT 1"
 Q_RUN = "SELECT interval_ms, hostname FROM run WHERE run_id = ?"
 Q_GPUS = """
@@ -142,14 +183,28 @@ WHERE s.tick_id = ?
 _PROC_COLUMNS = """
 SELECT ps.gpu_id, ps.proc_id, ps.kind, ps.mem_mib, ps.sm_util,
        p.pid, p.start_ms, p.comm, p.unit, a.uid, a.username"""
+_CPU_COLUMNS = ", ps.cpu_permille, ps.rss_mib"  # schema 2; schema 1 reads NULL for both
 _PROC_FROM = """
 FROM proc_sample AS ps
 JOIN process AS p ON p.proc_id = ps.proc_id
 JOIN account AS a ON a.account_id = p.account_id"""
-Q_PROCS_STATE = (_PROC_COLUMNS + ", st.first_ms, st.known_from_ms, st.last_active_ms" + _PROC_FROM + """
+Q_PROCS_STATE = (_PROC_COLUMNS + _CPU_COLUMNS + ", st.first_ms, st.known_from_ms, st.last_active_ms"
+                 + _PROC_FROM + """
 LEFT JOIN proc_gpu_state AS st ON st.gpu_id = ps.gpu_id AND st.proc_id = ps.proc_id
 WHERE ps.tick_id = ?""")
-Q_PROCS_PLAIN = _PROC_COLUMNS + ", NULL, NULL, NULL" + _PROC_FROM + "\nWHERE ps.tick_id = ?"
+Q_PROCS_PLAIN = _PROC_COLUMNS + ", NULL, NULL, NULL, NULL, NULL" + _PROC_FROM + "\nWHERE ps.tick_id = ?"
+# Schema 2: per (GPU, process), the highest known CPU over the window's ticks in
+# which it ran on that GPU idle (SM known and below the active threshold),
+# as the collector's per-tick rule sees them: CPU during SM work fed the GPU
+# and says nothing about waiting. tick_ts gives the window's few ticks,
+# proc_sample's primary key (tick_id, ...) their rows: a seek, not a scan.
+Q_CPU_WINDOW = """
+SELECT ps.gpu_id, ps.proc_id, max(ps.cpu_permille)
+FROM tick AS t
+JOIN proc_sample AS ps ON ps.tick_id = t.tick_id
+WHERE t.ts_ms > ? AND t.ts_ms <= ? AND ps.kind & 5 = 1 AND ps.sm_util * 10 < ?
+GROUP BY ps.gpu_id, ps.proc_id
+"""
 # Schema 1: the history of the newest tick's processes, oldest first, from tick_ts.
 Q_RAW_HISTORY = """
 SELECT t.ts_ms, t.duration_ms, ps.gpu_id, ps.proc_id, ps.sm_util
@@ -187,6 +242,30 @@ def _check_fresh(conn: sqlite3.Connection, latest: tuple | None, now_ms: int,
         raise NotRecording(f"gua-collector is not recording since {when} ({fmt_duration(age)} ago, "
                            f"more than {STALE_INTERVALS} ticks of {fmt_duration(interval)}): "
                            "check `systemctl status gua-collector`", ts, interval, stopped)
+
+
+def _cpu_rule(raw: str | None, warnings: list[str]) -> tuple[int, bool]:
+    """The collector's waiting-on-CPU rule from meta (permille of one core), and whether meta had it."""
+    if raw is None:
+        return CPU_BUSY_PERMILLE, False  # schema 1, or a database that predates the key
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        warnings.append(f"meta rollup_cpu_busy_permille is {raw!r}, not a permille: "
+                        f"using {CPU_BUSY_PERMILLE}")
+        return CPU_BUSY_PERMILLE, False
+    return value, True
+
+
+def _cpu_state(p: ProcNow, busy_permille: int) -> str:
+    """Of an idle-held process: evidence of CPU work wins; abandoned needs its CPU known now."""
+    if p.cpu_max_permille is not None and p.cpu_max_permille >= busy_permille:
+        return "waiting_on_cpu"
+    if p.cpu_permille is None:
+        return "cpu_unknown"  # NULL is "not measured", never evidence of doing nothing
+    return "abandoned"
 
 
 def _gpu_state(g: GpuNow, compute: list[tuple[int | None]]) -> str:
@@ -261,6 +340,12 @@ def read_now(conn: sqlite3.Connection, path: str, schema_version: int, now_ms: i
         rep = NowReport(path=path, schema_version=schema_version, hostname=hostname, as_of_ms=as_of,
                         now_ms=now_ms, interval_ms=interval, run_id=run_id,
                         basis="state" if has_state else "raw_24h", basis_since_ms=None, tz=tz, tz_name=tz_name)
+        rep.cpu_recorded = schema_version >= 2
+        if rep.cpu_recorded:
+            rep.host_cpu_permille = conn.execute(Q_HOST_CPU, (tick_id,)).fetchone()[0]
+            rep.cpu_busy_permille, rep.cpu_busy_from_meta = _cpu_rule(
+                _meta(conn, "rollup_cpu_busy_permille"), rep.warnings)
+        rep.cpu_window_ms = max(CPU_WINDOW_MS, CPU_WINDOW_TICKS * (interval or 0))
         gpus: dict[int, GpuNow] = {}
         for (gpu_id, uuid, index, name, total, parent_uuid, parent_index, slot,
              status, util, mem) in conn.execute(Q_GPUS, (tick_id,)):
@@ -271,20 +356,26 @@ def read_now(conn: sqlite3.Connection, path: str, schema_version: int, now_ms: i
                 order=(parent_index if mig else index, slot if mig and slot is not None else -1))
         compute: dict[int, list[tuple[int | None]]] = {g: [] for g in gpus}
         procs: list[ProcNow] = []
-        for (gpu_id, proc_id, kind, mem, sm, pid, start, comm, unit, uid, user,
+        # A schema 2 database always has proc_gpu_state, and schema 1 neither it nor CPU columns.
+        for (gpu_id, proc_id, kind, mem, sm, pid, start, comm, unit, uid, user, cpu, rss,
              first, known_from, last_active) in conn.execute(Q_PROCS_STATE if has_state else Q_PROCS_PLAIN,
                                                              (tick_id,)):
             if kind & KIND_COMPUTE and gpu_id in compute:
                 compute[gpu_id].append((mem,))
             if kind & KIND_EXITED or gpu_id not in gpus:
                 continue  # left during the tick: holds nothing now
-            p = ProcNow(gpus[gpu_id], proc_id, pid, start, user, uid, unit, comm, kind, mem, sm)
+            p = ProcNow(gpus[gpu_id], proc_id, pid, start, user, uid, unit, comm, kind, mem, sm,
+                        cpu_permille=cpu, rss_mib=rss)
             if has_state and first is not None:
                 p.first_ms, p.last_active_ms = first, last_active
                 p.idle_since_ms = known_from if last_active is None or known_from > last_active else last_active
             procs.append(p)
         for g in gpus.values():
             g.state = _gpu_state(g, compute[g.gpu_id])
+        window: dict[tuple[int, int], int | None] = {}
+        if rep.cpu_recorded and any(_proc_state(p) == "idle_held" for p in procs):
+            window = {(g, p): mx for g, p, mx in conn.execute(
+                Q_CPU_WINDOW, (as_of - rep.cpu_window_ms, as_of, ACTIVE_PERMILLE))}
         if has_state:
             since = int(_meta(conn, "proc_state_since_ms") or 0)
             rep.basis_since_ms = since or None
@@ -297,6 +388,12 @@ def read_now(conn: sqlite3.Connection, path: str, schema_version: int, now_ms: i
         conn.execute("COMMIT")
     for p in procs:
         p.state = _proc_state(p)
+        if p.state == "idle_held":
+            # The newest tick is one of the window's (the process is idle in it); max() of both
+            # keeps that true whatever the window query found.
+            known = [v for v in (window.get((p.gpu.gpu_id, p.proc_id)), p.cpu_permille) if v is not None]
+            p.cpu_max_permille = max(known, default=None)
+            p.cpu_state = _cpu_state(p, rep.cpu_busy_permille)
         if p.state in ("idle_held", "idle"):
             if p.idle_since_ms is None:
                 # No state row (cannot happen in a database the collector wrote): only now is known.
@@ -308,10 +405,12 @@ def read_now(conn: sqlite3.Connection, path: str, schema_version: int, now_ms: i
             p.idle_since_ms = None
     rep.gpus = sorted(gpus.values(), key=lambda g: g.order)
     order = {g.gpu_id: n for n, g in enumerate(rep.gpus)}
-    rank = {"idle_held": 0, "idle": 1, "sm_unknown": 2, "active": 3, "graphics": 4}
-    # Idle-held first, longest idle first; then the rest by state, GPU, memory.
+    rank = {"idle": 3, "sm_unknown": 4, "active": 5, "graphics": 6}
+    rank.update((s, n) for n, s in enumerate(CPU_STATES))
+    # Idle-held first: abandoned, then waiting on CPU, then CPU unknown, each longest
+    # idle first; then the rest by state, GPU, memory.
     rep.procs = sorted(procs, key=lambda p: (
-        rank[p.state], p.idle_since_ms if p.state == "idle_held" else 0, order[p.gpu.gpu_id],
+        rank[p.cpu_state or p.state], p.idle_since_ms if p.state == "idle_held" else 0, order[p.gpu.gpu_id],
         -(p.mem_mib or 0), p.pid))
     return rep
 
@@ -331,16 +430,26 @@ class _Parser(argparse.ArgumentParser):
 def _epilog() -> str:
     codes = "\n".join(f"  {int(c)}  {text}" for c, text in EXIT_TABLE if c != Exit.EMPTY_WINDOW)
     return (
-        "From the newest tick: each GPU's state, and each process holding GPU\n"
-        "memory (GPU, pid, user, unit, command, memory, SM now). IDLE is how long\n"
-        f"since the process last used >= {ACTIVE_PERMILLE / 10:g} % SM on that GPU, or was first seen,\n"
-        "or had its SM unknown, or went unobserved for over 5 minutes.\n"
-        f"A compute process below {ACTIVE_PERMILLE / 10:g} % that holds > {HELD_BYTES // 1_000_000} MB (or memory NVML\n"
-        "cannot report) is idle-held, listed longest idle first, with the memory\n"
-        "ending them would free. Display servers (graphics only) never are;\n"
-        "SM unknown (MIG, unsupported) is never called idle. When the newest tick\n"
-        f"is older than {STALE_INTERVALS} collector intervals, or the collector stopped, nothing is\n"
-        "shown as now: exit 9 (UNKNOWN with --check).\n\n"
+        "From the newest tick: each GPU's state, the host's CPU, and each process\n"
+        "holding GPU memory (GPU, pid, user, unit, command, memory, SM, CPU and\n"
+        "RSS now). IDLE is how long since the process last used >= "
+        f"{ACTIVE_PERMILLE / 10:g} % SM on\n"
+        "that GPU, or was first seen, or had its SM unknown, or went unobserved\n"
+        f"for over 5 minutes. A compute process below {ACTIVE_PERMILLE / 10:g} % that holds "
+        f"> {HELD_BYTES // 1_000_000} MB (or\n"
+        "memory NVML cannot report) is idle-held. Display servers (graphics only)\n"
+        "never are; SM unknown (MIG, unsupported) is never called idle.\n"
+        "Idle-held processes are split by their CPU (% of one core): waiting on\n"
+        "CPU when, in a tick of the last 5 minutes (at least 3 ticks) in which it\n"
+        "idled on that GPU, it used at least the collector's rule (meta\n"
+        f"rollup_cpu_busy_permille, default {CPU_BUSY_PERMILLE} = {CPU_BUSY_PERMILLE / 10:g} %); "
+        "abandoned when its CPU\n"
+        "is known now and stayed below; CPU unknown otherwise (first tick of a\n"
+        "process, /proc unreadable, schema 1). Abandoned come first, longest idle\n"
+        "first, with the memory ending them would free; then waiting on CPU.\n"
+        f"When the newest tick is older than {STALE_INTERVALS} collector intervals, "
+        "or the collector\n"
+        "stopped, nothing is shown as now: exit 9 (UNKNOWN with --check).\n\n"
         f"exit codes (without --check):\n{codes}\n\n"
         "exit codes with --check (monitoring-plugins convention, for Icinga,\n"
         "Nagios, Zabbix or cron): one status line with perfdata on stdout, and\n"
@@ -349,6 +458,8 @@ def _epilog() -> str:
         "  2  CRITICAL: a process idle-held longer than --crit\n"
         "  3  UNKNOWN: collector not recording, database missing, unreadable,\n"
         "     not gua, newer or corrupt, or bad arguments\n"
+        "A process waiting on CPU is working: it never counts toward WARNING or\n"
+        "CRITICAL (the status line says how many); abandoned and CPU unknown do.\n"
         "These codes apply in --check mode only.\n\n"
         "--format json is a versioned contract of its own (\"command\": \"now\");\n"
         "csv is one row per process with a header. See JSON.md beside the\n"
@@ -374,9 +485,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="monitoring plugin mode: one status line, exit 0/1/2/3 (see below)")
     p.add_argument("--warn", metavar="DUR",
-                   help="with --check: WARNING when a process is idle-held longer than DUR (2h, 90m)")
+                   help="with --check: WARNING when a process not waiting on CPU is idle-held longer "
+                        "than DUR (2h, 90m)")
     p.add_argument("--crit", metavar="DUR",
-                   help="with --check: CRITICAL when a process is idle-held longer than DUR (8h, 1d)")
+                   help="with --check: CRITICAL when such a process is idle-held longer than DUR "
+                        "(8h, 1d)")
     p.add_argument("--version", action="version", version=f"gua-report {__version__}")
     return p
 
