@@ -177,6 +177,19 @@ def test_check_after_install(installed: nspawn.Container) -> None:
         f"--check as a gua group member: exit {as_admin.returncode}\n{as_admin.stdout}\n{as_admin.stderr}")
 
 
+def test_now_as_gua_group_member(installed: nspawn.Container) -> None:
+    """gua-report now and its --check mode, as an admin in group gua, while the collector records."""
+    box = installed
+    result = box.run(["runuser", "-u", ADMIN, "--", "gua-report", "now"])
+    print(result.stdout)
+    assert result.returncode == 0, f"gua-report now exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    assert "GPUS" in result.stdout and "Traceback" not in result.stderr
+    check = box.run(["runuser", "-u", ADMIN, "--", "gua-report", "now", "--check", "--warn", "2h", "--crit", "8h"])
+    print(check.stdout)
+    assert check.returncode in (0, 1, 2), f"--check said UNKNOWN or worse: {check.returncode}\n{check.stdout}{check.stderr}"
+    assert len(check.stdout.strip().splitlines()) == 1 and check.stdout.startswith("GUA ") and " | " in check.stdout
+
+
 def test_report_outside_group_is_denied(installed: nspawn.Container) -> None:
     """A user outside group gua gets a one-line permission error, exit 4."""
     box = installed
