@@ -2,6 +2,12 @@
 
 The classification rules are SCHEMA.md's; the reporter uses these rows for
 whole hours and raw rows for the rest, so both paths must agree exactly.
+Beside the classified sums (hour_gpu, hour_account, hour_unit, with the
+rollup thresholds), each hour also gets histograms of the same facts before
+classification (hour_gpu_hist, hour_account_hist, hour_unit_hist, and
+quarter_gpu per quarter hour for the heatmap): a report with other
+thresholds, or in a zone whose hours are not UTC hours, classifies those
+instead of every raw row.
 Every function runs inside the store's write transaction.
 """
 
@@ -12,6 +18,7 @@ import sqlite3
 from . import schema
 
 HOUR_MS = 3_600_000
+QUARTER_MS = 900_000  # the grain that aligns with every zone's offset (+05:30, +05:45, +12:45)
 
 # --- meta ------------------------------------------------------------------------
 SELECT_META = "SELECT value FROM meta WHERE key = ?"
@@ -28,6 +35,10 @@ DELETE_ROLLUP = (
     "DELETE FROM hour_gpu WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
     "DELETE FROM hour_account WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
     "DELETE FROM hour_unit WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
+    "DELETE FROM hour_gpu_hist WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
+    "DELETE FROM quarter_gpu WHERE quarter >= :lo / 900000 AND quarter < :hi / 900000",
+    "DELETE FROM hour_account_hist WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
+    "DELETE FROM hour_unit_hist WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
 )
 ROLLUP_GPU = """
 WITH held AS (
@@ -122,6 +133,95 @@ _UNIT_SELECT = _HOLDERS.format(unit="p.unit", where="AND p.unit != ''", select_u
 ROLLUP_ACCOUNT = f"INSERT INTO hour_account ({_ACCOUNT_COLUMNS}){_ACCOUNT_SELECT}"
 ROLLUP_UNIT = f"INSERT INTO hour_unit ({_UNIT_COLUMNS}){_UNIT_SELECT}"
 
+# --- histograms (schema 2): the facts the classification reads, not yet classified ---
+# One row per hour, GPU, utilization in whole percent and compute memory:
+# whatever the thresholds, a GPU-tick's state follows from those two
+# (SCHEMA.md), exactly so for an active threshold in whole percent, since
+# util_permille >= 10 * p exactly when util_permille / 10 >= p. Rows of an
+# unknown state have util_pct -1 (and mem_mib 0: it does not matter there).
+# A GPU's utilization and memory stay put for minutes at a time, so an hour
+# holds a few rows per GPU, not one per tick.
+ROLLUP_GPU_HIST = """
+WITH held AS (
+    -- As in ROLLUP_GPU: driven from tick_ts.
+    SELECT ps.tick_id, ps.gpu_id,
+           CASE WHEN max(ps.mem_mib IS NULL) THEN -1 ELSE sum(ps.mem_mib) END AS mem
+    FROM tick AS t
+    JOIN proc_sample AS ps ON ps.tick_id = t.tick_id
+    WHERE t.ts_ms >= :lo AND t.ts_ms < :hi AND ps.kind & 1
+    GROUP BY ps.tick_id, ps.gpu_id
+),
+bucketed AS (
+    SELECT t.ts_ms / 3600000 AS hour, g.gpu_id, t.duration_ms AS d,
+           g.coverage_permille AS cov, g.energy_mj AS e,
+           CASE WHEN g.status != 0 OR g.util_permille IS NULL THEN -1 ELSE g.util_permille / 10 END AS util_pct,
+           CASE WHEN g.status != 0 OR g.util_permille IS NULL THEN 0 ELSE coalesce(h.mem, 0) END AS mem
+    FROM tick AS t
+    JOIN gpu_sample AS g ON g.tick_id = t.tick_id
+    LEFT JOIN held AS h ON h.tick_id = g.tick_id AND h.gpu_id = g.gpu_id
+    WHERE t.ts_ms >= :lo AND t.ts_ms < :hi
+)
+INSERT INTO hour_gpu_hist (hour, gpu_id, util_pct, mem_mib, ticks, ms, coverage_pm_ms, energy_mj)
+SELECT hour, gpu_id, util_pct, mem, count(*), sum(d), sum(d * coalesce(cov, 0)), sum(e)
+FROM bucketed
+GROUP BY hour, gpu_id, util_pct, mem
+"""
+# The heatmap's grain: a GPU's known time per UTC quarter hour by utilization
+# in whole percent (active time at any such threshold). A quarter hour falls
+# into one local hour in every zone in use (+05:30, +05:45, +12:45, and the
+# instants they change), where a UTC hour may straddle two.
+ROLLUP_QUARTER_GPU = """
+INSERT INTO quarter_gpu (quarter, gpu_id, util_pct, ms)
+SELECT t.ts_ms / 900000, g.gpu_id, g.util_permille / 10, sum(t.duration_ms)
+FROM tick AS t
+JOIN gpu_sample AS g ON g.tick_id = t.tick_id
+WHERE t.ts_ms >= :lo AND t.ts_ms < :hi AND g.status = 0 AND g.util_permille IS NOT NULL
+GROUP BY 1, 2, 3
+"""
+# One row per hour, GPU, holder, its SM (the sum over its compute processes,
+# in percent; -1 when one is NULL) and its compute memory (-1 when one is
+# NULL): whether it held the GPU and idled follows for any thresholds, since
+# sm and memory are integers. SM sums above 100 are kept as 100: no active
+# threshold (at most 100 %) tells them apart. Every holder row counts, held
+# at the rollup thresholds or not; cpu_busy_ms and cpu_unknown_ms split its
+# time as idle_cpu_busy_ms and idle_cpu_unknown_ms split idle-held time.
+_HOLDER_HIST = """
+WITH t AS (
+    SELECT tick_id, duration_ms AS d, ts_ms / 3600000 AS hour
+    FROM tick
+    WHERE ts_ms >= :lo AND ts_ms < :hi
+),
+per AS (
+    SELECT t.hour, t.d, ps.gpu_id, p.account_id, {unit} AS unit,
+           CASE WHEN max(ps.mem_mib IS NULL) THEN -1 ELSE coalesce(sum(ps.mem_mib), 0) END AS mem_key,
+           coalesce(sum(ps.mem_mib), 0) AS mem,
+           CASE WHEN max(ps.sm_util IS NULL) THEN -1 ELSE min(coalesce(sum(ps.sm_util), 0), 100) END AS sm,
+           max(ps.cpu_permille IS NULL AND NOT ps.kind & 4) AS cpu_unknown,
+           coalesce(sum(ps.cpu_permille), 0) AS cpu
+    FROM t
+    JOIN proc_sample AS ps USING (tick_id)
+    JOIN process AS p USING (proc_id)
+    WHERE ps.kind & 1 {where}
+    GROUP BY ps.tick_id, ps.gpu_id, p.account_id, {unit}
+)
+INSERT INTO {table} ({columns})
+SELECT hour, gpu_id, account_id, {select_unit}
+       sm, mem_key, sum(d), sum(mem * d),
+       sum(CASE WHEN cpu_unknown = 0 AND cpu >= :cpu_busy THEN d ELSE 0 END),
+       sum(CASE WHEN cpu_unknown THEN d ELSE 0 END)
+FROM per
+GROUP BY hour, gpu_id, account_id, {select_unit} sm, mem_key
+"""
+ROLLUP_ACCOUNT_HIST = _HOLDER_HIST.format(
+    unit="''", where="", select_unit="", table="hour_account_hist",
+    columns="hour, gpu_id, account_id, sm_pct, mem_mib, ms, mem_mib_ms, cpu_busy_ms, cpu_unknown_ms")
+ROLLUP_UNIT_HIST = _HOLDER_HIST.format(
+    unit="p.unit", where="AND p.unit != ''", select_unit="unit,", table="hour_unit_hist",
+    columns="hour, gpu_id, account_id, unit, sm_pct, mem_mib, ms, mem_mib_ms, cpu_busy_ms, cpu_unknown_ms")
+HIST_ROLLUPS = (ROLLUP_GPU_HIST, ROLLUP_QUARTER_GPU, ROLLUP_ACCOUNT_HIST, ROLLUP_UNIT_HIST)
+# Everything an hour gets, in the order written.
+ROLLUPS = (ROLLUP_GPU, ROLLUP_ACCOUNT, ROLLUP_UNIT, *HIST_ROLLUPS)
+
 # --- schema 1 -> 2: sm_unknown_ms of hours rolled up before it existed --------------
 # The same classification, setting only sm_unknown_ms of the rows already there:
 # the other columns are left exactly as written. (The SELECT's WHERE clause
@@ -174,11 +274,16 @@ class Rollups:
             self._roll_up(hour, hour + 1)
 
     def _roll_up(self, first_hour: int, end_hour: int) -> None:
-        params = {"lo": first_hour * HOUR_MS, "hi": end_hour * HOUR_MS, **self._thresholds}
-        for statement in DELETE_ROLLUP:
-            self._conn.execute(statement, {"lo": params["lo"], "hi": params["hi"]})
-        for statement in (ROLLUP_GPU, ROLLUP_ACCOUNT, ROLLUP_UNIT):
-            self._conn.execute(statement, params)
+        roll_up(self._conn, first_hour, end_hour, self._thresholds)
+
+
+def roll_up(conn: sqlite3.Connection, first_hour: int, end_hour: int, thresholds: dict[str, int]) -> None:
+    """(Re)write every rollup and histogram row of the UTC hours [first_hour, end_hour)."""
+    bounds = {"lo": first_hour * HOUR_MS, "hi": end_hour * HOUR_MS}
+    for statement in DELETE_ROLLUP:
+        conn.execute(statement, bounds)
+    for statement in ROLLUPS:
+        conn.execute(statement, {**bounds, **thresholds})
 
 
 def backfill_sm_unknown(conn: sqlite3.Connection) -> None:
@@ -201,6 +306,23 @@ def backfill_sm_unknown(conn: sqlite3.Connection) -> None:
         for statement in (BACKFILL_ACCOUNT, BACKFILL_UNIT):
             conn.execute(statement, params)
     conn.execute(UPSERT_META, ("sm_unknown_since_hour", str(first)))
+
+
+def backfill_hist(conn: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: the histograms of every rolled-up hour whose raw rows all remain.
+
+    Meta `hist_since_hour` tells readers where they start: earlier hours
+    have their hourly rollups only (classified with the rollup thresholds,
+    placed by UTC hour). Runs inside ensure_schema's transaction.
+    """
+    pruned = _meta(conn, "raw_pruned_before_ms")
+    first = -(-int(pruned) // HOUR_MS) if pruned else 0  # as in backfill_sm_unknown
+    next_hour = _meta(conn, "rollup_next_hour")
+    if next_hour is not None and int(next_hour) > first:
+        params = {"lo": first * HOUR_MS, "hi": int(next_hour) * HOUR_MS, **thresholds(conn)}
+        for statement in HIST_ROLLUPS:
+            conn.execute(statement, params)
+    conn.execute(UPSERT_META, ("hist_since_hour", str(first)))
 
 
 def _meta(conn: sqlite3.Connection, key: str) -> str | None:

@@ -215,6 +215,64 @@ CREATE TABLE proc_gpu_state (
     last_seen_ms   INTEGER NOT NULL,       -- last tick that saw it on this GPU
     PRIMARY KEY (gpu_id, proc_id)
 ) WITHOUT ROWID;
+
+-- Histograms, written with the hourly rollups (rollup.py): the facts the
+-- classification reads, counted but not classified, so that a report with
+-- other thresholds, or in a zone whose hours are not UTC hours (+05:30,
+-- +05:45), classifies these instead of every raw row. Kept like the rollups.
+-- A GPU's ticks per hour by utilization in whole percent and the memory its
+-- compute processes hold.
+CREATE TABLE hour_gpu_hist (
+    hour           INTEGER NOT NULL,
+    gpu_id         INTEGER NOT NULL,
+    util_pct       INTEGER NOT NULL,       -- util_permille / 10; -1: unknown (status != 0 or util NULL)
+    mem_mib        INTEGER NOT NULL,       -- sum(mem_mib) of compute processes, 0 none; -1: one NULL
+    ticks          INTEGER NOT NULL,
+    ms             INTEGER NOT NULL,       -- sum(duration_ms)
+    coverage_pm_ms INTEGER NOT NULL,       -- sum(duration_ms * coverage_permille), NULLs as 0
+    energy_mj      INTEGER,                -- sum(energy_mj); NULL when no row had energy
+    PRIMARY KEY (hour, gpu_id, util_pct, mem_mib)
+) WITHOUT ROWID;
+
+-- The heatmap's grain: a GPU's known time (status 0, util known) per UTC
+-- quarter hour (ts_ms // 900000) by utilization in whole percent.
+CREATE TABLE quarter_gpu (
+    quarter        INTEGER NOT NULL,
+    gpu_id         INTEGER NOT NULL,
+    util_pct       INTEGER NOT NULL,       -- util_permille / 10
+    ms             INTEGER NOT NULL,       -- sum(duration_ms)
+    PRIMARY KEY (quarter, gpu_id, util_pct)
+) WITHOUT ROWID;
+
+-- An account's (and an account and unit's) compute processes on a GPU per
+-- hour, by their SM and memory summed over the tick; every tick with one,
+-- held at the rollup thresholds or not.
+CREATE TABLE hour_account_hist (
+    hour           INTEGER NOT NULL,
+    gpu_id         INTEGER NOT NULL,
+    account_id     INTEGER NOT NULL,
+    sm_pct         INTEGER NOT NULL,       -- sum(sm_util), at most 100; -1: one NULL
+    mem_mib        INTEGER NOT NULL,       -- sum(mem_mib); -1: one NULL
+    ms             INTEGER NOT NULL,
+    mem_mib_ms     INTEGER NOT NULL,       -- sum(known mem_mib * duration)
+    cpu_busy_ms    INTEGER NOT NULL,       -- CPU known and >= rollup_cpu_busy_permille
+    cpu_unknown_ms INTEGER NOT NULL,       -- some cpu_permille NULL (exited rows aside)
+    PRIMARY KEY (hour, gpu_id, account_id, sm_pct, mem_mib)
+) WITHOUT ROWID;
+
+CREATE TABLE hour_unit_hist (
+    hour           INTEGER NOT NULL,
+    gpu_id         INTEGER NOT NULL,
+    account_id     INTEGER NOT NULL,
+    unit           TEXT NOT NULL,
+    sm_pct         INTEGER NOT NULL,
+    mem_mib        INTEGER NOT NULL,
+    ms             INTEGER NOT NULL,
+    mem_mib_ms     INTEGER NOT NULL,
+    cpu_busy_ms    INTEGER NOT NULL,
+    cpu_unknown_ms INTEGER NOT NULL,
+    PRIMARY KEY (hour, gpu_id, account_id, unit, sm_pct, mem_mib)
+) WITHOUT ROWID;
 """
 
 # An idle-held holder whose processes use at least this much CPU together
@@ -263,6 +321,7 @@ def _v1_to_v2(conn: sqlite3.Connection) -> None:
     from . import rollup
 
     rollup.backfill_sm_unknown(conn)
+    rollup.backfill_hist(conn)
     backfill_proc_state(conn)
 
 

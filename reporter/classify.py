@@ -17,7 +17,7 @@ from datetime import tzinfo
 
 from . import opendb, query
 from .errors import Exit, ReportError
-from .window import HOUR_MS, Segment, WindowError, fmt_local, offset_segments
+from .window import HOUR_MS, QUARTER_MS, Segment, WindowError, fmt_local, offset_segments
 
 Range = tuple[int, int]  # [lo, hi) in UTC epoch ms
 
@@ -57,22 +57,41 @@ class Options:
 
 
 class Plan:
-    """Which hours come from rollups and which time ranges from raw rows."""
+    """Which hours come from rollups and which time ranges from raw rows.
 
-    __slots__ = ("h0", "h1", "raw_ranges", "heat_from_rollups", "note", "clip_ranges", "skip_hours")
+    Rollup hours are read from the classified hourly rollups (hour_gpu,
+    hour_account, hour_unit) when the report's thresholds are theirs, else
+    from the histograms (hour_*_hist), classified here (`hist`). Their
+    heatmap: `heat` "hour" places the rows just read (the zone's hours are
+    UTC hours); "quarter" reads quarter_gpu for hours [heat_from, h1) and raw
+    rows for [h0, heat_from) (hours rolled up before the histograms
+    existed); "raw" reads raw rows for all of them.
+    """
 
-    def __init__(self, h0: int, h1: int, raw_ranges: tuple[Range, ...], heat_from_rollups: bool, note: str,
-                 clip_ranges: tuple[Range, ...] = (), skip_hours: tuple[int, ...] = ()) -> None:
+    __slots__ = ("h0", "h1", "raw_ranges", "heat", "note", "clip_ranges", "skip_hours", "hist", "heat_from")
+
+    def __init__(self, h0: int, h1: int, raw_ranges: tuple[Range, ...], heat: str, note: str,
+                 clip_ranges: tuple[Range, ...] = (), skip_hours: tuple[int, ...] = (), hist: bool = False,
+                 heat_from: int | None = None) -> None:
         self.h0 = h0  # rollup hours [h0, h1); h0 == h1: none
         self.h1 = h1
         self.raw_ranges = raw_ranges
-        self.heat_from_rollups = heat_from_rollups
+        self.heat = heat  # "hour", "quarter" or "raw"
         self.note = note  # why rollups were not (fully) used, for the diagnostics
         # Time where ticks overlap (Overlap.hours inside the window): read from raw
         # rows with each GPU's time counted once. Not in raw_ranges; the rollup
         # hours among them (skip_hours) are not read from the rollups.
         self.clip_ranges = clip_ranges
         self.skip_hours = skip_hours
+        self.hist = hist
+        self.heat_from = h0 if heat_from is None else heat_from
+
+    @property
+    def rollup_source(self) -> str:
+        """For the diagnostics: "hourly", "histograms", or "none" (every tick from raw rows)."""
+        if self.h1 <= self.h0:
+            return "none"
+        return "histograms" if self.hist else "hourly"
 
 
 class Overlap:
@@ -292,7 +311,7 @@ class Report:
     __slots__ = ("options", "plan", "db_path", "schema_version", "created_ms", "hostnames", "gpus", "headline",
                  "users", "units", "heat", "first_tick_ms", "last_tick_ms", "holes", "holes_total",
                  "gap_events", "gap_events_total", "runs", "host_errors", "warnings", "sm_since_ms", "overlap",
-                 "heat_unplaced_ms", "heat_unplaced_before_ms", "heat_unplaced_offsets")
+                 "heat_unplaced_ms", "heat_unplaced_before_ms", "heat_unplaced_offsets", "threshold_note")
 
     def __init__(
         self, *, options: Options, plan: Plan, db_path: str, schema_version: int, created_ms: int | None,
@@ -302,6 +321,7 @@ class Report:
         gap_events_total: int, runs: list[RunInfo], host_errors: list[ErrorSummary], warnings: list[str],
         sm_since_ms: int = 0, overlap: Overlap | None = None, heat_unplaced_ms: int = 0,
         heat_unplaced_before_ms: int | None = None, heat_unplaced_offsets: tuple[int, ...] = (),
+        threshold_note: str | None = None,
     ) -> None:
         self.options = options
         self.plan = plan
@@ -329,10 +349,14 @@ class Report:
         self.overlap = overlap if overlap is not None else Overlap()
         # Known GPU time of physical GPUs that the heatmap cannot place, and why:
         # hours before `heat_unplaced_before_ms` exist only as UTC-hour rollups
-        # (retention removed their raw rows) and the zone's offset is not whole hours.
+        # written by gua 0.1.0, without quarter hours (retention removed their
+        # raw rows before the upgrade), and the zone's offset is not whole hours.
         self.heat_unplaced_ms = heat_unplaced_ms
         self.heat_unplaced_before_ms = heat_unplaced_before_ms
         self.heat_unplaced_offsets = heat_unplaced_offsets  # the zone's offsets (ms) that are not whole hours
+        # Why these thresholds are classified from raw samples where rollups
+        # exist (thresholds_note); None when they are not.
+        self.threshold_note = threshold_note
 
     @property
     def window_ms(self) -> int:
@@ -362,8 +386,8 @@ class Report:
             zone = "a " + " / ".join(_fmt_offset(o) for o in self.heat_unplaced_offsets) + " zone"
         else:
             zone = "a zone whose offset changes off the UTC hour"
-        return (f"hours {when}exist only as UTC-hour rollups (retention removed their raw "
-                f"samples); {zone} cannot place them in local hours, so "
+        return (f"hours {when}exist only as UTC-hour rollups of gua 0.1.0 (retention removed their raw "
+                f"samples before the upgrade); {zone} cannot place them in local hours, so "
                 f"{self.heat_unplaced_ms / HOUR_MS:.2f} GPU-h of known time is not in the heatmap")
 
     @property
@@ -375,32 +399,86 @@ class Report:
 # ---------------------------------------------------------------- planning
 
 def make_plan(meta: dict[str, str], opts: Options, segments: Sequence[Segment]) -> Plan:
+    """Rollups for the window's whole UTC hours that have them, raw rows for the rest.
+
+    Classified hourly rollups serve the rollup thresholds; the histograms
+    serve any held threshold and any active threshold in whole percent
+    (SCHEMA.md), exactly. Only an active threshold such as 7.5 %, or a
+    database without histograms (gua 0.1.0's, at other thresholds), sends
+    whole hours to raw rows, and the report says so (threshold_note).
+    """
     since, until = opts.since_ms, opts.until_ms
     whole = ((since, until),)
     if not opts.use_rollups:
-        return Plan(0, 0, whole, False, "--no-rollups")
+        return Plan(0, 0, whole, "raw", "--no-rollups")
     if "rollup_next_hour" not in meta:
-        return Plan(0, 0, whole, False, "no hour rolled up yet")
+        return Plan(0, 0, whole, "raw", "no hour rolled up yet")
     try:
         same = (int(meta.get("rollup_active_permille", -1)) == opts.active_pm
                 and int(meta.get("rollup_held_bytes", -1)) == opts.held_bytes)
         next_hour = int(meta["rollup_next_hour"])
+        # Absent: no histograms (schema 1; hours before it: rolled up without them).
+        hist_since = int(meta["hist_since_hour"]) if "hist_since_hour" in meta else None
+        sm_since = int(meta.get("sm_unknown_since_hour", "0"))
     except ValueError:
-        return Plan(0, 0, whole, False, "unreadable rollup meta")
-    if not same:
-        return Plan(0, 0, whole, False, "thresholds differ from the rollups'")
+        return Plan(0, 0, whole, "raw", "unreadable rollup meta")
+    whole_pct = opts.active_pm % 10 == 0
     h0 = -(-since // HOUR_MS)  # first whole hour starting at or after since
+    if not same:
+        why = thresholds_note(meta, opts)
+        if why:
+            return Plan(0, 0, whole, "raw", why)
+        assert hist_since is not None  # thresholds_note: no histograms, no hours from them
+        # Histograms start where SM-unknown time is recorded, or later.
+        h0 = max(h0, hist_since, sm_since)
     h1 = min(until // HOUR_MS, next_hour)
     if h1 <= h0:
-        return Plan(0, 0, whole, False, "no whole rolled-up hour in the window")
+        return Plan(0, 0, whole, "raw", "no whole rolled-up hour in the window", hist=not same)
     raw = tuple(r for r in ((since, h0 * HOUR_MS), (h1 * HOUR_MS, until)) if r[1] > r[0])
-    # Rollup hours are UTC hours: they map onto local hours only when the
-    # zone's offset (and every change of it) falls on whole hours.
-    heat_ok = all(s.offset_ms % HOUR_MS == 0 for s in segments) and all(
-        s.start_ms % HOUR_MS == 0 for s in segments[1:]
-    )
-    note = "" if heat_ok else "heatmap from raw rows: time zone offset is not whole hours"
-    return Plan(h0, h1, raw, heat_ok, note)
+    # Rollup hours are UTC hours: they map onto local hours when the zone's
+    # offset (and every change of it) falls on whole hours. Quarter hours do
+    # in every zone in use today (+05:30, +05:45, +12:45); a zone's historic
+    # offsets (local mean time) may not, and their hours are read raw.
+    if _aligned(segments, HOUR_MS):
+        return Plan(h0, h1, raw, "hour", "", hist=not same)
+    if _aligned(segments, QUARTER_MS) and whole_pct and hist_since is not None:
+        heat_from = min(max(h0, hist_since), h1)
+        note = "" if heat_from == h0 else "heatmap from raw rows before the quarter-hour rollups begin"
+        return Plan(h0, h1, raw, "quarter", note, hist=not same, heat_from=heat_from)
+    return Plan(h0, h1, raw, "raw", "heatmap from raw rows: time zone offset is not whole quarter hours"
+                if hist_since is not None else "heatmap from raw rows: no quarter-hour rollups", hist=not same)
+
+
+# Why a report at other thresholds reads raw rows for hours that are rolled up.
+THRESHOLDS_NOT_WHOLE = ("an active threshold that is not a whole percent is classified from raw samples "
+                        "(the rollups keep utilization in whole percent)")
+THRESHOLDS_NO_HIST = ("thresholds other than the rollups' are classified from raw samples (this database's "
+                      "rollups were written by gua 0.1.0, without histograms)")
+
+
+def thresholds_note(meta: dict[str, str], opts: Options) -> str | None:
+    """Why the report's thresholds send rolled-up hours to raw samples; None when they do not.
+
+    The same with and without --no-rollups (which reads raw samples anyway):
+    it is about the thresholds and the database, not about this run.
+    """
+    try:
+        if (int(meta.get("rollup_active_permille", -1)) == opts.active_pm
+                and int(meta.get("rollup_held_bytes", -1)) == opts.held_bytes):
+            return None
+    except ValueError:
+        return None
+    if "hist_since_hour" not in meta:
+        return THRESHOLDS_NO_HIST
+    if opts.active_pm % 10:
+        return THRESHOLDS_NOT_WHOLE
+    return None
+
+
+def _aligned(segments: Sequence[Segment], grain_ms: int) -> bool:
+    """Every offset of the zone over the window, and every instant it changes, is a whole `grain_ms`."""
+    return all(s.offset_ms % grain_ms == 0 for s in segments) and all(
+        s.start_ms % grain_ms == 0 for s in segments[1:])
 
 
 def subtract(ranges: Iterable[Range], cuts: Sequence[Range]) -> tuple[Range, ...]:
@@ -434,10 +512,12 @@ def with_overlap(plan: Plan, hours: Sequence[int], since: int, until: int) -> Pl
     return Plan(
         plan.h0, plan.h1,
         raw_ranges=subtract(plan.raw_ranges, cuts),
-        heat_from_rollups=plan.heat_from_rollups,
+        heat=plan.heat,
         note=plan.note,
         clip_ranges=tuple(cuts),
         skip_hours=tuple(h for h in sorted(hours) if plan.h0 <= h < plan.h1),
+        hist=plan.hist,
+        heat_from=plan.heat_from,
     )
 
 
@@ -600,11 +680,24 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
                 c[1] += active + held + idle
 
     if plan.h1 > plan.h0:
-        take(query.gpu_state_rollup(conn, plan.h0, plan.h1, gpu_ids,
-                                    segments if plan.heat_from_rollups else None, plan.skip_hours),
-             totals=True, cells=plan.heat_from_rollups)
-        if not plan.heat_from_rollups:
-            for lo, hi in subtract(((plan.h0 * HOUR_MS, plan.h1 * HOUR_MS),), plan.clip_ranges):
+        here = plan.heat == "hour"  # the rollup rows place themselves in the heatmap
+        if plan.hist:
+            rows = query.gpu_state_hist(conn, plan.h0, plan.h1, opts.active_pm, opts.held_bytes, gpu_ids,
+                                        segments if here else None, plan.skip_hours)
+        else:
+            rows = query.gpu_state_rollup(conn, plan.h0, plan.h1, gpu_ids, segments if here else None,
+                                          plan.skip_hours)
+        take(rows, totals=True, cells=here)
+        if plan.heat == "quarter":
+            heat_gpus = sorted(physical_ids if gpu_ids is None else physical_ids.intersection(gpu_ids))
+            for cell, active, known in query.heat_quarters(conn, plan.heat_from * 4, plan.h1 * 4, opts.active_pm,
+                                                           heat_gpus, segments, plan.skip_hours):
+                c = heat.setdefault(cell, [0, 0])
+                c[0] += active
+                c[1] += known
+        if not here:  # the heatmap of the hours the quarter hours do not cover, from raw rows
+            raw_to = plan.heat_from if plan.heat == "quarter" else plan.h1
+            for lo, hi in subtract(((plan.h0 * HOUR_MS, raw_to * HOUR_MS),), plan.clip_ranges):
                 take(query.gpu_state_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids, segments),
                      totals=False, cells=True)
     for lo, hi in plan.raw_ranges:
@@ -677,6 +770,7 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
         heat_unplaced_before_ms=_meta_int(meta, "raw_pruned_before_ms") if heat_unplaced else None,
         heat_unplaced_offsets=tuple(sorted({s.offset_ms for s in segments if s.offset_ms % HOUR_MS}))
         if heat_unplaced else (),
+        threshold_note=thresholds_note(meta, opts),
     )
 
 
@@ -713,7 +807,10 @@ def _identities(
     for by_unit in (False, True):
         acc: dict[tuple[int, str], Identity] = {}
         parts = []
-        if plan.h1 > plan.h0:
+        if plan.h1 > plan.h0 and plan.hist:
+            parts.append(query.identity_hist(conn, plan.h0, plan.h1, opts.active_pm, opts.held_bytes, gpu_ids,
+                                             by_unit, plan.skip_hours))
+        elif plan.h1 > plan.h0:
             parts.append(query.identity_rollup(conn, plan.h0, plan.h1, gpu_ids, by_unit,
                                                sm_since_ms, has_sm_unknown, plan.skip_hours))
         for lo, hi in plan.raw_ranges:

@@ -7,7 +7,15 @@ aggregation is GROUP BY in SQLite; results are bounded by the number of
 GPUs, accounts and heatmap cells (7 x 24), never by the number of ticks.
 
 Windows are half-open `[lo, hi)` over `tick.ts_ms` (index `tick_ts`), and
-rollup ranges are half-open `[h0, h1)` over UTC hours.
+rollup ranges are half-open `[h0, h1)` over UTC hours (`[q0, q1)` over UTC
+quarter hours for quarter_gpu). Rollup tables are read by ranges of their
+primary keys, which start with the hour (quarter): no other index is needed.
+
+The histograms (quarter_gpu, hour_account_hist, hour_unit_hist; schema 2)
+hold the facts the classification reads, counted but not classified: the
+*_hist queries classify them here with the report's thresholds, by the same
+rules as the raw queries, so they give the raw queries' numbers exactly
+when the active threshold is a whole percent (tests/test_report_hist.py).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from .window import HOUR_MS, Segment
+from .window import HOUR_MS, QUARTER_MS, Segment
 
 # Columns of a GPU-state aggregate, in the order both GPU queries return them
 # after (gpu_id, cell).
@@ -42,7 +50,7 @@ def _in_clause(column: str, ids: Sequence[int] | None) -> str:
 
 
 def _not_in(column: str, values: Sequence[int]) -> str:
-    """`AND column NOT IN (...)` for hours we computed; '' when there are none."""
+    """`AND column NOT IN (...)` for hours we computed ('' when there are none); column may be an expression."""
     if not values:
         return ""
     return f" AND {column} NOT IN ({','.join(str(int(v)) for v in values)})"
@@ -195,6 +203,78 @@ def gpu_state_rollup(
     return conn.execute(sql, {"h0": h0, "h1": h1}).fetchall()
 
 
+# A hour_gpu_hist row is active when util_pct >= :a_pct (util_permille >= 10 * a
+# exactly when util_permille / 10 >= a), else held when its memory is unknown
+# (-1) or above the held threshold, else idle; unknown when util_pct is -1.
+# The same rules as _STATE_CASE. Memory is whole MiB, so `mem_mib * 1048576 >
+# held_bytes` is `mem_mib > held_bytes // 1048576` (:held_mib), one multiply
+# less for every row.
+_HIST_HELD = "(mem_mib < 0 OR mem_mib > :held_mib)"
+
+
+def gpu_state_hist(
+    conn: sqlite3.Connection, h0: int, h1: int, active_pm: int, held_bytes: int,
+    gpu_ids: Sequence[int] | None, segments: Sequence[Segment] | None, skip_hours: Sequence[int] = (),
+) -> list[tuple]:
+    """gpu_state_rollup's rows from hour_gpu_hist, classified with these thresholds.
+
+    `active_pm` must be a whole percent (a multiple of 10); then the numbers
+    are those of gpu_state_raw over the same hours.
+    """
+    assert active_pm % 10 == 0, active_pm
+    active = "util_pct >= :a_pct"
+    held = f"util_pct >= 0 AND util_pct < :a_pct AND {_HIST_HELD}"
+    idle = f"util_pct >= 0 AND util_pct < :a_pct AND NOT {_HIST_HELD}"
+    sql = f"""
+        SELECT gpu_id, {cell_expr(f'hour * {HOUR_MS}', segments)} AS cell,
+               sum(ticks),
+               sum(ms),
+               sum(CASE WHEN {active} THEN ms ELSE 0 END),
+               sum(CASE WHEN {held} THEN ms ELSE 0 END),
+               sum(CASE WHEN {idle} THEN ms ELSE 0 END),
+               sum(CASE WHEN util_pct < 0 THEN ms ELSE 0 END),
+               sum(coverage_pm_ms),
+               sum(CASE WHEN {active} THEN energy_mj END),
+               sum(CASE WHEN {held} THEN energy_mj END),
+               sum(CASE WHEN {idle} THEN energy_mj END),
+               0
+        FROM hour_gpu_hist
+        WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
+        GROUP BY gpu_id, cell
+    """
+    return conn.execute(sql, {"h0": h0, "h1": h1, "a_pct": active_pm // 10,
+                              "held_mib": held_bytes // 1_048_576}).fetchall()
+
+
+def heat_quarters(
+    conn: sqlite3.Connection, q0: int, q1: int, active_pm: int,
+    gpu_ids: Sequence[int], segments: Sequence[Segment], skip_hours: Sequence[int] = (),
+) -> list[tuple[int, int, int]]:
+    """(cell, active_ms, known_ms) over `gpu_ids` from quarter_gpu, for UTC quarter hours [q0, q1).
+
+    The heatmap alone, in a zone whose hours are not UTC hours: a quarter
+    hour is placed exactly when the zone's offsets, and the instants they
+    change, are whole quarter hours. `active_pm` must be a whole percent.
+    In two steps: the inner GROUP BY follows the primary key (quarter first)
+    as SQLite reads it, into one row per quarter hour; the outer one sorts
+    only those, a fraction of the histogram's rows.
+    """
+    assert active_pm % 10 == 0, active_pm
+    sql = f"""
+        SELECT {cell_expr(f'quarter * {QUARTER_MS}', segments)} AS cell, sum(active), sum(known)
+        FROM (
+            SELECT quarter,
+                   sum(CASE WHEN util_pct >= :a_pct THEN ms ELSE 0 END) AS active,
+                   sum(ms) AS known
+            FROM quarter_gpu
+            WHERE quarter >= :q0 AND quarter < :q1{_in_clause('gpu_id', gpu_ids)}{_not_in('quarter / 4', skip_hours)}
+            GROUP BY quarter
+        )
+        GROUP BY cell
+    """
+    return conn.execute(sql, {"q0": q0, "q1": q1, "a_pct": active_pm // 10}).fetchall()
+
+
 # ---------------------------------------------------------------- identities
 
 # The aggregate both raw identity queries share, over one row per holder per
@@ -281,6 +361,38 @@ def identity_rollup(
         GROUP BY gpu_id, account_id, unit
     """
     return conn.execute(sql, {"h0": h0, "h1": h1, "sm_since": sm_since_ms}).fetchall()
+
+
+def identity_hist(
+    conn: sqlite3.Connection, h0: int, h1: int, active_pm: int, held_bytes: int,
+    gpu_ids: Sequence[int] | None, by_unit: bool, skip_hours: Sequence[int] = (),
+) -> list[tuple]:
+    """identity_rollup's rows from hour_account_hist / hour_unit_hist, classified with these thresholds.
+
+    Exact for any thresholds: a holder's SM and memory are integers (percent,
+    MiB). A row is held when its memory is unknown (-1) or above the held
+    threshold; idle-held when also its SM is known (>= 0) and below :active.
+    An identity is listed on a GPU when it held it in any row, as the raw
+    query lists it when any held tick remains (even one of duration 0).
+    Histograms exist only for hours that record SM-unknown time (meta
+    hist_since_hour >= sm_unknown_since_hour): sm_unrecorded_ms is 0.
+    """
+    table, unit_col = ("hour_unit_hist", "unit") if by_unit else ("hour_account_hist", "''")
+    sql = f"""
+        SELECT gpu_id, account_id, {unit_col} AS unit,
+               sum(CASE WHEN {_HIST_HELD} THEN ms ELSE 0 END),
+               sum(CASE WHEN {_HIST_HELD} AND sm_pct >= 0 AND sm_pct * 10 < :active THEN ms ELSE 0 END),
+               sum(CASE WHEN {_HIST_HELD} THEN mem_mib_ms ELSE 0 END),
+               sum(CASE WHEN mem_mib < 0 THEN ms ELSE 0 END),
+               sum(CASE WHEN {_HIST_HELD} AND sm_pct < 0 THEN ms ELSE 0 END),
+               0
+        FROM {table}
+        WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
+        GROUP BY gpu_id, account_id, unit
+        HAVING max({_HIST_HELD})
+    """
+    return conn.execute(sql, {"h0": h0, "h1": h1, "active": active_pm,
+                              "held_mib": held_bytes // 1_048_576}).fetchall()
 
 
 # ---------------------------------------------------------------- overlapping ticks

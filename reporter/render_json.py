@@ -155,6 +155,7 @@ def to_dict(rep: Report) -> dict[str, Any]:
                 "utilization not supported"
             ),
             "basis": "physical GPUs; time = sum of each tick's measured duration",
+            "note": rep.threshold_note,
         },
         "headline": _states(h),
         "idle_capacity": {
@@ -222,6 +223,8 @@ def to_dict(rep: Report) -> dict[str, Any]:
         # Diagnostics only (not part of the contract's comparisons): how the
         # numbers were obtained.
         "source": {
+            "rollups": rep.plan.rollup_source,
+            "heatmap": rep.plan.heat if rep.plan.h1 > rep.plan.h0 else "raw",
             "rollup_hours": rep.plan.h1 - rep.plan.h0 - len(rep.plan.skip_hours),
             "raw_ranges_ms": [list(r) for r in rep.plan.raw_ranges],
             "overlap_ranges_ms": [list(r) for r in rep.plan.clip_ranges],

@@ -109,6 +109,8 @@ def render(rep: Report, colour: bool = False) -> str:
     add(f"  processes hold > {_size(o.held_bytes)} (or unknown memory); else truly idle."
         " Basis: physical")
     add("  GPUs, time = sum of measured tick durations; shares of known time.")
+    if rep.threshold_note:
+        _wrapped(add, "Note: " + rep.threshold_note + ".")
 
     # 2. Idle capacity
     section("IDLE CAPACITY")
@@ -231,11 +233,7 @@ def render(rep: Report, colour: bool = False) -> str:
         add(f"  overlap kept in {n} UTC hour{'s' if n != 1 else ''} whose raw samples retention removed:")
         add(f"    about {_h(rep.overlap.unremoved_ms)} GPU-h there are counted twice (rollups only)")
     if rep.heat_note:
-        import textwrap  # only when there is a note to wrap
-
-        # The note is gua's own words, dates and offsets: nothing to escape.
-        for i, line in enumerate(textwrap.wrap(f"heatmap: {rep.heat_note}", WIDTH - 4)):
-            add(("  " if i == 0 else "    ") + line)
+        _wrapped(add, f"heatmap: {rep.heat_note}")
     unclean = [r for r in rep.runs if r.clean is False]
     add(f"  collector runs: {len(rep.runs)} in window, {len(unclean)} unclean stop(s)")
     for r in unclean[:LIST_N]:
@@ -256,6 +254,14 @@ def render(rep: Report, colour: bool = False) -> str:
     for w in rep.warnings:
         add(_cut(f"  warning: {safe(w)}", WIDTH))
     return "\n".join(out) + "\n"
+
+
+def _wrapped(add, text: str) -> None:
+    """gua's own words (dates, offsets: nothing to escape), wrapped to the width, continued indented."""
+    import textwrap  # only when there is a note to wrap
+
+    for i, line in enumerate(textwrap.wrap(text, WIDTH - 4)):
+        add(("  " if i == 0 else "    ") + line)
 
 
 def _size(b: int) -> str:

@@ -12,6 +12,7 @@ import re
 from datetime import UTC, date, datetime, timedelta, tzinfo
 
 HOUR_MS = 3_600_000
+QUARTER_MS = 900_000  # the rollups' finest grain: the offset of every zone in use today is whole quarter hours
 DAY_MS = 24 * HOUR_MS
 
 # Instants gua-report accepts: from 1900 (long before any gua database, and

@@ -123,15 +123,11 @@ class HandDb:
         )
 
     def roll_up(self, end_hour: int) -> None:
-        """Roll up every hour before end_hour with the collector's own rollup SQL."""
+        """Roll up every hour before end_hour with the collector's own rollup SQL (histograms too)."""
         from gua_collector import rollup as store
 
         row = self.conn.execute("SELECT min(ts_ms) / 3600000 FROM tick").fetchone()
-        params = {"lo": row[0] * HOUR, "hi": end_hour * HOUR, **store.thresholds(self.conn)}
-        for st in store.DELETE_ROLLUP:
-            self.conn.execute(st, {"lo": params["lo"], "hi": params["hi"]})
-        for st in (store.ROLLUP_GPU, store.ROLLUP_ACCOUNT, store.ROLLUP_UNIT):
-            self.conn.execute(st, params)
+        store.roll_up(self.conn, row[0], end_hour, store.thresholds(self.conn))
         self.conn.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('rollup_next_hour', ?)", (str(end_hour),)
         )
@@ -242,3 +238,43 @@ def shifted(ticks, by_ms: int, first_duration: int | None = None) -> list:
     if out and first_duration is not None:
         out[0] = replace(out[0], duration_ms=first_duration)
     return out
+
+
+def build_store_db(path: str, scenario: str, start_ms: int, end_ms: int, interval_ms: int,
+                   hole_at_ms: int | None = None, hole_ms: int = 2_400_000) -> str:
+    """A database the collector's own Store writes (rollups and histograms as in production).
+
+    With `hole_at_ms`: the run stops there uncleanly and a second run starts
+    `hole_ms` later, as after a crash.
+    """
+    from gua_collector.store import Store
+
+    runs = [(start_ms, end_ms)] if hole_at_ms is None else [(start_ms, hole_at_ms), (hole_at_ms + hole_ms, end_ms)]
+    for n, (lo, hi) in enumerate(runs):
+        store = Store.open(path, now_ms=lo)
+        try:
+            store_run(store, sim_ticks(lo, hi, interval_ms, scenario), started_ms=lo, interval_ms=interval_ms,
+                      scenario=scenario, stop_ms=hi if n == len(runs) - 1 else None)
+        finally:
+            store.close()
+    return path
+
+
+def make_v1(src: str, dst: str) -> None:
+    """Write `src`'s rows into a new file with the schema 1 DDL, as gua 0.1.0 left it."""
+    conn = sqlite3.connect(dst, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("BEGIN")
+    for statement in schema._statements(schema.MIGRATIONS[0]):
+        conn.execute(statement)
+    conn.execute("ATTACH DATABASE ? AS src", (src,))
+    tables = [r[0] for r in conn.execute("SELECT name FROM main.sqlite_master WHERE type = 'table'")]
+    for table in tables:
+        cols = ", ".join(r[1] for r in conn.execute(f"PRAGMA main.table_info({table})"))
+        conn.execute(f"INSERT INTO main.{table} ({cols}) SELECT {cols} FROM src.{table}")
+    conn.execute("DELETE FROM main.meta WHERE key IN ('sm_unknown_since_hour', 'proc_state_since_ms', "
+                 "'hist_since_hour')")
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("COMMIT")
+    conn.execute("DETACH DATABASE src")
+    conn.close()

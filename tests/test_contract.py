@@ -38,7 +38,7 @@ def report(path: str, *args: str) -> dict:
     return json.loads(r.stdout)
 
 
-def classify_here(path: str) -> tuple[dict, dict]:
+def classify_here(path: str, A: int = A, H: int = H) -> tuple[dict, dict]:  # noqa: N803 (SCHEMA.md's names)
     """Per-GPU state ms and per-user (held, idle_held, mem_mib_ms, unknown_mem_ms, sm_unknown), by hand."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     dur = dict(conn.execute("SELECT tick_id, duration_ms FROM tick"))
@@ -144,6 +144,22 @@ def got_users(rep: dict) -> dict[str, list[int]]:
     return {u["user"]: [u["held_ms"], u["idle_held_ms"], u["mem_mib_ms"], u["unknown_mem_ms"],
                         u["sm_unknown_ms"]]
             for u in rep["identities"]["users"]}
+
+
+@pytest.mark.parametrize("scenario", ["lab", "mig"])
+@pytest.mark.parametrize("active, held", [(500, 1_000_000_000), (250, 0), (1000, 16 * 2**30), (0, 2**20)])
+def test_other_thresholds_match_schema_rules(tmp_path, scenario, active, held):
+    """At other thresholds a rolled-up hour is classified from the histograms: by the same rules."""
+    path = str(tmp_path / "half.db")
+    collect(path, scenario, start="2024-01-01T07:30")  # hour 7 gets rolled up
+    rep = report(path, "--active-threshold", f"{active / 10:g}", "--held-threshold", f"{held}B")
+    assert rep["source"]["rollups"] == "histograms" and rep["source"]["rollup_hours"] == 1
+    gpus, users = classify_here(path, active, held)
+    for g in rep["gpus"]:
+        mine = gpus[g["uuid"]]
+        assert (g["active_ms"], g["idle_held_ms"], g["idle_ms"], g["unknown_ms"]) == (
+            mine["active"], mine["idle_held"], mine["idle"], mine["unknown"]), g["uuid"]
+    assert got_users(rep) == {k: v for k, v in users.items() if v[0] > 0}
 
 
 @pytest.mark.parametrize("scenario", ["lab", "mig"])

@@ -27,7 +27,7 @@ import pytest
 
 from gua_collector import rollup, schema
 from gua_collector.store import Store
-from report_helpers import HOUR, report_json, run_report, sim_ticks
+from report_helpers import HOUR, make_v1, report_json, run_report, sim_ticks
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,25 +50,6 @@ def native(tmp_path_factory) -> str:
     store.end_run(END)
     store.close()
     return path
-
-
-def make_v1(src: str, dst: str) -> None:
-    """Write `src`'s rows into a new file with the schema 1 DDL, as gua 0.1.0 left it."""
-    conn = sqlite3.connect(dst, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("BEGIN")
-    for statement in schema._statements(schema.MIGRATIONS[0]):
-        conn.execute(statement)
-    conn.execute("ATTACH DATABASE ? AS src", (src,))
-    tables = [r[0] for r in conn.execute("SELECT name FROM main.sqlite_master WHERE type = 'table'")]
-    for table in tables:
-        cols = ", ".join(r[1] for r in conn.execute(f"PRAGMA main.table_info({table})"))
-        conn.execute(f"INSERT INTO main.{table} ({cols}) SELECT {cols} FROM src.{table}")
-    conn.execute("DELETE FROM main.meta WHERE key IN ('sm_unknown_since_hour', 'proc_state_since_ms')")
-    conn.execute("PRAGMA user_version = 1")
-    conn.execute("COMMIT")
-    conn.execute("DETACH DATABASE src")
-    conn.close()
 
 
 @pytest.fixture()
@@ -129,6 +110,13 @@ def test_fresh_database_is_schema_2(tmp_path: Path) -> None:
         assert schema.read_version(conn) == schema.SCHEMA_VERSION == 2
         meta = dict(conn.execute("SELECT key, value FROM meta"))
     assert meta["sm_unknown_since_hour"] == "0"  # recorded from the start
+    assert meta["hist_since_hour"] == "0"  # histograms too
+    assert columns(path, "hour_gpu_hist") == [
+        "hour", "gpu_id", "util_pct", "mem_mib", "ticks", "ms", "coverage_pm_ms", "energy_mj"]
+    assert columns(path, "quarter_gpu") == ["quarter", "gpu_id", "util_pct", "ms"]
+    for table in ("hour_account_hist", "hour_unit_hist"):
+        assert columns(path, table)[-6:] == ["sm_pct", "mem_mib", "ms", "mem_mib_ms", "cpu_busy_ms",
+                                             "cpu_unknown_ms"]
     for table in ("hour_account", "hour_unit"):
         assert columns(path, table)[-3:] == ["sm_unknown_ms", "idle_cpu_busy_ms", "idle_cpu_unknown_ms"]
     assert columns(path, "tick")[-1] == "cpu_permille"
@@ -169,6 +157,10 @@ def test_v1_upgrades_in_place(native: str, v1: str) -> None:
     assert after == dump(native)
     # proc_gpu_state rebuilt from raw rows equals the one kept tick by tick
     assert "proc_gpu_state" not in before and len(after["proc_gpu_state"]) == 3  # alice, bob, carol
+    # the histograms of every rolled-up hour, as the collector writes them hour by hour
+    for table in ("hour_gpu_hist", "quarter_gpu", "hour_account_hist", "hour_unit_hist"):
+        assert table not in before and after[table], table
+    assert dict(after["meta"])["hist_since_hour"] == "0"
     assert dict(after["meta"])["proc_state_since_ms"] == "0"  # all raw rows within a day: complete
     assert sum(r[SM_UNKNOWN] for r in after["hour_unit"]) == 0  # units: carol's job, SM known
     assert sum(r[SM_UNKNOWN] for r in after["hour_account"]) > 0
@@ -191,6 +183,7 @@ def test_upgrade_after_retention_records_where_it_starts(native: str, v1: str) -
         meta = dict(conn.execute("SELECT key, value FROM meta"))
         first_kept = conn.execute("SELECT min(ts_ms) FROM tick").fetchone()[0]
     assert meta["sm_unknown_since_hour"] == str(since_hour)
+    assert meta["hist_since_hour"] == str(since_hour)  # histograms from the same hour: nothing guessed
     # retention removed observations: process state starts at the first tick left, and says so
     assert meta["proc_state_since_ms"] == str(first_kept)
     got, want = dump(v1), dump(native)
@@ -206,12 +199,22 @@ def test_upgrade_after_retention_records_where_it_starts(native: str, v1: str) -
     assert dq["sm_unrecorded_ms"] == sum(u["sm_unrecorded_ms"] for u in rep["identities"]["users"]) > 0
     text = run_report("--db", v1, *WINDOW).stdout
     assert "SM-unknown time not recorded before 2024-04-01 09:00" in text
-    # from the first whole hour on, rollups and raw rows agree again
-    window = ("--since", "2024-04-01T09:00Z", "--until", "2024-04-01T14:00Z", "--tz", "UTC")
-    a, b = report_json(v1, *window), report_json(v1, *window, "--no-rollups")
-    assert a["data_quality"]["sm_recorded_since_ms"] is None and a["data_quality"]["sm_unknown_ms"] > 0
-    del a["source"], b["source"]
-    assert a == b
+    for table in ("hour_gpu_hist", "hour_account_hist", "hour_unit_hist"):
+        assert {r[0] for r in got[table]} == {h for h in range(since_hour, FIRST_HOUR + 7)}, table
+        assert got[table] == [r for r in want[table] if r[0] >= since_hour], table
+    assert got["quarter_gpu"] == [r for r in want["quarter_gpu"] if r[0] >= since_hour * 4]
+    # from the first whole hour on, rollups and raw rows agree again, at any thresholds and in any zone
+    window = ("--since", "2024-04-01T09:00Z", "--until", "2024-04-01T14:00Z")
+    for extra in ((), ("--held-threshold", "1GiB", "--active-threshold", "30", "--tz", "Asia/Kathmandu")):
+        a, b = report_json(v1, *window, *extra), report_json(v1, *window, *extra, "--no-rollups")
+        assert a["data_quality"]["sm_recorded_since_ms"] is None and a["data_quality"]["sm_unknown_ms"] > 0
+        assert a["source"]["rollups"] == ("histograms" if extra else "hourly")
+        del a["source"], b["source"]
+        assert a == b
+    # an earlier window reads the histograms from their first hour, raw rows before (what is left)
+    early = report_json(v1, *WINDOW, "--active-threshold", "30")
+    assert early["source"]["rollups"] == "histograms"
+    assert early["source"]["raw_ranges_ms"][0] == [START, since_hour * HOUR]
 
 
 def test_reporter_reads_v1_and_upgraded_alike(native: str, v1: str) -> None:

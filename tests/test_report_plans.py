@@ -18,7 +18,8 @@ from report_helpers import T0, G, HandDb, P
 
 pytestmark = pytest.mark.timeout(60)
 
-FACT_TABLES = ("tick", "gpu_sample", "proc_sample", "event", "hour_gpu", "hour_account", "hour_unit")
+FACT_TABLES = ("tick", "gpu_sample", "proc_sample", "event", "hour_gpu", "hour_account", "hour_unit",
+               "hour_gpu_hist", "quarter_gpu", "hour_account_hist", "hour_unit_hist")
 
 
 class PlanSpy:
@@ -53,6 +54,10 @@ def test_no_full_scans(tmp_path):
         query.identity_raw(spy, lo, hi, 100, 10**8, [g], by_unit)
         query.identity_rollup(spy, h0, h1, None, by_unit)
     query.gpu_state_rollup(spy, h0, h1, None, segs)
+    query.gpu_state_hist(spy, h0, h1, 500, 10**9, [g], segs, [h0])
+    query.heat_quarters(spy, h0 * 4, h1 * 4, 100, [g], segs, [h0])
+    for by_unit in (False, True):
+        query.identity_hist(spy, h0, h1, 100, 0, None, by_unit, [h0])
     query.hour_cover_raw(spy, lo, hi)
     query.hour_cover_rollup(spy, h0, h1)
     list(query.ticks_between(spy, lo, hi))
@@ -63,7 +68,7 @@ def test_no_full_scans(tmp_path):
     query.error_events(spy, lo, hi)
     query.gap_events(spy, lo, hi, 10)
     query.count_gap_events(spy, lo, hi)
-    assert len(spy.plans) >= 17
+    assert len(spy.plans) >= 21
     for sql, plan in spy.plans:
         for step in plan:
             for table in FACT_TABLES:

@@ -131,10 +131,12 @@ def test_sane_numbers(sim_db):
     assert users == {"alice", "bob", "carol"}
 
 
-def test_other_thresholds_use_raw(sim_db):
-    r = run_report("--db", sim_db, "--format", "json", "--since", "2024-03-29T00:00Z",
-                   "--until", "2024-04-02T00:00Z", "--tz", "UTC", "--active-threshold", "50")
-    assert r.returncode == 0, r.stderr
-    rep = json.loads(r.stdout)
-    assert rep["source"]["rollup_hours"] == 0
-    assert "thresholds" in rep["source"]["note"]
+@pytest.mark.parametrize("args", [("--active-threshold", "50"), ("--held-threshold", "1GiB"),
+                                  ("--active-threshold", "25", "--held-threshold", "0")])
+def test_other_thresholds_use_the_histograms(sim_db, args):
+    """More in tests/test_report_hist.py."""
+    rolled, raw = both(sim_db, *WINDOWS[1], *args)
+    assert rolled["source"]["rollups"] == "histograms" and rolled["source"]["rollup_hours"] > 10
+    assert rolled["rules"]["note"] is None
+    del rolled["source"], raw["source"]
+    assert rolled == raw

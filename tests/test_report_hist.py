@@ -1,0 +1,195 @@
+"""Any zone and any thresholds read rollups: the histograms give exactly the raw rows' numbers.
+
+The collector writes, beside the hourly rollups classified with its
+thresholds, histograms of the facts the classification reads
+(hour_gpu_hist, hour_account_hist, hour_unit_hist) and the heatmap's known
+and active time per UTC quarter hour (quarter_gpu). gua-report classifies
+those with the report's thresholds and places quarter hours in the zone's
+local hours. Each case here runs gua-report with and without --no-rollups
+on databases the collector's own Store wrote, and compares the whole JSON
+but `source`: zones whose offset is half or three quarters of an hour off
+UTC, across their DST changes (Adelaide +10:30 -> +09:30, Lord Howe +11:00
+-> +10:30, Chatham +13:45 -> +12:45, all on 2024-04-06 UTC; St John's
+-02:30 -> -03:30 on 2024-11-03), thresholds of every kind the histograms
+serve, and the one kind they do not (an active threshold such as 7.5 %).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from report_helpers import HOUR, build_store_db, run_report
+
+pytestmark = pytest.mark.timeout(180)
+
+INTERVAL = 60_000
+SOUTH_START = 1_712_318_400_000  # 2024-04-05 12:00 UTC
+SOUTH_WINDOW = ("--since", "2024-04-05T13:17:13Z", "--until", "2024-04-06T23:42:05Z")
+NORTH_START = 1_730_570_400_000  # 2024-11-02 18:00 UTC
+NORTH_WINDOW = ("--since", "2024-11-02T19:08:41Z", "--until", "2024-11-03T17:51:20Z")
+
+DEFAULT: tuple[str, ...] = ()
+THRESHOLDS = {
+    "default": DEFAULT,
+    "active 50%": ("--active-threshold", "50"),
+    "active 0%": ("--active-threshold", "0"),
+    "active 100%": ("--active-threshold", "100"),
+    "held 1GiB": ("--held-threshold", "1GiB"),
+    "held 0": ("--held-threshold", "0"),
+    "held 8GiB exactly": ("--held-threshold", "8GiB"),  # bob's notebook holds exactly 8 GiB: not above it
+    "held 300MB, active 25%": ("--active-threshold", "25", "--held-threshold", "300MB"),
+    "held 12 GB + 1 B": ("--held-threshold", "12000000001B"),
+}
+
+
+@pytest.fixture(scope="module")
+def south_db(tmp_path_factory) -> str:
+    """36 hours of lab8 (8 GPUs) around the southern zones' DST end, with a crash and a 40 min hole."""
+    path = str(tmp_path_factory.mktemp("south") / "gua.db")
+    return build_store_db(path, "lab8", SOUTH_START, SOUTH_START + 36 * HOUR, INTERVAL,
+                          hole_at_ms=SOUTH_START + 17 * HOUR + 1_234_567)
+
+
+@pytest.fixture(scope="module")
+def north_db(tmp_path_factory) -> str:
+    """24 hours of lab around St John's DST end."""
+    path = str(tmp_path_factory.mktemp("north") / "gua.db")
+    return build_store_db(path, "lab", NORTH_START, NORTH_START + 24 * HOUR, INTERVAL)
+
+
+@pytest.fixture(scope="module")
+def mig_db(tmp_path_factory) -> str:
+    """A MIG card (per-process SM unknown) and an ordinary one, a working day."""
+    path = str(tmp_path_factory.mktemp("mig") / "gua.db")
+    return build_store_db(path, "mig", SOUTH_START - 6 * HOUR, SOUTH_START + 12 * HOUR, INTERVAL)
+
+
+def both(path: str, *args: str) -> tuple[dict, dict]:
+    """The report from rollups and from raw rows (--no-rollups), parsed."""
+    out = []
+    for extra in ((), ("--no-rollups",)):
+        r = run_report("--db", path, "--format", "json", *args, *extra)
+        assert r.returncode == 0, r.stderr
+        out.append(json.loads(r.stdout))
+    return out[0], out[1]
+
+
+def assert_same(rolled: dict, raw: dict) -> None:
+    assert raw["source"]["rollups"] == "none"
+    a, b = dict(rolled), dict(raw)
+    del a["source"], b["source"]
+    assert a == b
+
+
+@pytest.mark.parametrize("tz", ["UTC", "Asia/Kolkata", "Asia/Kathmandu", "Australia/Adelaide",
+                                "Australia/Lord_Howe", "Pacific/Chatham", "Europe/Berlin"])
+@pytest.mark.parametrize("name", ["default", "active 50%", "held 300MB, active 25%"])
+def test_every_zone_and_threshold_reads_rollups_exactly(south_db, tz, name):
+    rolled, raw = both(south_db, *SOUTH_WINDOW, "--tz", tz, *THRESHOLDS[name])
+    src = rolled["source"]
+    assert src["rollup_hours"] >= 30
+    assert src["rollups"] == ("hourly" if name == "default" else "histograms")
+    assert src["heatmap"] == ("hour" if tz in ("UTC", "Europe/Berlin") else "quarter")
+    hm = rolled["heatmap"]
+    assert hm["unplaced_known_ms"] == 0 and hm["note"] is None
+    assert sum(map(sum, hm["known_ms"])) == rolled["headline"]["known_ms"] > 0
+    assert rolled["rules"]["note"] is None
+    assert_same(rolled, raw)
+
+
+@pytest.mark.parametrize("name", sorted(THRESHOLDS))
+def test_every_threshold_kind(south_db, name):
+    rolled, raw = both(south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata", *THRESHOLDS[name])
+    assert rolled["source"]["rollup_hours"] >= 30
+    assert_same(rolled, raw)
+    users = {u["user"]: u for u in rolled["identities"]["users"]}
+    if name == "held 0":  # every holder holds: carol's job between its bursts too
+        assert rolled["headline"]["idle_ms"] < raw["headline"]["ticks"] * INTERVAL
+    if name == "held 8GiB exactly":
+        # bob's notebooks: 8 GiB on GPU 1 is not above 8 GiB, 16 GiB on GPU 5 is (2 GiB on GPU 2: below)
+        assert [g[-1] for g in users["bob"]["gpus"]] == ["5"]
+
+
+def test_dst_in_the_north(north_db):
+    for tz in ("America/St_Johns", "Asia/Kolkata", "America/New_York"):
+        for name in ("default", "held 1GiB"):
+            rolled, raw = both(north_db, *NORTH_WINDOW, "--tz", tz, *THRESHOLDS[name])
+            assert rolled["source"]["heatmap"] == ("hour" if tz == "America/New_York" else "quarter")
+            assert rolled["heatmap"]["unplaced_known_ms"] == 0
+            assert_same(rolled, raw)
+
+
+@pytest.mark.parametrize("name", ["default", "active 50%", "held 1GiB"])
+def test_sm_unknown_holders(mig_db, name):
+    window = ("--since", "2024-04-05T07:30:00Z", "--until", "2024-04-05T23:30:00Z", "--tz", "Asia/Kathmandu")
+    rolled, raw = both(mig_db, *window, *THRESHOLDS[name])
+    assert rolled["data_quality"]["sm_unknown_ms"] > 0
+    assert_same(rolled, raw)
+
+
+def test_gpu_and_user_filters(south_db):
+    rolled, raw = both(south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata", "--gpu", "2", "--gpu", "6",
+                       "--user", "bob", "--held-threshold", "1GB")
+    assert rolled["source"]["rollups"] == "histograms"
+    assert_same(rolled, raw)
+
+
+def test_an_active_threshold_between_whole_percents_is_read_raw_and_says_so(south_db):
+    """7.5 %: the histograms keep whole percents, so such a report reads raw rows, and says so."""
+    rolled, raw = both(south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata", "--active-threshold", "7.5")
+    assert rolled["source"]["rollups"] == "none"
+    note = rolled["rules"]["note"]
+    assert "not a whole percent" in note and "raw samples" in note
+    assert_same(rolled, raw)
+    text = run_report("--db", south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata", "--active-threshold", "7.5").stdout
+    assert "Note: an active threshold that is not a whole percent is classified from raw" in text
+    assert all(len(line) <= 80 for line in text.splitlines())
+    default_text = run_report("--db", south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata",
+                              "--held-threshold", "1GiB").stdout
+    assert "Note:" not in default_text
+
+
+def test_histograms_equal_the_raw_rows_hour_by_hour(south_db):
+    """hour_gpu_hist and quarter_gpu hold what the raw rows do, summed: time, ticks, energy, coverage."""
+    conn = sqlite3.connect(f"file:{south_db}?mode=ro", uri=True)
+    next_hour = int(conn.execute("SELECT value FROM meta WHERE key = 'rollup_next_hour'").fetchone()[0])
+    raw = conn.execute(
+        """SELECT t.ts_ms / 3600000 AS hour, g.gpu_id, count(*), sum(t.duration_ms), sum(g.energy_mj),
+                  sum(t.duration_ms * coalesce(g.coverage_permille, 0))
+           FROM tick t JOIN gpu_sample g USING (tick_id) WHERE t.ts_ms < ? * 3600000
+           GROUP BY 1, 2 ORDER BY 1, 2""", (next_hour,)).fetchall()
+    hist = conn.execute(
+        """SELECT hour, gpu_id, sum(ticks), sum(ms), sum(energy_mj), sum(coverage_pm_ms)
+           FROM hour_gpu_hist GROUP BY 1, 2 ORDER BY 1, 2""").fetchall()
+    assert hist == raw
+    known = conn.execute(
+        """SELECT t.ts_ms / 900000, g.gpu_id, sum(t.duration_ms) FROM tick t JOIN gpu_sample g USING (tick_id)
+           WHERE t.ts_ms < ? * 3600000 AND g.status = 0 AND g.util_permille IS NOT NULL
+           GROUP BY 1, 2 ORDER BY 1, 2""", (next_hour,)).fetchall()
+    assert conn.execute("SELECT quarter, gpu_id, sum(ms) FROM quarter_gpu GROUP BY 1, 2 ORDER BY 1, 2").fetchall() \
+        == known
+    # a few rows per GPU and hour, not one per tick (lab8's training varies by the minute)
+    rows = conn.execute("SELECT count(*) FROM hour_gpu_hist").fetchone()[0]
+    gpu_hours = conn.execute("SELECT count(*) FROM hour_gpu").fetchone()[0]
+    assert gpu_hours <= rows < 4 * gpu_hours
+    conn.close()
+
+
+@pytest.mark.parametrize("name", ["ROLLUP_GPU_HIST", "ROLLUP_QUARTER_GPU", "ROLLUP_ACCOUNT_HIST", "ROLLUP_UNIT_HIST"])
+def test_histogram_rollups_seek_by_time(tmp_path, name):
+    """Each histogram costs the hour's rows, not the database's size (as the rollups, tests/test_store.py)."""
+    from gua_collector import rollup
+    from gua_collector.store import Store
+
+    Store.open(str(tmp_path / "gua.db"), now_ms=SOUTH_START).close()
+    conn = sqlite3.connect(tmp_path / "gua.db")
+    plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + getattr(rollup, name),
+                                           {"lo": 0, "hi": 1, "cpu_busy": 100})]
+    conn.close()
+    facts = {"tick", "t", "gpu_sample", "g", "proc_sample", "ps", "process", "p"}
+    scans = [s for s in plan if s.startswith("SCAN") and s.split()[1] in facts]
+    assert not scans, plan
+    assert any("tick_ts" in s for s in plan), plan
