@@ -34,6 +34,11 @@ GAP_EVENTS_KEPT = 1000
 # 1 s behind a step (service.CLOCK_STEP_MS); below it is measurement noise.
 OVERLAP_SLACK_MS = 1000
 STATUS_NAMES = {0: "ok", 1: "error", 2: "lost"}
+# An idle-held identity whose running processes used at least this much CPU
+# together in a tick (permille of one core: 10 %) was waiting on the CPU
+# there, when the database's meta does not say (collector/schema.py's
+# ROLLUP_CPU_BUSY_PERMILLE; the reporter does not import the collector).
+CPU_BUSY_PERMILLE = 100
 
 
 class Options:
@@ -243,6 +248,9 @@ class Identity:
         self.unknown_mem_ms = 0
         self.sm_unknown_ms = 0  # held with some sm_util unknown: neither idle-held nor busy
         self.sm_unrecorded_ms = 0  # held before the database records SM-unknown time
+        # Idle-held time by the identity's CPU in the tick (rule: Report.cpu_busy_pm):
+        self.idle_cpu_busy_ms = 0  # waiting on CPU: it loads or preprocesses data
+        self.idle_cpu_unknown_ms = 0  # CPU not measured (first tick of a process, schema 1, /proc hidden)
         self.gpu_ids: set[int] = set()
 
     def add_row(self, gpu_id: int, values: Sequence[int | None]) -> None:
@@ -257,6 +265,11 @@ class Identity:
         and no held tick is known to have idled."""
         return (self.sm_unknown_ms > 0 and self.idle_held_ms == 0
                 and self.sm_unknown_ms + self.sm_unrecorded_ms == self.held_ms)
+
+    @property
+    def abandoned_ms(self) -> int:
+        """Idle-held with its CPU known and below the rule: it does nothing at all."""
+        return self.idle_held_ms - self.idle_cpu_busy_ms - self.idle_cpu_unknown_ms
 
     @property
     def mem_gb_hours(self) -> float:
@@ -311,7 +324,8 @@ class Report:
     __slots__ = ("options", "plan", "db_path", "schema_version", "created_ms", "hostnames", "gpus", "headline",
                  "users", "units", "heat", "first_tick_ms", "last_tick_ms", "holes", "holes_total",
                  "gap_events", "gap_events_total", "runs", "host_errors", "warnings", "sm_since_ms", "overlap",
-                 "heat_unplaced_ms", "heat_unplaced_before_ms", "heat_unplaced_offsets", "threshold_note")
+                 "heat_unplaced_ms", "heat_unplaced_before_ms", "heat_unplaced_offsets", "threshold_note",
+                 "cpu_busy_pm")
 
     def __init__(
         self, *, options: Options, plan: Plan, db_path: str, schema_version: int, created_ms: int | None,
@@ -321,7 +335,7 @@ class Report:
         gap_events_total: int, runs: list[RunInfo], host_errors: list[ErrorSummary], warnings: list[str],
         sm_since_ms: int = 0, overlap: Overlap | None = None, heat_unplaced_ms: int = 0,
         heat_unplaced_before_ms: int | None = None, heat_unplaced_offsets: tuple[int, ...] = (),
-        threshold_note: str | None = None,
+        threshold_note: str | None = None, cpu_busy_pm: int = CPU_BUSY_PERMILLE,
     ) -> None:
         self.options = options
         self.plan = plan
@@ -357,6 +371,9 @@ class Report:
         # Why these thresholds are classified from raw samples where rollups
         # exist (thresholds_note); None when they are not.
         self.threshold_note = threshold_note
+        # Idle-held time is waiting on CPU when the identity's running
+        # processes used at least this (permille of one core) in the tick.
+        self.cpu_busy_pm = cpu_busy_pm
 
     @property
     def window_ms(self) -> int:
@@ -740,7 +757,8 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
     heat_unplaced = headline.known_ms - sum(v[1] for v in heat.values())
 
     sm_since_ms = sm_recorded_since(meta, schema_version)
-    users, units = _identities(conn, plan, opts, gpu_ids, sm_since_ms, schema_version >= 2)
+    cpu_busy_pm = cpu_busy_rule(meta)
+    users, units = _identities(conn, plan, opts, gpu_ids, sm_since_ms, schema_version >= 2, cpu_busy_pm)
     first, last_ts = query.first_last_tick(conn, since, until)
     holes, holes_total = _holes(conn, plan, since, until, overlap.hours, cover)
     gap_rows = query.gap_events(conn, since, until, GAP_EVENTS_KEPT)
@@ -771,7 +789,18 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
         heat_unplaced_offsets=tuple(sorted({s.offset_ms for s in segments if s.offset_ms % HOUR_MS}))
         if heat_unplaced else (),
         threshold_note=thresholds_note(meta, opts),
+        cpu_busy_pm=cpu_busy_pm,
     )
+
+
+def cpu_busy_rule(meta: dict[str, str]) -> int:
+    """The waiting-on-CPU rule in permille of one core: the collector's, which its rollups split with.
+
+    meta `rollup_cpu_busy_permille` (SCHEMA.md); CPU_BUSY_PERMILLE when it is
+    absent (schema 1: no CPU recorded anyway) or no number.
+    """
+    value = _meta_int(meta, "rollup_cpu_busy_permille")
+    return CPU_BUSY_PERMILLE if value is None or value < 0 else value
 
 
 def sm_recorded_since(meta: dict[str, str], schema_version: int) -> int:
@@ -792,7 +821,7 @@ def sm_recorded_since(meta: dict[str, str], schema_version: int) -> int:
 
 def _identities(
     conn: sqlite3.Connection, plan: Plan, opts: Options, gpu_ids: list[int] | None,
-    sm_since_ms: int, has_sm_unknown: bool,
+    sm_since_ms: int, has_sm_unknown: bool, cpu_busy_pm: int,
 ) -> tuple[list[Identity], list[Identity]]:
     names = query.accounts(conn)
     wanted = {u.strip() for u in opts.users}
@@ -815,10 +844,10 @@ def _identities(
                                                sm_since_ms, has_sm_unknown, plan.skip_hours))
         for lo, hi in plan.raw_ranges:
             parts.append(query.identity_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids,
-                                            by_unit, sm_since_ms))
+                                            by_unit, sm_since_ms, cpu_busy_pm, has_sm_unknown))
         for lo, hi in plan.clip_ranges:
             parts.append(query.identity_clipped(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids,
-                                                by_unit, sm_since_ms))
+                                                by_unit, sm_since_ms, cpu_busy_pm, has_sm_unknown))
         for rows in parts:
             for gpu_id, account_id, unit, *values in rows:
                 if not keep(account_id):

@@ -35,6 +35,7 @@ STATE_COLUMNS = (
 # Columns of an identity aggregate after (gpu_id, account_id, unit).
 IDENTITY_COLUMNS = (
     "held_ms", "idle_held_ms", "mem_mib_ms", "unknown_mem_ms", "sm_unknown_ms", "sm_unrecorded_ms",
+    "idle_cpu_busy_ms", "idle_cpu_unknown_ms",
 )
 
 
@@ -287,7 +288,10 @@ _IDENTITY_SUMS = """
                sum(mem * d),
                sum(CASE WHEN mem_null THEN d ELSE 0 END),
                sum(CASE WHEN sm_null AND ts >= :sm_since THEN d ELSE 0 END),
-               sum(CASE WHEN ts < :sm_since THEN d ELSE 0 END)
+               sum(CASE WHEN ts < :sm_since THEN d ELSE 0 END),
+               sum(CASE WHEN NOT sm_null AND sm * 10 < :active AND NOT cpu_null AND cpu >= :cpu_busy
+                        THEN d ELSE 0 END),
+               sum(CASE WHEN NOT sm_null AND sm * 10 < :active AND cpu_null THEN d ELSE 0 END)
         FROM ({rows}
         )
         WHERE mem_null OR mem * 1048576 > :held
@@ -295,20 +299,29 @@ _IDENTITY_SUMS = """
 """
 
 
-def _holder_columns(unit_col: str) -> str:
-    """Per (tick, GPU, account[, unit]): its compute processes' memory and SM, as the rollups sum them."""
+def _holder_columns(unit_col: str, has_cpu: bool) -> str:
+    """Per (tick, GPU, account[, unit]): its compute processes' memory, SM and CPU, as the rollups sum them.
+
+    CPU is that of the processes still running at the end of the tick (a
+    row of one that left, kind & 4, has none). Schema 1 recorded no CPU:
+    unknown throughout.
+    """
+    cpu = ("""max(ps.cpu_permille IS NULL AND NOT ps.kind & 4) AS cpu_null,
+                   coalesce(sum(ps.cpu_permille), 0) AS cpu""" if has_cpu else "1 AS cpu_null, 0 AS cpu")
     return f"""ps.gpu_id AS gpu_id,
                    p.account_id AS account_id,
                    {unit_col} AS unit,
                    count(*) > count(ps.mem_mib) AS mem_null,
                    coalesce(sum(ps.mem_mib), 0) AS mem,
                    count(*) > count(ps.sm_util) AS sm_null,
-                   coalesce(sum(ps.sm_util), 0) AS sm"""
+                   coalesce(sum(ps.sm_util), 0) AS sm,
+                   {cpu}"""
 
 
 def identity_raw(
     conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
-    gpu_ids: Sequence[int] | None, by_unit: bool, sm_since_ms: int = 0,
+    gpu_ids: Sequence[int] | None, by_unit: bool, sm_since_ms: int = 0, cpu_busy_pm: int = 100,
+    has_cpu: bool = True,
 ) -> list[tuple]:
     """Per-account (or per account+unit) use of each GPU, from raw rows.
 
@@ -321,12 +334,16 @@ def identity_raw(
     SM-unknown time counts only from `sm_since_ms` on: before it the rollups
     do not record it (schema 1), and both paths must give the same numbers;
     held time before it is returned as `sm_unrecorded_ms` instead.
+    Idle-held time splits by the holder's CPU in the tick: waiting on CPU
+    (`idle_cpu_busy_ms`: every running process's CPU known, together at
+    least `cpu_busy_pm` permille of one core), CPU unknown, or abandoned (the
+    rest). `has_cpu` False: a schema 1 database, without CPU columns.
     Every tick counts its whole duration: where ticks overlap use identity_clipped.
     """
     unit_col = "p.unit" if by_unit else "''"
     unit_where = " AND p.unit != ''" if by_unit else ""
     rows = f"""
-            SELECT {_holder_columns(unit_col)},
+            SELECT {_holder_columns(unit_col, has_cpu)},
                    t.ts_ms AS ts,
                    t.duration_ms AS d
             FROM tick AS t
@@ -337,7 +354,7 @@ def identity_raw(
             GROUP BY ps.tick_id, ps.gpu_id, p.account_id, {unit_col}"""
     sql = _IDENTITY_SUMS.format(rows=rows)
     return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes,
-                              "sm_since": sm_since_ms}).fetchall()
+                              "sm_since": sm_since_ms, "cpu_busy": cpu_busy_pm}).fetchall()
 
 
 def identity_rollup(
@@ -347,15 +364,18 @@ def identity_rollup(
     """The same rows from hour_account / hour_unit for whole UTC hours [h0, h1) but `skip_hours`.
 
     `has_sm_unknown` False: a schema 1 database, without the column (then
-    `sm_since_ms` is at or after h1, so no hour reads it).
+    `sm_since_ms` is at or after h1, so no hour reads it), nor CPU: all its
+    idle-held time is CPU unknown, as the raw rows of schema 1 say.
     """
     table, unit_col = ("hour_unit", "unit") if by_unit else ("hour_account", "''")
     sm_col = "sm_unknown_ms" if has_sm_unknown else "0"
+    cpu_cols = "sum(idle_cpu_busy_ms), sum(idle_cpu_unknown_ms)" if has_sm_unknown else "0, sum(idle_held_ms)"
     sql = f"""
         SELECT gpu_id, account_id, {unit_col} AS unit,
                sum(held_ms), sum(idle_held_ms), sum(mem_mib_ms), sum(unknown_mem_ms),
                sum(CASE WHEN hour >= :sm_since / {HOUR_MS} THEN {sm_col} ELSE 0 END),
-               sum(CASE WHEN hour < :sm_since / {HOUR_MS} THEN held_ms ELSE 0 END)
+               sum(CASE WHEN hour < :sm_since / {HOUR_MS} THEN held_ms ELSE 0 END),
+               {cpu_cols}
         FROM {table}
         WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
         GROUP BY gpu_id, account_id, unit
@@ -375,7 +395,9 @@ def identity_hist(
     An identity is listed on a GPU when it held it in any row, as the raw
     query lists it when any held tick remains (even one of duration 0).
     Histograms exist only for hours that record SM-unknown time (meta
-    hist_since_hour >= sm_unknown_since_hour): sm_unrecorded_ms is 0.
+    hist_since_hour >= sm_unknown_since_hour): sm_unrecorded_ms is 0. A
+    row's CPU split (cpu_busy_ms, cpu_unknown_ms) is that of its idle-held
+    time when the row is idle-held: all its ticks share its SM and memory.
     """
     table, unit_col = ("hour_unit_hist", "unit") if by_unit else ("hour_account_hist", "''")
     sql = f"""
@@ -385,7 +407,9 @@ def identity_hist(
                sum(CASE WHEN {_HIST_HELD} THEN mem_mib_ms ELSE 0 END),
                sum(CASE WHEN mem_mib < 0 THEN ms ELSE 0 END),
                sum(CASE WHEN {_HIST_HELD} AND sm_pct < 0 THEN ms ELSE 0 END),
-               0
+               0,
+               sum(CASE WHEN {_HIST_HELD} AND sm_pct >= 0 AND sm_pct * 10 < :active THEN cpu_busy_ms ELSE 0 END),
+               sum(CASE WHEN {_HIST_HELD} AND sm_pct >= 0 AND sm_pct * 10 < :active THEN cpu_unknown_ms ELSE 0 END)
         FROM {table}
         WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
         GROUP BY gpu_id, account_id, unit
@@ -460,13 +484,14 @@ def gpu_state_clipped(
 
 def identity_clipped(
     conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
-    gpu_ids: Sequence[int] | None, by_unit: bool, sm_since_ms: int = 0,
+    gpu_ids: Sequence[int] | None, by_unit: bool, sm_since_ms: int = 0, cpu_busy_pm: int = 100,
+    has_cpu: bool = True,
 ) -> list[tuple]:
     """identity_raw for [lo, hi), with each GPU's tick counted as in gpu_state_clipped."""
     unit_col = "p.unit" if by_unit else "''"
     unit_where = " AND p.unit != ''" if by_unit else ""
     rows = f"""
-            SELECT {_holder_columns(unit_col)},
+            SELECT {_holder_columns(unit_col, has_cpu)},
                    c.ts AS ts,
                    c.d AS d
             FROM clipped AS c
@@ -476,7 +501,7 @@ def identity_clipped(
             GROUP BY ps.tick_id, ps.gpu_id, p.account_id, {unit_col}"""
     sql = _CLIPPED_ROWS.format(gpu_filter=_in_clause('g.gpu_id', gpu_ids)) + _IDENTITY_SUMS.format(rows=rows)
     return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes,
-                              "sm_since": sm_since_ms}).fetchall()
+                              "sm_since": sm_since_ms, "cpu_busy": cpu_busy_pm}).fetchall()
 
 
 def gpu_hour_cover_raw(conn: sqlite3.Connection, h0: int, h1: int) -> list[tuple[int, int]]:

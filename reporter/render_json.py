@@ -35,6 +35,13 @@ def _kwh(mj: int | None) -> float | None:
     return None if mj is None else round(mj / 3.6e9, 6)
 
 
+def cpu_rule_text(cpu_busy_pm: int) -> str:
+    """The rule that splits an identity's idle-held time by its CPU, in words (JSON and text)."""
+    return (f"idle-held time is waiting on CPU when the identity's processes on that GPU used >= "
+            f"{cpu_busy_pm / 10:g} % of one core together in the tick (loading or preprocessing data), "
+            "CPU unknown when that was not measured, abandoned otherwise")
+
+
 def _states(t: StateTotals) -> dict[str, Any]:
     return {
         "ticks": t.ticks,
@@ -97,9 +104,14 @@ def _identity(i: Identity, uuid_of: dict[int, str]) -> dict[str, Any]:
         "unknown_mem_ms": i.unknown_mem_ms,
         "sm_unknown_ms": i.sm_unknown_ms,
         "sm_unrecorded_ms": i.sm_unrecorded_ms,
+        "idle_held_abandoned_ms": i.abandoned_ms,
+        "idle_held_waiting_on_cpu_ms": i.idle_cpu_busy_ms,
+        "idle_held_cpu_unknown_ms": i.idle_cpu_unknown_ms,
         "held_gpu_hours": _hours(i.held_ms),
         "idle_held_gpu_hours": _hours(i.idle_held_ms),
         "sm_unknown_gpu_hours": _hours(i.sm_unknown_ms),
+        "idle_held_abandoned_gpu_hours": _hours(i.abandoned_ms),
+        "idle_held_waiting_on_cpu_gpu_hours": _hours(i.idle_cpu_busy_ms),
         "mem_gb_hours": round(i.mem_gb_hours, 4),
         "memory_unknown": i.unknown_mem_ms > 0,
         "sm_unknown": i.sm_unknown_ms > 0,
@@ -156,6 +168,8 @@ def to_dict(rep: Report) -> dict[str, Any]:
             ),
             "basis": "physical GPUs; time = sum of each tick's measured duration",
             "note": rep.threshold_note,
+            "cpu_busy_permille": rep.cpu_busy_pm,
+            "cpu_text": cpu_rule_text(rep.cpu_busy_pm),
         },
         "headline": _states(h),
         "idle_capacity": {

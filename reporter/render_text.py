@@ -150,6 +150,7 @@ def render(rep: Report, colour: bool = False) -> str:
         if sm_col:
             add("  SM ?: share of held time with per-process SM unknown (MIG, unsupported),")
             add("    counted neither idle-held nor busy; ? = SM never known: idle-held unknown")
+        _cpu_split(add, rep)
 
     # 5. Heatmap
     section(f"ACTIVE SHARE BY WEEKDAY AND HOUR ({tz_name}; tens of %, blank = no data)")
@@ -269,6 +270,27 @@ def _size(b: int) -> str:
         if b >= f and b % (f // 1000) == 0:
             return f"{b / f:g} {unit}"
     return f"{b} B"
+
+
+def _cpu_split(add, rep: Report) -> None:
+    """Idle-held GPU-hours of the listed identities by their CPU: abandoned, waiting on CPU, unknown."""
+    users = [i for i in rep.users[:TOP_N] if i.idle_held_ms]
+    units = [i for i in rep.units[:TOP_N] if i.idle_held_ms]
+    if not users and not units:
+        return
+    add("")
+    pct = f"{rep.cpu_busy_pm / 10:g} %"
+    _wrapped(add, f"Idle-held by CPU: waiting on CPU = the identity's processes on that GPU used >= {pct} "
+                  "of one core together in the tick (loading data); abandoned = less; CPU ? = not measured.")
+    for rows, label in ((users, "user"), (units, "unit (user)")):
+        if not rows:
+            continue
+        add(f"  {label:<33} {'idle-held':>9} {'abandoned':>10} {'waiting on CPU':>15} {'CPU ?':>6}")
+        for i in rows:
+            unit = safe(re.sub(r"([0-9a-f]{12})[0-9a-f]{4,}", r"\1", i.unit))
+            name = f"{unit} ({safe(i.user)})" if i.unit else safe(i.user)
+            add(f"  {_cut(name, 33):<33} {_h(i.idle_held_ms):>9} {_h(i.abandoned_ms):>10} "
+                f"{_h(i.idle_cpu_busy_ms):>15} {_h(i.idle_cpu_unknown_ms):>6}")
 
 
 def _identity_table(add, rows: list[Identity], label: str, sm_col: bool = False) -> None:

@@ -27,12 +27,13 @@ T0 = 1_704_067_200_000
 
 @dataclass(frozen=True)
 class P:
-    """One proc_sample row: process id, kind, mem_mib, sm_util."""
+    """One proc_sample row: process id, kind, mem_mib, sm_util, cpu_permille."""
 
     proc_id: int
     kind: int = schema.KIND_COMPUTE
     mem: int | None = 1000
     sm: int | None = 0
+    cpu: int | None = None
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,9 @@ class HandDb:
             )
             for p in g.procs:
                 self.conn.execute(
-                    "INSERT INTO proc_sample (tick_id, gpu_id, proc_id, kind, mem_mib, sm_util) "
-                    "VALUES (?,?,?,?,?,?)",
-                    (tick_id, g.gpu_id, p.proc_id, p.kind, p.mem, p.sm),
+                    "INSERT INTO proc_sample (tick_id, gpu_id, proc_id, kind, mem_mib, sm_util, cpu_permille) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    (tick_id, g.gpu_id, p.proc_id, p.kind, p.mem, p.sm, p.cpu),
                 )
         return tick_id
 
@@ -156,14 +157,16 @@ def report_json(db: str, *args: str) -> dict:
 # ---------------------------------------------------------------- simulated ticks
 
 def sim_ticks(start_ms: int, end_ms: int, interval_ms: int, scenario: str = "lab8",
-              jitter: bool = True) -> Iterator:
+              jitter: bool = True, cpu: bool = False) -> Iterator:
     """Tick records from the simulator's workloads, for the collector's Store.
 
     Each card's workload gives device util and processes at simulated time t;
     the tick's duration is the interval (plus a deterministic few ms of
     jitter, as a real loop measures), the first tick covers no time. A MIG
     card reports as NVML does: util unknown on the parent and its instances,
-    processes only on the instances, their SM unknown.
+    processes only on the instances, their SM unknown. With `cpu`, each
+    process's CPU is the workload's, unknown in the first tick that sees it
+    (the collector has no earlier /proc reading to compare with).
     """
     from gua_collector import records, simulate
     from gua_collector.procinfo import unit_from_cgroup
@@ -189,12 +192,14 @@ def sim_ticks(start_ms: int, end_ms: int, interval_ms: int, scenario: str = "lab
             for sp in procs if not card.mig else ():
                 key = (sp.pid, sp.start_ms)
                 pi = pinfo.get(key)
+                seen = pi is not None
                 if pi is None:
                     pi = pinfo[key] = records.ProcessInfo(
                         sp.pid, sp.start_ms, simulate.USERS.get(sp.user), sp.user, sp.comm, sp.cgroup,
                         unit_from_cgroup(sp.cgroup))
                 ps.append(records.ProcSample(pi, sp.kind, sp.mem_mib,
-                                             sp.sm if known and sp.kind & schema.KIND_COMPUTE else None))
+                                             sp.sm if known and sp.kind & schema.KIND_COMPUTE else None,
+                                             sp.cpu * 10 if cpu and seen else None))
             if known:
                 power = energy_mw + util * 5_000
                 gpus.append(records.GpuSample(
@@ -241,11 +246,11 @@ def shifted(ticks, by_ms: int, first_duration: int | None = None) -> list:
 
 
 def build_store_db(path: str, scenario: str, start_ms: int, end_ms: int, interval_ms: int,
-                   hole_at_ms: int | None = None, hole_ms: int = 2_400_000) -> str:
+                   hole_at_ms: int | None = None, hole_ms: int = 2_400_000, cpu: bool = True) -> str:
     """A database the collector's own Store writes (rollups and histograms as in production).
 
     With `hole_at_ms`: the run stops there uncleanly and a second run starts
-    `hole_ms` later, as after a crash.
+    `hole_ms` later, as after a crash. Processes' CPU as sim_ticks(cpu=True).
     """
     from gua_collector.store import Store
 
@@ -253,8 +258,8 @@ def build_store_db(path: str, scenario: str, start_ms: int, end_ms: int, interva
     for n, (lo, hi) in enumerate(runs):
         store = Store.open(path, now_ms=lo)
         try:
-            store_run(store, sim_ticks(lo, hi, interval_ms, scenario), started_ms=lo, interval_ms=interval_ms,
-                      scenario=scenario, stop_ms=hi if n == len(runs) - 1 else None)
+            store_run(store, sim_ticks(lo, hi, interval_ms, scenario, cpu=cpu), started_ms=lo,
+                      interval_ms=interval_ms, scenario=scenario, stop_ms=hi if n == len(runs) - 1 else None)
         finally:
             store.close()
     return path

@@ -198,3 +198,73 @@ def test_mig_read_back(tmp_path):
     assert dq["sm_unknown_users"] == 2
     assert dq["sm_unknown_ms"] == by_user["alice"]["held_ms"] + by_user["bob"]["held_ms"]
     assert dq["sm_recorded_since_ms"] is None
+
+
+def cpu_split_here(path: str, A: int = A, H: int = H, C: int = 100) -> dict[str, tuple[int, int]]:  # noqa: N803
+    """Per user: idle-held ms (waiting on CPU, CPU unknown), by SCHEMA.md's rule, by hand.
+
+    Over the user's processes on the GPU that were still running at the end
+    of the tick (kind & 4 clear): waiting when every cpu_permille is known and
+    their sum >= C; unknown when one is NULL; else abandoned.
+    """
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    dur = dict(conn.execute("SELECT tick_id, duration_ms FROM tick"))
+    per: dict[tuple[int, int, str], list[tuple]] = defaultdict(list)
+    for tick_id, gpu_id, kind, mem, sm, cpu, user in conn.execute(
+        "SELECT ps.tick_id, ps.gpu_id, ps.kind, ps.mem_mib, ps.sm_util, ps.cpu_permille, a.username "
+        "FROM proc_sample ps JOIN process p USING (proc_id) JOIN account a USING (account_id) WHERE ps.kind & 1"
+    ):
+        per[(tick_id, gpu_id, user)].append((kind, mem, sm, cpu))
+    conn.close()
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for (tick_id, _, user), rows in per.items():
+        held = any(m is None for _, m, _, _ in rows) or sum(m or 0 for _, m, _, _ in rows) * 1048576 > H
+        idle = all(s is not None for _, _, s, _ in rows) and sum(s for _, _, s, _ in rows) * 10 < A
+        if not (held and idle):
+            continue
+        running = [c for k, _, _, c in rows if not k & 4]
+        if any(c is None for c in running):
+            out[user][1] += dur[tick_id]
+        elif sum(running) >= C:
+            out[user][0] += dur[tick_id]
+    return {u: (v[0], v[1]) for u, v in out.items()}
+
+
+@pytest.mark.parametrize("active, held", [(A, H), (500, 1_000_000_000), (1000, 0)])
+def test_idle_held_splits_by_cpu_as_schema_rules_say(tmp_path, active, held):
+    """Waiting on CPU, CPU unknown and abandoned per user, rollup hours (hourly or histograms) and raw."""
+    path = str(tmp_path / "half.db")
+    collect(path, "lab", start="2024-01-01T16:30")  # hour 16 rolled up; alice's job ends at 17:00, abandoned
+    args = ("--active-threshold", f"{active / 10:g}", "--held-threshold", f"{held}B",
+            "--since", "2024-01-01T16:00Z", "--until", "2024-01-01T18:00Z")  # the last --since counts
+    rep = report(path, *args)
+    assert rep["source"]["rollup_hours"] == 1
+    assert rep["rules"]["cpu_busy_permille"] == 100 and "10 % of one core" in rep["rules"]["cpu_text"]
+    mine = cpu_split_here(path, active, held)
+    for u in rep["identities"]["users"]:
+        busy, unknown = mine.get(u["user"], (0, 0))
+        assert (u["idle_held_waiting_on_cpu_ms"], u["idle_held_cpu_unknown_ms"]) == (busy, unknown), u["user"]
+        assert u["idle_held_abandoned_ms"] == u["idle_held_ms"] - busy - unknown >= 0
+    users = {u["user"]: u for u in rep["identities"]["users"]}
+    assert users["alice"]["idle_held_abandoned_ms"] > 0  # her finished job sits on its memory
+    assert users["bob"]["idle_held_waiting_on_cpu_ms"] > 0  # his 2 GB notebook preprocesses at 25 %
+    raw = report(path, *args, "--no-rollups")
+    del rep["source"], raw["source"]
+    assert rep == raw
+
+
+def test_json_md_documents_every_field(lab):
+    """Each key of the window report, of its objects and of an identity appears in JSON.md (before `now`)."""
+    from pathlib import Path
+
+    md = (Path(__file__).resolve().parent.parent / "reporter" / "JSON.md").read_text()
+    md = md[:md.index("## `gua-report now`")]
+    rep = report(lab)
+    keys = set(rep)
+    for name in ("database", "window", "filters", "rules", "headline", "idle_capacity", "heatmap", "energy",
+                 "data_quality", "source"):
+        keys |= set(rep[name])
+    keys |= set(rep["identities"]) | set(rep["identities"]["users"][0]) | set(rep["identities"]["units"][0])
+    keys |= set(rep["gpus"][0]) | set(rep["data_quality"]["runs"][0])
+    missing = sorted(k for k in keys if f"`{k}`" not in md and f"`{k.rsplit('_', 2)[0]}_*" not in md)
+    assert not missing, missing

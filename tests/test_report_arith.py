@@ -185,8 +185,10 @@ def test_identities(rep):
         "user": "bob", "uid": 1002, "unit": "slurm:job_7", "held_ms": 330_000,
         "idle_held_ms": 330_000, "mem_mib_ms": 500 * 330_000, "unknown_mem_ms": 0,
         "sm_unknown_ms": 0, "sm_unrecorded_ms": 0,
+        # the hand-made rows have no CPU: all of its idle-held time is CPU unknown (test_cpu_split)
+        "idle_held_abandoned_ms": 0, "idle_held_waiting_on_cpu_ms": 0, "idle_held_cpu_unknown_ms": 330_000,
         "held_gpu_hours": round(330_000 / HOUR, 4), "idle_held_gpu_hours": round(330_000 / HOUR, 4),
-        "sm_unknown_gpu_hours": 0.0,
+        "sm_unknown_gpu_hours": 0.0, "idle_held_abandoned_gpu_hours": 0.0, "idle_held_waiting_on_cpu_gpu_hours": 0.0,
         "mem_gb_hours": round(500 * 330_000 * 1_048_576 / 1e9 / HOUR, 4), "memory_unknown": False,
         "sm_unknown": False, "gpus": ["GPU-0000-0001"],
     }]
@@ -345,3 +347,55 @@ def test_days_old_window_is_empty(hand_db):
     r = run_report("--db", hand_db, "--since", "2024-02-01", "--until", "2024-02-02", "--tz", "UTC")
     assert r.returncode == 8
     assert "no samples between 2024-02-01 00:00 and 2024-02-02 00:00" in r.stderr
+
+
+def test_cpu_split(tmp_path):
+    """Idle-held time by the holder's CPU, by hand: every case of the rule, both paths, three formats.
+
+    One hour and 6 minutes of 60 s ticks, each GPU held by one account at 0 % SM (idle-held):
+      g0 alice, one process at 150 permille (15 % of one core): waiting on CPU
+      g1 bob, two processes at 60 + 60 permille: together 12 %, waiting on CPU
+      g2 carol at 50 permille: abandoned; a second process that left during the tick
+         (kind 1|4, no CPU) changes nothing
+      g3 dave, one process at 200, one whose CPU was not measured: CPU unknown
+    """
+    path = str(tmp_path / "cpu.db")
+    db = HandDb(path)
+    gpus = [db.gpu(i) for i in range(4)]
+    acc = {n: db.account(n, 1000 + i) for i, n in enumerate(("alice", "bob", "carol", "dave"))}
+    proc = {k: db.process(100 + i, acc[k[0]]) for i, k in enumerate(
+        [("alice", 1), ("bob", 1), ("bob", 2), ("carol", 1), ("carol", 2), ("dave", 1), ("dave", 2)])}
+    r = db.run(T0)
+    rows = (
+        G(gpus[0], procs=(P(proc[("alice", 1)], cpu=150),)),
+        G(gpus[1], procs=(P(proc[("bob", 1)], cpu=60), P(proc[("bob", 2)], cpu=60))),
+        G(gpus[2], procs=(P(proc[("carol", 1)], cpu=50), P(proc[("carol", 2)], kind=5, mem=0, cpu=None))),
+        G(gpus[3], procs=(P(proc[("dave", 1)], cpu=200), P(proc[("dave", 2)], cpu=None))),
+    )
+    db.ticks(r, T0, 66, 60_000, *rows)
+    db.roll_up(T0 // HOUR + 1)
+    db.close()
+    window = ("--since", SINCE, "--until", "2024-01-01T01:07:00Z")  # the last tick ends at 01:06
+    rep = report_json(path, *window)
+    assert rep["source"]["rollup_hours"] == 1
+    held = 66 * 60_000
+    want = {"alice": (0, held, 0), "bob": (0, held, 0), "carol": (held, 0, 0), "dave": (0, 0, held)}
+    got = {u["user"]: (u["idle_held_abandoned_ms"], u["idle_held_waiting_on_cpu_ms"], u["idle_held_cpu_unknown_ms"])
+           for u in rep["identities"]["users"]}
+    assert got == want
+    assert rep["rules"]["cpu_busy_permille"] == 100
+    for args in ((), ("--held-threshold", "1GB")):  # hourly rollups and histograms
+        a, b = report_json(path, *window, *args), report_json(path, *window, *args, "--no-rollups")
+        del a["source"], b["source"]
+        assert a == b
+    text = run_report("--db", path, *window, "--tz", "UTC").stdout
+    block = text[text.index("Idle-held by CPU"):text.index("ACTIVE SHARE")]
+    assert ">= 10 % of one core together in the tick" in " ".join(block.split())
+    lines = {line.split()[0]: line.split()[1:] for line in block.splitlines()[3:] if line.strip()}
+    assert lines["carol"] == ["1.10", "1.10", "0.00", "0.00"]
+    assert lines["alice"] == lines["bob"] == ["1.10", "0.00", "1.10", "0.00"]
+    assert lines["dave"] == ["1.10", "0.00", "0.00", "1.10"]
+    assert all(len(line) <= 80 for line in text.splitlines())
+    csv_text = run_report("--db", path, *window, "--tz", "UTC", "--format", "csv").stdout
+    assert f"user,carol,idle_held_abandoned_ms,{held}" in csv_text
+    assert f"user,alice,idle_held_waiting_on_cpu_ms,{held}" in csv_text

@@ -98,7 +98,8 @@ def test_text_never_shows_0_idle_held_for_unknown(db):
     assert all(len(line) <= 80 for line in lines)
     head = next(line for line in lines if line.lstrip().startswith("user "))
     assert head.split() == ["user", "GPU-h", "held", "idle-held", "idle", "%", "SM", "?", "GB-h", "mem", "GPUs"]
-    row = {line.split()[0]: line.split()[1:] for line in lines if line[:8].strip() in ("dave", "erin", "frank")}
+    table = lines[:next(n for n, line in enumerate(lines) if "Idle-held by CPU" in line)]  # not the CPU split
+    row = {line.split()[0]: line.split()[1:] for line in table if line[:8].strip() in ("dave", "erin", "frank")}
     assert row["dave"][:4] == ["1.00", "?", "?", "100%"]  # never "0.00 0%"
     assert row["erin"][:4] == ["1.00", "0.50", "50%", "50%"]
     assert row["frank"][:4] == ["1.00", "0.00", "0%", "-"]
