@@ -35,11 +35,31 @@ DELETE_ROLLUP = (
     "DELETE FROM hour_gpu WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
     "DELETE FROM hour_account WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
     "DELETE FROM hour_unit WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
-    "DELETE FROM hour_gpu_hist WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
     "DELETE FROM quarter_gpu WHERE quarter >= :lo / 900000 AND quarter < :hi / 900000",
-    "DELETE FROM hour_account_hist WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
     "DELETE FROM hour_unit_hist WHERE hour >= :lo / 3600000 AND hour < :hi / 3600000",
 )
+# Histograms keyed by GPU (and account) first (schema.py) are deleted one key
+# range at a time: a plain range on `hour` would scan the whole table.
+SELECT_GPU_IDS = "SELECT gpu_id FROM gpu"
+DELETE_GPU_HIST = """
+DELETE FROM hour_gpu_hist
+WHERE gpu_id = :gpu_id AND hour >= :lo / 3600000 AND hour < :hi / 3600000
+"""
+# The holders whose rows an hour's histogram holds are those of its raw rows.
+# (Were retention to remove some of an hour's raw rows before a clock set
+# back re-rolled that hour, rows of holders no longer among them would stay;
+# the hourly rollups of such an hour lose them. Retention cuts days back.)
+SELECT_HOLDER_PAIRS = """
+SELECT DISTINCT ps.gpu_id, p.account_id
+FROM tick AS t
+JOIN proc_sample AS ps ON ps.tick_id = t.tick_id
+JOIN process AS p ON p.proc_id = ps.proc_id
+WHERE t.ts_ms >= :lo AND t.ts_ms < :hi AND ps.kind & 1
+"""
+DELETE_ACCOUNT_HIST = """
+DELETE FROM hour_account_hist
+WHERE gpu_id = ? AND account_id = ? AND hour >= ? / 3600000 AND hour < ? / 3600000
+"""
 ROLLUP_GPU = """
 WITH held AS (
     -- Driven from tick_ts, not from a materialized tick CTE: SQLite would
@@ -282,6 +302,9 @@ def roll_up(conn: sqlite3.Connection, first_hour: int, end_hour: int, thresholds
     bounds = {"lo": first_hour * HOUR_MS, "hi": end_hour * HOUR_MS}
     for statement in DELETE_ROLLUP:
         conn.execute(statement, bounds)
+    conn.executemany(DELETE_GPU_HIST, ({"gpu_id": g, **bounds} for (g,) in conn.execute(SELECT_GPU_IDS).fetchall()))
+    pairs = conn.execute(SELECT_HOLDER_PAIRS, bounds).fetchall()
+    conn.executemany(DELETE_ACCOUNT_HIST, ((g, a, bounds["lo"], bounds["hi"]) for g, a in pairs))
     for statement in ROLLUPS:
         conn.execute(statement, {**bounds, **thresholds})
 

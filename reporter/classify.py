@@ -441,13 +441,16 @@ def make_plan(meta: dict[str, str], opts: Options, segments: Sequence[Segment]) 
         return Plan(0, 0, whole, "raw", "unreadable rollup meta")
     whole_pct = opts.active_pm % 10 == 0
     h0 = -(-since // HOUR_MS)  # first whole hour starting at or after since
+    late = ""  # why rollup hours start later than the window's first whole hour
     if not same:
         why = thresholds_note(meta, opts)
         if why:
             return Plan(0, 0, whole, "raw", why)
         assert hist_since is not None  # thresholds_note: no histograms, no hours from them
         # Histograms start where SM-unknown time is recorded, or later.
-        h0 = max(h0, hist_since, sm_since)
+        if max(hist_since, sm_since) > h0:
+            h0 = max(hist_since, sm_since)
+            late = "no histograms before the upgrade to schema 2"
     h1 = min(until // HOUR_MS, next_hour)
     if h1 <= h0:
         return Plan(0, 0, whole, "raw", "no whole rolled-up hour in the window", hist=not same)
@@ -457,13 +460,13 @@ def make_plan(meta: dict[str, str], opts: Options, segments: Sequence[Segment]) 
     # in every zone in use today (+05:30, +05:45, +12:45); a zone's historic
     # offsets (local mean time) may not, and their hours are read raw.
     if _aligned(segments, HOUR_MS):
-        return Plan(h0, h1, raw, "hour", "", hist=not same)
+        return Plan(h0, h1, raw, "hour", late, hist=not same)
     if _aligned(segments, QUARTER_MS) and whole_pct and hist_since is not None:
         heat_from = min(max(h0, hist_since), h1)
-        note = "" if heat_from == h0 else "heatmap from raw rows before the quarter-hour rollups begin"
+        note = late or ("" if heat_from == h0 else "heatmap from raw rows before the quarter-hour rollups begin")
         return Plan(h0, h1, raw, "quarter", note, hist=not same, heat_from=heat_from)
-    return Plan(h0, h1, raw, "raw", "heatmap from raw rows: time zone offset is not whole quarter hours"
-                if hist_since is not None else "heatmap from raw rows: no quarter-hour rollups", hist=not same)
+    return Plan(h0, h1, raw, "raw", late or ("heatmap from raw rows: time zone offset is not whole quarter hours"
+                if hist_since is not None else "heatmap from raw rows: no quarter-hour rollups"), hist=not same)
 
 
 # Why a report at other thresholds reads raw rows for hours that are rolled up.
@@ -678,6 +681,7 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
     by_id = {r.gpu_id: r for r in gpu_rows}
     gpu_ids = select_gpus(gpu_rows, opts.gpus)
     physical_ids = {r.gpu_id for r in gpu_rows if r.parent_id is None}
+    all_gpus = sorted(by_id)
     cover = hour_cover(conn, meta, opts)
     overlap = find_overlap(conn, meta, cover, physical_ids)
     plan = with_overlap(make_plan(meta, opts, segments), overlap.hours, since, until)
@@ -699,8 +703,9 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
     if plan.h1 > plan.h0:
         here = plan.heat == "hour"  # the rollup rows place themselves in the heatmap
         if plan.hist:
-            rows = query.gpu_state_hist(conn, plan.h0, plan.h1, opts.active_pm, opts.held_bytes, gpu_ids,
-                                        segments if here else None, plan.skip_hours)
+            rows = query.gpu_state_hist(conn, plan.h0, plan.h1, opts.active_pm, opts.held_bytes,
+                                        all_gpus if gpu_ids is None else gpu_ids, segments if here else None,
+                                        plan.skip_hours)
         else:
             rows = query.gpu_state_rollup(conn, plan.h0, plan.h1, gpu_ids, segments if here else None,
                                           plan.skip_hours)
@@ -758,7 +763,8 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
 
     sm_since_ms = sm_recorded_since(meta, schema_version)
     cpu_busy_pm = cpu_busy_rule(meta)
-    users, units = _identities(conn, plan, opts, gpu_ids, sm_since_ms, schema_version >= 2, cpu_busy_pm)
+    users, units = _identities(conn, plan, opts, gpu_ids, all_gpus, sm_since_ms, schema_version >= 2,
+                               cpu_busy_pm)
     first, last_ts = query.first_last_tick(conn, since, until)
     holes, holes_total = _holes(conn, plan, since, until, overlap.hours, cover)
     gap_rows = query.gap_events(conn, since, until, GAP_EVENTS_KEPT)
@@ -820,7 +826,7 @@ def sm_recorded_since(meta: dict[str, str], schema_version: int) -> int:
 
 
 def _identities(
-    conn: sqlite3.Connection, plan: Plan, opts: Options, gpu_ids: list[int] | None,
+    conn: sqlite3.Connection, plan: Plan, opts: Options, gpu_ids: list[int] | None, all_gpus: list[int],
     sm_since_ms: int, has_sm_unknown: bool, cpu_busy_pm: int,
 ) -> tuple[list[Identity], list[Identity]]:
     names = query.accounts(conn)
@@ -837,8 +843,9 @@ def _identities(
         acc: dict[tuple[int, str], Identity] = {}
         parts = []
         if plan.h1 > plan.h0 and plan.hist:
-            parts.append(query.identity_hist(conn, plan.h0, plan.h1, opts.active_pm, opts.held_bytes, gpu_ids,
-                                             by_unit, plan.skip_hours))
+            parts.append(query.identity_hist(conn, plan.h0, plan.h1, opts.active_pm, opts.held_bytes,
+                                             all_gpus if gpu_ids is None else gpu_ids, sorted(names), by_unit,
+                                             plan.skip_hours))
         elif plan.h1 > plan.h0:
             parts.append(query.identity_rollup(conn, plan.h0, plan.h1, gpu_ids, by_unit,
                                                sm_since_ms, has_sm_unknown, plan.skip_hours))

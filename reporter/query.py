@@ -215,34 +215,52 @@ _HIST_HELD = "(mem_mib < 0 OR mem_mib > :held_mib)"
 
 def gpu_state_hist(
     conn: sqlite3.Connection, h0: int, h1: int, active_pm: int, held_bytes: int,
-    gpu_ids: Sequence[int] | None, segments: Sequence[Segment] | None, skip_hours: Sequence[int] = (),
+    gpu_ids: Sequence[int], segments: Sequence[Segment] | None, skip_hours: Sequence[int] = (),
 ) -> list[tuple]:
-    """gpu_state_rollup's rows from hour_gpu_hist, classified with these thresholds.
+    """gpu_state_rollup's rows from hour_gpu_hist, classified with these thresholds, for `gpu_ids`.
 
     `active_pm` must be a whole percent (a multiple of 10); then the numbers
-    are those of gpu_state_raw over the same hours.
+    are those of gpu_state_raw over the same hours. The table is keyed by GPU
+    first: with the GPUs named, SQLite reads one key range per GPU and sums
+    as it reads; heatmap cells are summed from one row per GPU and hour.
     """
     assert active_pm % 10 == 0, active_pm
     active = "util_pct >= :a_pct"
     held = f"util_pct >= 0 AND util_pct < :a_pct AND {_HIST_HELD}"
     idle = f"util_pct >= 0 AND util_pct < :a_pct AND NOT {_HIST_HELD}"
-    sql = f"""
-        SELECT gpu_id, {cell_expr(f'hour * {HOUR_MS}', segments)} AS cell,
-               sum(ticks),
-               sum(ms),
-               sum(CASE WHEN {active} THEN ms ELSE 0 END),
-               sum(CASE WHEN {held} THEN ms ELSE 0 END),
-               sum(CASE WHEN {idle} THEN ms ELSE 0 END),
-               sum(CASE WHEN util_pct < 0 THEN ms ELSE 0 END),
-               sum(coverage_pm_ms),
-               sum(CASE WHEN {active} THEN energy_mj END),
-               sum(CASE WHEN {held} THEN energy_mj END),
-               sum(CASE WHEN {idle} THEN energy_mj END),
-               0
-        FROM hour_gpu_hist
-        WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
-        GROUP BY gpu_id, cell
-    """
+    sums = f"""sum(ticks) AS ticks,
+                   sum(ms) AS ms,
+                   sum(CASE WHEN {active} THEN ms ELSE 0 END) AS active,
+                   sum(CASE WHEN {held} THEN ms ELSE 0 END) AS held,
+                   sum(CASE WHEN {idle} THEN ms ELSE 0 END) AS idle,
+                   sum(CASE WHEN util_pct < 0 THEN ms ELSE 0 END) AS unknown,
+                   sum(coverage_pm_ms) AS cov,
+                   sum(CASE WHEN {active} THEN energy_mj END) AS e_active,
+                   sum(CASE WHEN {held} THEN energy_mj END) AS e_held,
+                   sum(CASE WHEN {idle} THEN energy_mj END) AS e_idle"""
+    where = (f"hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}")
+    if segments:
+        sql = f"""
+            SELECT gpu_id, {cell_expr(f'hour * {HOUR_MS}', segments)} AS cell,
+                   sum(ticks), sum(ms), sum(active), sum(held), sum(idle), sum(unknown), sum(cov),
+                   sum(e_active), sum(e_held), sum(e_idle), 0
+            FROM (
+                SELECT gpu_id, hour, {sums}
+                FROM hour_gpu_hist
+                WHERE {where}
+                GROUP BY gpu_id, hour
+            )
+            GROUP BY gpu_id, cell
+        """
+    else:
+        sql = f"""
+            SELECT gpu_id, 0 AS cell,
+                   {sums},
+                   0
+            FROM hour_gpu_hist
+            WHERE {where}
+            GROUP BY gpu_id
+        """
     return conn.execute(sql, {"h0": h0, "h1": h1, "a_pct": active_pm // 10,
                               "held_mib": held_bytes // 1_048_576}).fetchall()
 
@@ -385,7 +403,7 @@ def identity_rollup(
 
 def identity_hist(
     conn: sqlite3.Connection, h0: int, h1: int, active_pm: int, held_bytes: int,
-    gpu_ids: Sequence[int] | None, by_unit: bool, skip_hours: Sequence[int] = (),
+    gpu_ids: Sequence[int], account_ids: Sequence[int], by_unit: bool, skip_hours: Sequence[int] = (),
 ) -> list[tuple]:
     """identity_rollup's rows from hour_account_hist / hour_unit_hist, classified with these thresholds.
 
@@ -398,8 +416,12 @@ def identity_hist(
     hist_since_hour >= sm_unknown_since_hour): sm_unrecorded_ms is 0. A
     row's CPU split (cpu_busy_ms, cpu_unknown_ms) is that of its idle-held
     time when the row is idle-held: all its ticks share its SM and memory.
+    hour_account_hist is keyed by GPU and account first: with both named
+    (`gpu_ids`, `account_ids`), SQLite reads one key range per pair and sums
+    as it reads. hour_unit_hist is keyed by hour (units are many): sorted.
     """
     table, unit_col = ("hour_unit_hist", "unit") if by_unit else ("hour_account_hist", "''")
+    accounts = "" if by_unit else _in_clause("account_id", account_ids)
     sql = f"""
         SELECT gpu_id, account_id, {unit_col} AS unit,
                sum(CASE WHEN {_HIST_HELD} THEN ms ELSE 0 END),
@@ -411,8 +433,8 @@ def identity_hist(
                sum(CASE WHEN {_HIST_HELD} AND sm_pct >= 0 AND sm_pct * 10 < :active THEN cpu_busy_ms ELSE 0 END),
                sum(CASE WHEN {_HIST_HELD} AND sm_pct >= 0 AND sm_pct * 10 < :active THEN cpu_unknown_ms ELSE 0 END)
         FROM {table}
-        WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
-        GROUP BY gpu_id, account_id, unit
+        WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{accounts}{_not_in('hour', skip_hours)}
+        GROUP BY gpu_id, account_id{", unit" if by_unit else ""}  -- '' is no key column: it would cost a sort
         HAVING max({_HIST_HELD})
     """
     return conn.execute(sql, {"h0": h0, "h1": h1, "active": active_pm,

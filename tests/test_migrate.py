@@ -215,6 +215,8 @@ def test_upgrade_after_retention_records_where_it_starts(native: str, v1: str) -
     early = report_json(v1, *WINDOW, "--active-threshold", "30")
     assert early["source"]["rollups"] == "histograms"
     assert early["source"]["raw_ranges_ms"][0] == [START, since_hour * HOUR]
+    assert "could not use rollups for them (no histograms before the upgrade to schema 2)" in \
+        early["data_quality"]["warnings"][0]
 
 
 def test_reporter_reads_v1_and_upgraded_alike(native: str, v1: str) -> None:

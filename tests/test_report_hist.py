@@ -193,3 +193,65 @@ def test_histogram_rollups_seek_by_time(tmp_path, name):
     scans = [s for s in plan if s.startswith("SCAN") and s.split()[1] in facts]
     assert not scans, plan
     assert any("tick_ts" in s for s in plan), plan
+
+
+def test_reports_sum_histograms_as_they_read_them(tmp_path):
+    """hour_gpu_hist and hour_account_hist are read one key range per GPU (and account), unsorted."""
+    from gua_report import query
+
+    path = build_store_db(str(tmp_path / "gua.db"), "lab", SOUTH_START, SOUTH_START + 3 * HOUR, INTERVAL)
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    h0 = SOUTH_START // HOUR
+    plans = []
+
+    class Spy:
+        def execute(self, sql, params=()):
+            plans.append([r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params)])
+            return conn.execute(sql, params)
+
+    query.gpu_state_hist(Spy(), h0, h0 + 2, 500, 10**9, [1, 2, 3, 4], None)
+    query.identity_hist(Spy(), h0, h0 + 2, 500, 10**9, [1, 2, 3, 4], [1, 2, 3], False)
+    conn.close()
+    for plan in plans:
+        assert any("USING PRIMARY KEY (gpu_id=?" in step for step in plan), plan
+        assert not any("TEMP B-TREE" in step for step in plan), plan
+
+
+def test_a_clock_set_back_rolls_the_hour_up_again(tmp_path):
+    """Ticks of an hour already rolled up (the wall clock went back): its histograms are written anew."""
+    import shutil
+
+    from gua_collector import rollup
+    from gua_collector.store import Store
+    from report_helpers import sim_ticks, store_run
+
+    path = str(tmp_path / "gua.db")
+    store = Store.open(path, now_ms=SOUTH_START)
+    store_run(store, sim_ticks(SOUTH_START, SOUTH_START + 3 * HOUR, INTERVAL, "lab", cpu=True),
+              interval_ms=INTERVAL)
+    # a second run whose clock is 2 h 40 min behind: its 30 ticks land in the first hour again
+    back = SOUTH_START + 20 * 60_000 + 7_000
+    store_run(store, sim_ticks(back, back + 30 * 60_000, INTERVAL, "lab", cpu=True), interval_ms=INTERVAL)
+    store.close()
+    again = str(tmp_path / "again.db")
+    shutil.copy(path, again)
+    conn = sqlite3.connect(again, isolation_level=None)
+    conn.execute("BEGIN")
+    next_hour = int(conn.execute("SELECT value FROM meta WHERE key = 'rollup_next_hour'").fetchone()[0])
+    rollup.roll_up(conn, SOUTH_START // HOUR, next_hour, rollup.thresholds(conn))  # from scratch
+    conn.execute("COMMIT")
+    conn.close()
+    tables = ("hour_gpu", "hour_account", "hour_unit", "hour_gpu_hist", "quarter_gpu", "hour_account_hist",
+              "hour_unit_hist")
+
+    def dump(p: str) -> dict[str, list]:
+        c = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+        out = {t: sorted(c.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in tables}
+        c.close()
+        return out
+
+    got, want = dump(path), dump(again)
+    assert got == want
+    # the replayed hour holds both runs' ticks (60 and 30 per GPU)
+    first = [r for r in got["hour_gpu_hist"] if r[0] == SOUTH_START // HOUR and r[1] == 1]
+    assert sum(r[4] for r in first) == 60 + 30

@@ -54,10 +54,11 @@ def test_no_full_scans(tmp_path):
         query.identity_raw(spy, lo, hi, 100, 10**8, [g], by_unit)
         query.identity_rollup(spy, h0, h1, None, by_unit)
     query.gpu_state_rollup(spy, h0, h1, None, segs)
-    query.gpu_state_hist(spy, h0, h1, 500, 10**9, [g], segs, [h0])
+    for cells in (segs, None):
+        query.gpu_state_hist(spy, h0, h1, 500, 10**9, [g], cells, [h0])
     query.heat_quarters(spy, h0 * 4, h1 * 4, 100, [g], segs, [h0])
     for by_unit in (False, True):
-        query.identity_hist(spy, h0, h1, 100, 0, None, by_unit, [h0])
+        query.identity_hist(spy, h0, h1, 100, 0, [g], [1, 2], by_unit, [h0])
     query.hour_cover_raw(spy, lo, hi)
     query.hour_cover_rollup(spy, h0, h1)
     list(query.ticks_between(spy, lo, hi))
@@ -68,7 +69,7 @@ def test_no_full_scans(tmp_path):
     query.error_events(spy, lo, hi)
     query.gap_events(spy, lo, hi, 10)
     query.count_gap_events(spy, lo, hi)
-    assert len(spy.plans) >= 21
+    assert len(spy.plans) >= 22
     for sql, plan in spy.plans:
         for step in plan:
             for table in FACT_TABLES:

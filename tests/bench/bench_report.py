@@ -94,15 +94,14 @@ def build(path: str, days: int) -> float:
 
 
 def columns(uri: str, create: bool = False) -> list[tuple[str, str]]:
-    """(table, column) of every table: a cached database from an older development schema differs."""
+    """(name, DDL) of every table and index: a cached database from an older development schema differs."""
     from gua_collector import schema
 
     conn = sqlite3.connect(uri, uri=True, isolation_level=None)
     try:
         if create:
             schema.ensure_schema(conn, T0)
-        return [(t, c) for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-                for (_, c, *_) in conn.execute(f"PRAGMA table_info({t})")]
+        return conn.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
     finally:
         conn.close()
 
