@@ -701,23 +701,27 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
                 c[1] += active + held + idle
 
     if plan.h1 > plan.h0:
-        here = plan.heat == "hour"  # the rollup rows place themselves in the heatmap
+        heat_gpus = sorted(physical_ids if gpu_ids is None else physical_ids.intersection(gpu_ids))
+        cells: list[tuple[int, int, int]] = []  # (cell, active_ms, known_ms)
         if plan.hist:
-            rows = query.gpu_state_hist(conn, plan.h0, plan.h1, opts.active_pm, opts.held_bytes,
-                                        all_gpus if gpu_ids is None else gpu_ids, segments if here else None,
-                                        plan.skip_hours)
-        else:
-            rows = query.gpu_state_rollup(conn, plan.h0, plan.h1, gpu_ids, segments if here else None,
-                                          plan.skip_hours)
-        take(rows, totals=True, cells=here)
+            take(query.gpu_state_hist(conn, plan.h0, plan.h1, opts.active_pm, opts.held_bytes,
+                                      all_gpus if gpu_ids is None else gpu_ids, plan.skip_hours),
+                 totals=True, cells=False)
+            if plan.heat == "hour":
+                cells = query.heat_hours(conn, plan.h0, plan.h1, opts.active_pm, heat_gpus, segments,
+                                         plan.skip_hours)
+        else:  # the classified rollups: in a zone of UTC hours, they place themselves in the heatmap
+            here = plan.heat == "hour"
+            take(query.gpu_state_rollup(conn, plan.h0, plan.h1, gpu_ids, segments if here else None,
+                                        plan.skip_hours), totals=True, cells=here)
         if plan.heat == "quarter":
-            heat_gpus = sorted(physical_ids if gpu_ids is None else physical_ids.intersection(gpu_ids))
-            for cell, active, known in query.heat_quarters(conn, plan.heat_from * 4, plan.h1 * 4, opts.active_pm,
-                                                           heat_gpus, segments, plan.skip_hours):
-                c = heat.setdefault(cell, [0, 0])
-                c[0] += active
-                c[1] += known
-        if not here:  # the heatmap of the hours the quarter hours do not cover, from raw rows
+            cells = query.heat_quarters(conn, plan.heat_from * 4, plan.h1 * 4, opts.active_pm, heat_gpus,
+                                        segments, plan.skip_hours)
+        for cell, active, known in cells:
+            c = heat.setdefault(cell, [0, 0])
+            c[0] += active
+            c[1] += known
+        if plan.heat != "hour":  # the heatmap of the hours the quarter hours do not cover, from raw rows
             raw_to = plan.heat_from if plan.heat == "quarter" else plan.h1
             for lo, hi in subtract(((plan.h0 * HOUR_MS, raw_to * HOUR_MS),), plan.clip_ranges):
                 take(query.gpu_state_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids, segments),

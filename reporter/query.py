@@ -215,54 +215,61 @@ _HIST_HELD = "(mem_mib < 0 OR mem_mib > :held_mib)"
 
 def gpu_state_hist(
     conn: sqlite3.Connection, h0: int, h1: int, active_pm: int, held_bytes: int,
-    gpu_ids: Sequence[int], segments: Sequence[Segment] | None, skip_hours: Sequence[int] = (),
+    gpu_ids: Sequence[int], skip_hours: Sequence[int] = (),
 ) -> list[tuple]:
-    """gpu_state_rollup's rows from hour_gpu_hist, classified with these thresholds, for `gpu_ids`.
+    """gpu_state_rollup's rows (without heatmap cells: cell 0) from hour_gpu_hist, for `gpu_ids`.
 
-    `active_pm` must be a whole percent (a multiple of 10); then the numbers
-    are those of gpu_state_raw over the same hours. The table is keyed by GPU
-    first: with the GPUs named, SQLite reads one key range per GPU and sums
-    as it reads; heatmap cells are summed from one row per GPU and hour.
+    Classified with these thresholds; `active_pm` must be a whole percent (a
+    multiple of 10), and then the numbers are those of gpu_state_raw over the
+    same hours. The table is keyed by GPU first: with the GPUs named, SQLite
+    reads one key range per GPU and sums as it reads, unsorted. The heatmap
+    is a query of its own (heat_hours, heat_quarters): summing both in one
+    GROUP BY gpu_id, cell would sort every row.
     """
     assert active_pm % 10 == 0, active_pm
     active = "util_pct >= :a_pct"
     held = f"util_pct >= 0 AND util_pct < :a_pct AND {_HIST_HELD}"
     idle = f"util_pct >= 0 AND util_pct < :a_pct AND NOT {_HIST_HELD}"
-    sums = f"""sum(ticks) AS ticks,
-                   sum(ms) AS ms,
-                   sum(CASE WHEN {active} THEN ms ELSE 0 END) AS active,
-                   sum(CASE WHEN {held} THEN ms ELSE 0 END) AS held,
-                   sum(CASE WHEN {idle} THEN ms ELSE 0 END) AS idle,
-                   sum(CASE WHEN util_pct < 0 THEN ms ELSE 0 END) AS unknown,
-                   sum(coverage_pm_ms) AS cov,
-                   sum(CASE WHEN {active} THEN energy_mj END) AS e_active,
-                   sum(CASE WHEN {held} THEN energy_mj END) AS e_held,
-                   sum(CASE WHEN {idle} THEN energy_mj END) AS e_idle"""
-    where = (f"hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}")
-    if segments:
-        sql = f"""
-            SELECT gpu_id, {cell_expr(f'hour * {HOUR_MS}', segments)} AS cell,
-                   sum(ticks), sum(ms), sum(active), sum(held), sum(idle), sum(unknown), sum(cov),
-                   sum(e_active), sum(e_held), sum(e_idle), 0
-            FROM (
-                SELECT gpu_id, hour, {sums}
-                FROM hour_gpu_hist
-                WHERE {where}
-                GROUP BY gpu_id, hour
-            )
-            GROUP BY gpu_id, cell
-        """
-    else:
-        sql = f"""
-            SELECT gpu_id, 0 AS cell,
-                   {sums},
-                   0
-            FROM hour_gpu_hist
-            WHERE {where}
-            GROUP BY gpu_id
-        """
+    sql = f"""
+        SELECT gpu_id, 0 AS cell,
+               sum(ticks),
+               sum(ms),
+               sum(CASE WHEN {active} THEN ms ELSE 0 END),
+               sum(CASE WHEN {held} THEN ms ELSE 0 END),
+               sum(CASE WHEN {idle} THEN ms ELSE 0 END),
+               sum(CASE WHEN util_pct < 0 THEN ms ELSE 0 END),
+               sum(coverage_pm_ms),
+               sum(CASE WHEN {active} THEN energy_mj END),
+               sum(CASE WHEN {held} THEN energy_mj END),
+               sum(CASE WHEN {idle} THEN energy_mj END),
+               0
+        FROM hour_gpu_hist
+        WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
+        GROUP BY gpu_id
+    """
     return conn.execute(sql, {"h0": h0, "h1": h1, "a_pct": active_pm // 10,
                               "held_mib": held_bytes // 1_048_576}).fetchall()
+
+
+def heat_hours(
+    conn: sqlite3.Connection, h0: int, h1: int, active_pm: int,
+    gpu_ids: Sequence[int], segments: Sequence[Segment], skip_hours: Sequence[int] = (),
+) -> list[tuple[int, int, int]]:
+    """(cell, active_ms, known_ms) over `gpu_ids` from hour_gpu_hist, for UTC hours [h0, h1).
+
+    The heatmap at another active threshold, in a zone whose hours are UTC
+    hours. `active_pm` must be a whole percent.
+    """
+    assert active_pm % 10 == 0, active_pm
+    sql = f"""
+        SELECT {cell_expr(f'hour * {HOUR_MS}', segments)} AS cell,
+               sum(CASE WHEN util_pct >= :a_pct THEN ms ELSE 0 END),
+               sum(CASE WHEN util_pct >= 0 THEN ms ELSE 0 END)
+        FROM hour_gpu_hist
+        WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
+        GROUP BY cell
+    """
+    return conn.execute(sql, {"h0": h0, "h1": h1, "a_pct": active_pm // 10}).fetchall()
 
 
 def heat_quarters(

@@ -209,7 +209,7 @@ def test_reports_sum_histograms_as_they_read_them(tmp_path):
             plans.append([r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params)])
             return conn.execute(sql, params)
 
-    query.gpu_state_hist(Spy(), h0, h0 + 2, 500, 10**9, [1, 2, 3, 4], None)
+    query.gpu_state_hist(Spy(), h0, h0 + 2, 500, 10**9, [1, 2, 3, 4])
     query.identity_hist(Spy(), h0, h0 + 2, 500, 10**9, [1, 2, 3, 4], [1, 2, 3], False)
     conn.close()
     for plan in plans:

@@ -54,8 +54,8 @@ def test_no_full_scans(tmp_path):
         query.identity_raw(spy, lo, hi, 100, 10**8, [g], by_unit)
         query.identity_rollup(spy, h0, h1, None, by_unit)
     query.gpu_state_rollup(spy, h0, h1, None, segs)
-    for cells in (segs, None):
-        query.gpu_state_hist(spy, h0, h1, 500, 10**9, [g], cells, [h0])
+    query.gpu_state_hist(spy, h0, h1, 500, 10**9, [g], [h0])
+    query.heat_hours(spy, h0, h1, 500, [g], segs, [h0])
     query.heat_quarters(spy, h0 * 4, h1 * 4, 100, [g], segs, [h0])
     for by_unit in (False, True):
         query.identity_hist(spy, h0, h1, 100, 0, [g], [1, 2], by_unit, [h0])
