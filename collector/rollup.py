@@ -98,6 +98,15 @@ SELECT hour, gpu_id, count(*), sum(d),
 FROM classified
 GROUP BY hour, gpu_id
 """
+# The ticks of the hours being rolled up, by tick_ts; both holder rollups
+# (the classified sums and the histograms) start from it.
+_HOUR_TICKS = """
+WITH t AS (
+    SELECT tick_id, duration_ms AS d, ts_ms / 3600000 AS hour
+    FROM tick
+    WHERE ts_ms >= :lo AND ts_ms < :hi
+),
+"""
 # Shared by the account and unit rollups: one row per holder per GPU per tick.
 # A held tick is exactly one of idle-held (every sm_util known, sum below
 # :active), busy (every sm_util known, sum at or above it) or SM unknown (some
@@ -106,13 +115,7 @@ GROUP BY hour, gpu_id
 # Idle-held time splits again by the holder's CPU over the tick: waiting on
 # the CPU (idle_cpu_busy_ms, at least :cpu_busy permille of one core), CPU
 # unknown (idle_cpu_unknown_ms), or abandoned (the rest).
-_HOLDERS = """
-WITH t AS (
-    SELECT tick_id, duration_ms AS d, ts_ms / 3600000 AS hour
-    FROM tick
-    WHERE ts_ms >= :lo AND ts_ms < :hi
-),
-per AS (
+_HOLDERS = _HOUR_TICKS + """per AS (
     SELECT t.hour, t.d, ps.gpu_id, p.account_id, {unit} AS unit,
            max(ps.mem_mib IS NULL) AS mem_unknown,
            coalesce(sum(ps.mem_mib), 0) AS mem,
@@ -205,13 +208,7 @@ GROUP BY 1, 2, 3
 # threshold (at most 100 %) tells them apart. Every holder row counts, held
 # at the rollup thresholds or not; cpu_busy_ms and cpu_unknown_ms split its
 # time as idle_cpu_busy_ms and idle_cpu_unknown_ms split idle-held time.
-_HOLDER_HIST = """
-WITH t AS (
-    SELECT tick_id, duration_ms AS d, ts_ms / 3600000 AS hour
-    FROM tick
-    WHERE ts_ms >= :lo AND ts_ms < :hi
-),
-per AS (
+_HOLDER_HIST = _HOUR_TICKS + """per AS (
     SELECT t.hour, t.d, ps.gpu_id, p.account_id, {unit} AS unit,
            CASE WHEN max(ps.mem_mib IS NULL) THEN -1 ELSE coalesce(sum(ps.mem_mib), 0) END AS mem_key,
            coalesce(sum(ps.mem_mib), 0) AS mem,
