@@ -73,7 +73,7 @@ WITH held AS (
 ),
 classified AS (
     SELECT t.ts_ms / 3600000 AS hour, g.gpu_id, t.duration_ms AS d,
-           g.coverage_permille, g.energy_mj,
+           {cov} AS coverage_permille, g.energy_mj,
            CASE
                WHEN g.status != 0 OR g.util_permille IS NULL THEN 3
                WHEN g.util_permille >= :active THEN 0
@@ -97,7 +97,7 @@ SELECT hour, gpu_id, count(*), sum(d),
        sum(CASE state WHEN 2 THEN energy_mj END)
 FROM classified
 GROUP BY hour, gpu_id
-"""
+""".replace("{cov}", schema.COVERAGE_SQL.format(g="g."))
 # The ticks of the hours being rolled up, by tick_ts; both holder rollups
 # (the classified sums and the histograms) start from it.
 _HOUR_TICKS = """
@@ -176,7 +176,7 @@ WITH held AS (
 ),
 bucketed AS (
     SELECT t.ts_ms / 3600000 AS hour, g.gpu_id, t.duration_ms AS d,
-           g.coverage_permille AS cov, g.energy_mj AS e,
+           {cov} AS cov, g.energy_mj AS e,
            CASE WHEN g.status != 0 OR g.util_permille IS NULL THEN -1 ELSE g.util_permille / 10 END AS util_pct,
            CASE WHEN g.status != 0 OR g.util_permille IS NULL THEN 0 ELSE coalesce(h.mem, 0) END AS mem
     FROM tick AS t
@@ -188,7 +188,7 @@ INSERT INTO hour_gpu_hist (hour, gpu_id, util_pct, mem_mib, ticks, ms, coverage_
 SELECT hour, gpu_id, util_pct, mem, count(*), sum(d), sum(d * coalesce(cov, 0)), sum(e)
 FROM bucketed
 GROUP BY hour, gpu_id, util_pct, mem
-"""
+""".replace("{cov}", schema.COVERAGE_SQL.format(g="g."))
 # The heatmap's grain: a GPU's known time per UTC quarter hour by utilization
 # in whole percent (active time at any such threshold). A quarter hour falls
 # into one local hour in every zone in use (+05:30, +05:45, +12:45, and the

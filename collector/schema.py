@@ -10,7 +10,7 @@ import sqlite3
 from collections.abc import Callable
 
 # PRAGMA user_version. Bump it and add a step to MIGRATIONS for every change.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Written into meta so the reporter can tell a gua DB from any other SQLite file.
 APPLICATION = "gua"
@@ -279,6 +279,33 @@ CREATE TABLE hour_unit_hist (
 ) WITHOUT ROWID;
 """
 
+# Schema 3: smaller raw rows, and retention that bounds the process table.
+# - gpu_sample.coverage_permille is NULL for full coverage (1000) when
+#   util_permille is known; power_mw is NULL when energy_mj is known (the
+#   energy over the tick is the exact mean power; an instantaneous reading
+#   adds nothing). No reader of power_mw exists; readers of coverage use
+#   COVERAGE_SQL. Rows written before keep their values, which read the same.
+# - process.last_ms: when the collector last saw the process, at most
+#   PROCESS_LAST_STEP_MS early, so that retention can delete the process rows
+#   no retained raw row or proc_gpu_state row refers to. The upgrade sets it
+#   to the newest tick for every existing row: they go one retention period
+#   after the upgrade at the latest, never too early.
+_V3 = """
+ALTER TABLE process ADD COLUMN last_ms INTEGER NOT NULL DEFAULT 0;
+UPDATE process SET last_ms = coalesce((SELECT max(ts_ms) FROM tick), 0);
+-- Retention deletes process rows by last_ms (store.DELETE_PROCESSES).
+CREATE INDEX process_last ON process (last_ms);
+"""
+
+# The collector writes process.last_ms again once a sighting is this much
+# newer than the stored value: one UPDATE per process an hour, not per tick.
+PROCESS_LAST_STEP_MS = 3_600_000
+
+# gpu_sample's coverage with schema 3's NULL-for-full read back; {g} is the
+# table alias with its dot. Equal to the stored value for rows of schema 1 and 2.
+COVERAGE_SQL = "coalesce({g}coverage_permille, CASE WHEN {g}util_permille IS NOT NULL THEN 1000 END)"
+
+
 # An idle-held holder whose processes use at least this much CPU together
 # (permille of one core: 10 %) is waiting on the CPU; below it, abandoned.
 ROLLUP_CPU_BUSY_PERMILLE = 100
@@ -357,7 +384,7 @@ def backfill_proc_state(conn: sqlite3.Connection) -> None:
 Migration = str | Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[n] takes a database at version n to n + 1; a new database runs them all.
-MIGRATIONS: dict[int, Migration] = {0: _V1, 1: _v1_to_v2}
+MIGRATIONS: dict[int, Migration] = {0: _V1, 1: _v1_to_v2, 2: _V3}
 
 
 class SchemaError(Exception):

@@ -231,6 +231,39 @@ def gpm() -> tuple[SimGpu, ...]:
     )
 
 
+# simulate:churn8: back-to-back short Slurm jobs on every card, ~9,600 a day.
+CHURN_JOB_MS = 72_000
+
+
+def slurm_churn(card: int, cards: int = 8) -> Workload:
+    """Back-to-back short Slurm jobs, each a new process and job id; every third idles on its memory
+    for its second half (the job waits on something before it exits)."""
+    users = ("alice", "bob", "carol")
+
+    def workload(t_ms: int) -> tuple[int, tuple[SimProc, ...]]:
+        slot, into = divmod(t_ms, CHURN_JOB_MS)
+        job = slot * cards + card
+        user = users[job % 3]
+        idle_half = job % 3 == 0 and into >= CHURN_JOB_MS // 2
+        util = 0 if idle_half else 60 + (t_ms // 10_000) % 40
+        cgroup = f"/system.slice/slurmstepd.scope/job_{job % 10_000_000}/step_0/user/task_0"
+        proc = SimProc(100_000 + job % 4_000_000, slot * CHURN_JOB_MS, user, "train.py", cgroup,
+                       4 * GIB_MIB + (job % 7) * 512, util, cpu=5 if idle_half else 120)
+        return util, (proc,)
+
+    return workload
+
+
+def churn8() -> tuple[SimGpu, ...]:
+    """Eight cards of job churn; on the first four a notebook of bob's idles beside the jobs
+    (1.5 processes per card on average), for the storage benchmark."""
+    return tuple(
+        _card(n, with_tenant(slurm_churn(n), bob_notebook(mem_gib=2, pid=30_100 + n, bursts=False))
+              if n < 4 else slurm_churn(n))
+        for n in range(8)
+    )
+
+
 SCENARIOS: dict[str, Callable[[], tuple[SimGpu, ...]]] = {
     "lab": lab,
     "lab8": lab8,
@@ -239,6 +272,7 @@ SCENARIOS: dict[str, Callable[[], tuple[SimGpu, ...]]] = {
     "hang": lab,
     "late": lab,
     "gpm": gpm,
+    "churn8": churn8,
 }
 
 

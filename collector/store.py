@@ -35,11 +35,13 @@ VALUES (?, ?, ?, ?, ?, ?)
 UPDATE_GPU_INDEX = "UPDATE gpu SET gpu_index = ? WHERE gpu_id = ?"
 SELECT_ACCOUNT = "SELECT account_id FROM account WHERE uid IS ? AND username = ?"
 INSERT_ACCOUNT = "INSERT INTO account (uid, username) VALUES (?, ?)"
-SELECT_PROCESS = "SELECT proc_id FROM process WHERE pid = ? AND start_ms = ?"
+SELECT_PROCESS = "SELECT proc_id, last_ms FROM process WHERE pid = ? AND start_ms = ?"
 INSERT_PROCESS = """
-INSERT INTO process (pid, start_ms, account_id, comm, cgroup, unit)
-VALUES (?, ?, ?, ?, ?, ?)
+INSERT INTO process (pid, start_ms, account_id, comm, cgroup, unit, last_ms)
+VALUES (?, ?, ?, ?, ?, ?, ?)
 """
+# max(): a clock set back must not make a process look older than it is.
+UPDATE_PROCESS_LAST = "UPDATE process SET last_ms = max(last_ms, ?) WHERE proc_id = ?"
 
 # --- facts --------------------------------------------------------------------
 INSERT_RUN = """
@@ -100,6 +102,14 @@ DELETE FROM proc_gpu_state
 WHERE last_seen_ms < max(:before, coalesce((SELECT max(ts_ms) FROM tick), :before) - :keep)
 """
 PROC_STATE_KEEP_MS = 86_400_000
+# A process row goes once no retained raw row can refer to it: it was last
+# seen (last_ms, up to schema.PROCESS_LAST_STEP_MS early) before the cut, and
+# proc_gpu_state (pruned just before) has no row of it. Seeks process_last.
+DELETE_PROCESSES = """
+DELETE FROM process
+WHERE last_ms < :before - :step
+  AND proc_id NOT IN (SELECT proc_id FROM proc_gpu_state)
+"""
 
 
 class StoreError(Exception):
@@ -130,7 +140,8 @@ class Store:
         self._run_id: int | None = None
         self._gpus: dict[str, tuple[int, int]] = {}
         self._accounts: dict[tuple[int | None, str], int] = {}
-        self._procs: dict[tuple[int, int], int] = {}
+        # (pid, start_ms) -> [proc_id, the last_ms stored for it]
+        self._procs: dict[tuple[int, int], list[int]] = {}
         self._rollups = Rollups(conn)
 
     # --- opening -------------------------------------------------------------
@@ -253,16 +264,16 @@ class Store:
                     gpu_id,
                     sample.status,
                     sample.util_permille,
-                    sample.coverage_permille,
+                    _stored_coverage(sample.util_permille, sample.coverage_permille),
                     sample.mem_used_mib,
-                    sample.power_mw,
+                    sample.power_mw if sample.energy_mj is None else None,
                     sample.energy_mj,
                     sample.sm_active_permille,
                     sample.tensor_active_permille,
                 )
             )
             for proc in sample.procs:
-                proc_id = self._proc_id(proc.process)
+                proc_id = self._proc_id(proc.process, tick.ts_ms)
                 proc_rows.append(
                     (tick_id, gpu_id, proc_id, proc.kind, proc.mem_mib, proc.sm_util, proc.cpu_permille, proc.rss_mib)
                 )
@@ -323,26 +334,31 @@ class Store:
             self._accounts[key] = int(row[0])
         return self._accounts[key]
 
-    def _proc_id(self, proc: ProcessInfo) -> int:
+    def _proc_id(self, proc: ProcessInfo, ts_ms: int) -> int:
+        """The process's row id; its last_ms moves forward at most once per PROCESS_LAST_STEP_MS."""
         key = (proc.pid, proc.start_ms)
-        if key not in self._procs:
+        cached = self._procs.get(key)
+        if cached is None:
             row = self._conn.execute(SELECT_PROCESS, key).fetchone()
             if row is None:
                 account = self._account_id(proc.uid, proc.username)
-                row = (
-                    self._conn.execute(
-                        INSERT_PROCESS, (proc.pid, proc.start_ms, account, proc.comm, proc.cgroup, proc.unit)
-                    ).lastrowid,
+                cur = self._conn.execute(
+                    INSERT_PROCESS, (proc.pid, proc.start_ms, account, proc.comm, proc.cgroup, proc.unit, ts_ms)
                 )
-            self._procs[key] = int(row[0])
-        return self._procs[key]
+                row = (int(cur.lastrowid or 0), ts_ms)
+            cached = self._procs[key] = [int(row[0]), int(row[1])]
+        if ts_ms - cached[1] >= schema.PROCESS_LAST_STEP_MS:
+            self._conn.execute(UPDATE_PROCESS_LAST, (ts_ms, cached[0]))
+            cached[1] = ts_ms
+        return cached[0]
 
     # --- retention -------------------------------------------------------------------
     def prune(self, before_ms: int, batch: int = 2000) -> int:
         """Delete one batch of raw ticks older than before_ms; returns how many ticks went.
 
         The last batch of a pass (fewer than `batch`) also drops proc_gpu_state
-        rows of processes not seen since before_ms or for a day before the newest tick.
+        rows of processes not seen since before_ms or for a day before the newest
+        tick, then the process rows nothing retained refers to any more.
         """
         with self._transaction():
             ids = [row[0] for row in self._conn.execute(SELECT_PRUNE_BATCH, (before_ms, batch))]
@@ -353,6 +369,11 @@ class Store:
                 self._rollups.set_meta("raw_pruned_before_ms", str(before_ms))
             if len(ids) < batch:
                 self._conn.execute(DELETE_PROC_STATE, {"before": before_ms, "keep": PROC_STATE_KEEP_MS})
+                gone = self._conn.execute(
+                    DELETE_PROCESSES, {"before": before_ms, "step": schema.PROCESS_LAST_STEP_MS}
+                ).rowcount
+                if gone:
+                    self._procs.clear()  # a pruned id must never be written again
         return len(ids)
 
     # --- transactions -------------------------------------------------------------------
@@ -395,6 +416,13 @@ class _Transaction:
             except sqlite3.Error:
                 pass
         self._store._forget_caches()
+
+
+def _stored_coverage(util_permille: int | None, coverage_permille: int | None) -> int | None:
+    """Schema 3 stores full coverage of a known utilization as NULL (2 bytes less a row)."""
+    if util_permille is not None and coverage_permille == 1000:
+        return None
+    return coverage_permille
 
 
 def _check_header(path: str) -> None:

@@ -143,6 +143,10 @@ _STATE_SUMS = """
         )
         GROUP BY gpu_id, cell
 """
+# gpu_sample's coverage: schema 3 stores NULL for full coverage (1000) when
+# util_permille is known; rows of schemas 1 and 2 read as stored.
+_COVERAGE = "coalesce(g.coverage_permille, CASE WHEN g.util_permille IS NOT NULL THEN 1000 END)"
+
 # The state of one gpu_sample row `g`. The held test is a correlated subquery
 # on proc_sample's primary key (tick_id, gpu_id, ...), evaluated only for ok
 # rows below the active threshold (CASE is lazy). Held: a compute process
@@ -173,7 +177,7 @@ def gpu_state_raw(
     rows = f"""
             SELECT g.gpu_id AS gpu_id,
                    t.duration_ms AS d,
-                   g.coverage_permille AS cov,
+                   {_COVERAGE} AS cov,
                    g.energy_mj AS e,
                    0 AS cut,
                    {cell_expr('t.ts_ms', segments)} AS cell,
@@ -499,7 +503,7 @@ def gpu_state_clipped(
     rows = f"""
             SELECT c.gpu_id AS gpu_id,
                    c.d AS d,
-                   g.coverage_permille AS cov,
+                   {_COVERAGE} AS cov,
                    CASE WHEN c.d = c.full_d THEN g.energy_mj
                         ELSE g.energy_mj * c.d / c.full_d END AS e,
                    c.full_d - c.d AS cut,

@@ -275,8 +275,11 @@ def make_v1(src: str, dst: str) -> None:
     conn.execute("ATTACH DATABASE ? AS src", (src,))
     tables = [r[0] for r in conn.execute("SELECT name FROM main.sqlite_master WHERE type = 'table'")]
     for table in tables:
-        cols = ", ".join(r[1] for r in conn.execute(f"PRAGMA main.table_info({table})"))
-        conn.execute(f"INSERT INTO main.{table} ({cols}) SELECT {cols} FROM src.{table}")
+        names = [r[1] for r in conn.execute(f"PRAGMA main.table_info({table})")]
+        cols = ", ".join(names)
+        # Schema 3 stores full coverage as NULL; schema 1 stored 1000.
+        values = ", ".join(schema.COVERAGE_SQL.format(g="") if n == "coverage_permille" else n for n in names)
+        conn.execute(f"INSERT INTO main.{table} ({cols}) SELECT {values} FROM src.{table}")
     conn.execute("DELETE FROM main.meta WHERE key IN ('sm_unknown_since_hour', 'proc_state_since_ms', "
                  "'hist_since_hour')")
     conn.execute("PRAGMA user_version = 1")

@@ -81,6 +81,18 @@ def dump(path: str) -> dict[str, list[tuple]]:
     return out
 
 
+def as_read(tables: dict[str, list[tuple]]) -> dict[str, list[tuple]]:
+    """`dump` as a reader sees it: schema 3 stores full coverage as NULL and no power beside
+    energy, which read the same as schema 1's values; process.last_ms (schema 3) set aside."""
+    out = dict(tables)
+    out["gpu_sample"] = sorted(
+        (r[:4] + (1000 if r[4] is None and r[3] is not None else r[4],) + r[5:6]
+         + (None if r[7] is not None else r[6],) + r[7:])
+        for r in tables["gpu_sample"])
+    out["process"] = sorted((r[:7] for r in tables["process"]), key=repr)
+    return out
+
+
 def sm_unknown_by_hand(path: str) -> dict[tuple[int, int, int], int]:
     """(hour, gpu_id, account_id) -> ms held with some sm_util NULL, per SCHEMA.md, in Python."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -103,11 +115,11 @@ def sm_unknown_by_hand(path: str) -> dict[tuple[int, int, int], int]:
     return out
 
 
-def test_fresh_database_is_schema_2(tmp_path: Path) -> None:
+def test_fresh_database_is_current(tmp_path: Path) -> None:
     path = str(tmp_path / "gua.db")
     Store.open(path, now_ms=START).close()
     with sqlite3.connect(path) as conn:
-        assert schema.read_version(conn) == schema.SCHEMA_VERSION == 2
+        assert schema.read_version(conn) == schema.SCHEMA_VERSION == 3
         meta = dict(conn.execute("SELECT key, value FROM meta"))
     assert meta["sm_unknown_since_hour"] == "0"  # recorded from the start
     assert meta["hist_since_hour"] == "0"  # histograms too
@@ -121,6 +133,7 @@ def test_fresh_database_is_schema_2(tmp_path: Path) -> None:
         assert columns(path, table)[-3:] == ["sm_unknown_ms", "idle_cpu_busy_ms", "idle_cpu_unknown_ms"]
     assert columns(path, "tick")[-1] == "cpu_permille"
     assert columns(path, "proc_sample")[-2:] == ["cpu_permille", "rss_mib"]
+    assert columns(path, "process")[-1] == "last_ms"  # schema 3
     assert meta["rollup_cpu_busy_permille"] == str(schema.ROLLUP_CPU_BUSY_PERMILLE)
     # what `gua-report now` reads, complete from the start
     assert meta["proc_state_since_ms"] == "0"
@@ -144,17 +157,22 @@ def test_v1_upgrades_in_place(native: str, v1: str) -> None:
     store = Store.open(v1, now_ms=END + HOUR)  # what gua-collector does when it starts
     store.close()
     with sqlite3.connect(v1) as conn:
-        assert schema.read_version(conn) == 2
+        assert schema.read_version(conn) == schema.SCHEMA_VERSION
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        newest = conn.execute("SELECT max(ts_ms) FROM tick").fetchone()[0]
     after = dump(v1)
     # raw rows and every other table intact; the rollups equal the natively written ones
     for table, rows in before.items():
         if table not in ("hour_account", "hour_unit", "meta"):
             width = len(rows[0]) if rows else 0
-            # Schema 2 adds nullable CPU columns to tick and proc_sample: NULL (unknown) on old rows.
             assert [r[:width] for r in after[table]] == rows, table
-            assert all(v is None for r in after[table] for v in r[width:]), table
-    assert after == dump(native)
+            if table == "process":
+                # Schema 3: seen last at the newest tick at the latest, so retention keeps them a full period.
+                assert {r[width:] for r in after[table]} == {(newest,)}
+            else:
+                # Schema 2 adds nullable CPU columns to tick and proc_sample: NULL (unknown) on old rows.
+                assert all(v is None for r in after[table] for v in r[width:]), table
+    assert as_read(after) == as_read(dump(native))
     # proc_gpu_state rebuilt from raw rows equals the one kept tick by tick
     assert "proc_gpu_state" not in before and len(after["proc_gpu_state"]) == 3  # alice, bob, carol
     # the histograms of every rolled-up hour, as the collector writes them hour by hour
@@ -186,7 +204,7 @@ def test_upgrade_after_retention_records_where_it_starts(native: str, v1: str) -
     assert meta["hist_since_hour"] == str(since_hour)  # histograms from the same hour: nothing guessed
     # retention removed observations: process state starts at the first tick left, and says so
     assert meta["proc_state_since_ms"] == str(first_kept)
-    got, want = dump(v1), dump(native)
+    got, want = as_read(dump(v1)), as_read(dump(native))
     for table in ("hour_account", "hour_unit"):
         old = [r for r in got[table] if r[0] < since_hour]
         assert old and all(r[SM_UNKNOWN] == 0 for r in old), "pruned hours cannot know: 0, not a guess"
@@ -265,7 +283,7 @@ def test_upgrade_rebuilds_process_state_from_one_day(tmp_path: Path) -> None:
 
     newest = ticks[-1].ts_ms
     horizon = min(t.ts_ms for t in ticks if t.ts_ms >= newest - schema.PROC_STATE_BACKFILL_MS)
-    got, want = dump(old), dump(native)
+    got, want = as_read(dump(old)), as_read(dump(native))
     assert dict(got["meta"])["proc_state_since_ms"] == str(horizon)
     assert dict(want["meta"])["proc_state_since_ms"] == "0"
     got_rows = {(r[0], r[1]): r[2:] for r in got["proc_gpu_state"]}
@@ -290,9 +308,9 @@ def test_collector_upgrades_on_start(v1: str) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stderr
     with sqlite3.connect(v1) as conn:
-        assert schema.read_version(conn) == 2
+        assert schema.read_version(conn) == schema.SCHEMA_VERSION
         assert conn.execute("SELECT count(*) FROM run").fetchone()[0] == 2
-    assert report_json(v1, *WINDOW)["database"]["schema_version"] == 2
+    assert report_json(v1, *WINDOW)["database"]["schema_version"] == schema.SCHEMA_VERSION
 
 
 def test_failure_mid_upgrade_leaves_v1(v1: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -352,4 +370,4 @@ def test_kill_9_mid_upgrade_leaves_v1(native: str, v1: str) -> None:
     assert dump(v1) == before
     # and the next start upgrades it
     Store.open(v1, now_ms=END + HOUR).close()
-    assert dump(v1) == dump(native)
+    assert as_read(dump(v1)) == as_read(dump(native))

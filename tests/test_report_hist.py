@@ -21,6 +21,7 @@ import sqlite3
 
 import pytest
 
+from gua_collector import schema
 from report_helpers import HOUR, build_store_db, run_report
 
 pytestmark = pytest.mark.timeout(180)
@@ -158,9 +159,10 @@ def test_histograms_equal_the_raw_rows_hour_by_hour(south_db):
     next_hour = int(conn.execute("SELECT value FROM meta WHERE key = 'rollup_next_hour'").fetchone()[0])
     raw = conn.execute(
         """SELECT t.ts_ms / 3600000 AS hour, g.gpu_id, count(*), sum(t.duration_ms), sum(g.energy_mj),
-                  sum(t.duration_ms * coalesce(g.coverage_permille, 0))
+                  sum(t.duration_ms * coalesce({COVERAGE}, 0))
            FROM tick t JOIN gpu_sample g USING (tick_id) WHERE t.ts_ms < ? * 3600000
-           GROUP BY 1, 2 ORDER BY 1, 2""", (next_hour,)).fetchall()
+           GROUP BY 1, 2 ORDER BY 1, 2""".format(COVERAGE=schema.COVERAGE_SQL.format(g="g.")),
+        (next_hour,)).fetchall()
     hist = conn.execute(
         """SELECT hour, gpu_id, sum(ticks), sum(ms), sum(energy_mj), sum(coverage_pm_ms)
            FROM hour_gpu_hist GROUP BY 1, 2 ORDER BY 1, 2""").fetchall()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gua_collector import schema
 from gua_collector.backend import BackendInitError
 from gua_collector.clock import SimClock
 from gua_collector.service import Log, Service, Settings
@@ -90,7 +91,8 @@ def test_long_interval_pings_between_ticks_and_drains_buffers(tmp_path: Path) ->
     assert max(b - a for a, b in zip(pings, pings[1:])) <= 4
     # The driver keeps 14 s of samples; polling between 60 s ticks keeps coverage whole.
     coverage = [r[0] for r in conn.execute(
-        "SELECT min(coverage_permille) FROM gpu_sample JOIN tick USING (tick_id) WHERE duration_ms > 0")]
+        f"SELECT min({schema.COVERAGE_SQL.format(g='')}) FROM gpu_sample JOIN tick USING (tick_id) "
+        "WHERE duration_ms > 0")]
     assert coverage == [1000]
 
 
