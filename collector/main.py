@@ -19,7 +19,7 @@ from .backend import Backend
 from .check import FAIL, Host, render, run_checks
 from .clock import Clock, RealClock, SimClock
 from .durations import parse_duration_ms
-from .notify import SystemdNotifier, watchdog_interval_s
+from .notify import Notifier, SystemdNotifier, watchdog_interval_s
 from .service import Log, Service, Settings, install_signal_handlers
 from .simulate import SimBackend, check_scenario
 from .store import LastTick, Store, StoreError
@@ -256,8 +256,20 @@ def _check(options: Options) -> int:
     return EXIT_CHECK_FAILED if any(f.level == FAIL for f in findings) else EXIT_OK
 
 
-def _open_store(path: str, clock: Clock) -> Store:
-    return Store.open(path, now_ms=clock.wall_ms())
+# How long systemd may wait for a schema upgrade (EXTEND_TIMEOUT_USEC): one
+# of a year's history took 150 s on a 2-core machine, past the 90 s start
+# timeout, and a killed upgrade rolls back and starts over at each restart.
+UPGRADE_TIMEOUT_S = 1800
+
+
+def _open_store(path: str, clock: Clock, notifier: Notifier, log: Log) -> Store:
+    def on_upgrade(old: int, new: int) -> None:
+        # Also covers the watchdog, armed when READY=1 went out earlier (a disk that was full at start).
+        notifier.send(f"EXTEND_TIMEOUT_USEC={UPGRADE_TIMEOUT_S * 1_000_000}")
+        notifier.send(f"STATUS=upgrading the database from schema {old} to {new}")
+        log.info(f"upgrading {path} from schema {old} to {new}; this may take minutes on a long history")
+
+    return Store.open(path, now_ms=clock.wall_ms(), on_upgrade=on_upgrade)
 
 
 def _iso(ms: int) -> str:
@@ -275,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         return _check(options)
     fast_forward = options.backend.startswith("simulate:") and options.ticks is not None
     store: Store | Callable[[], Store]
+    notifier = SystemdNotifier()
     try:
         if fast_forward:
             # A one-off run: open now (no waiting) to start the simulated clock after stored time.
@@ -282,11 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             clock: Clock = SimClock(_simulated_start(options, store.last_tick(), log))
         else:
             clock = RealClock()
-            store = partial(_open_store, options.db, clock)
+            store = partial(_open_store, options.db, clock, notifier, log)
     except StoreError as error:
         print(f"gua-collector: error: {error}", file=sys.stderr)
         return STORE_EXIT[error.kind]
-    notifier = SystemdNotifier()
     stop = threading.Event()
     service = Service(
         Settings(

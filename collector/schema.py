@@ -413,11 +413,13 @@ def is_gua(conn: sqlite3.Connection) -> bool:
     return row is not None and row[0] == APPLICATION
 
 
-def ensure_schema(conn: sqlite3.Connection, created_ms: int) -> int:
+def ensure_schema(conn: sqlite3.Connection, created_ms: int,
+                  on_upgrade: Callable[[int, int], None] | None = None) -> int:
     """Create or migrate the schema in one transaction; return the version now in force.
 
-    Raises NewerSchemaError for a newer database and SchemaError for a
-    non-empty database that is not gua's.
+    on_upgrade(old, new) is called before an existing database is upgraded,
+    which may take minutes on a long history. Raises NewerSchemaError for a
+    newer database and SchemaError for a non-empty database that is not gua's.
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -432,6 +434,8 @@ def ensure_schema(conn: sqlite3.Connection, created_ms: int) -> int:
                 raise SchemaError("database has tables but is not a gua database")
         elif not is_gua(conn):
             raise SchemaError("database has a user_version but is not a gua database")
+        if 0 < version < SCHEMA_VERSION and on_upgrade is not None:
+            on_upgrade(version, SCHEMA_VERSION)
         for step in range(version, SCHEMA_VERSION):
             migration = MIGRATIONS[step]
             if isinstance(migration, str):

@@ -12,6 +12,7 @@ import fcntl
 import os
 import sqlite3
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import schema
@@ -146,11 +147,12 @@ class Store:
 
     # --- opening -------------------------------------------------------------
     @classmethod
-    def open(cls, path: str, *, now_ms: int) -> Store:
+    def open(cls, path: str, *, now_ms: int, on_upgrade: Callable[[int, int], None] | None = None) -> Store:
         """Open (creating 0640 if absent), lock by inode and migrate.
 
         Raises StoreError, leaving foreign files untouched. kind 'transient'
         (disk full, I/O error, busy) means the file is fine and a later try may work.
+        on_upgrade(old, new) is called before a schema upgrade (schema.ensure_schema).
         """
         path = os.path.abspath(path)
         directory = os.path.dirname(path)
@@ -167,7 +169,7 @@ class Store:
         _check_header(path)
         lock = _lock_database(path)
         try:
-            conn = _connect(path, now_ms)
+            conn = _connect(path, now_ms, on_upgrade)
             notes = _tighten_modes(path)
         except BaseException:
             lock.close()
@@ -565,7 +567,7 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def _connect(path: str, now_ms: int) -> sqlite3.Connection:
+def _connect(path: str, now_ms: int, on_upgrade: Callable[[int, int], None] | None) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -588,7 +590,7 @@ def _connect(path: str, now_ms: int) -> sqlite3.Connection:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
-            schema.ensure_schema(conn, now_ms)
+            schema.ensure_schema(conn, now_ms, on_upgrade)
         except schema.SchemaError as error:
             raise StoreError("not_gua", f"{path}: {error}") from None
         except sqlite3.DatabaseError as error:

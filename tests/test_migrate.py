@@ -371,3 +371,31 @@ def test_kill_9_mid_upgrade_leaves_v1(native: str, v1: str) -> None:
     # and the next start upgrades it
     Store.open(v1, now_ms=END + HOUR).close()
     assert as_read(dump(v1)) == as_read(dump(native))
+
+
+class _Sent:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def send(self, message: str) -> None:
+        self.sent.append(message)
+
+
+def test_upgrade_asks_systemd_for_time_first(v1: str, tmp_path: Path) -> None:
+    """An upgrade can outlast the 90 s start timeout (and a watchdog already armed): ask for time, say why."""
+    import io
+
+    from gua_collector import main
+    from gua_collector.clock import SimClock
+    from gua_collector.service import Log
+
+    notifier, out = _Sent(), io.StringIO()
+    main._open_store(v1, SimClock(END + HOUR), notifier, Log(out, journal=False)).close()
+    assert notifier.sent == [f"EXTEND_TIMEOUT_USEC={main.UPGRADE_TIMEOUT_S * 1_000_000}",
+                             f"STATUS=upgrading the database from schema 1 to {schema.SCHEMA_VERSION}"]
+    assert f"from schema 1 to {schema.SCHEMA_VERSION}" in out.getvalue()
+    # opened again, or created new: nothing to upgrade, nothing asked
+    again = _Sent()
+    main._open_store(v1, SimClock(END + HOUR), again, Log(io.StringIO(), journal=False)).close()
+    main._open_store(str(tmp_path / "new.db"), SimClock(END + HOUR), again, Log(io.StringIO(), journal=False)).close()
+    assert again.sent == []
