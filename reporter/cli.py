@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     T = TypeVar("T")
 
 DEFAULT_DB = "/var/lib/gua/gua.db"
+# --table NAME of --format csv (render_table.TABLES, not imported at start-up).
+TABLES = ("gpu", "identity", "unit", "hour", "event")
 _KNOWN_USERS_SHOWN = 20  # an error line names at most this many users
 
 
@@ -137,7 +139,12 @@ def make_parser() -> argparse.ArgumentParser:
                         "GB, TB or KiB, MiB, GiB, TiB; only 0 may omit it (default 100MB)")
     p.add_argument("--format", choices=("text", "json", "csv"), default="text",
                    help="text (80 columns, default), json (a versioned contract) or csv "
-                        "(section,subject,metric,value)")
+                        "(section,subject,metric,value; or one table, see --table)")
+    p.add_argument("--table", choices=TABLES, metavar="{" + ",".join(TABLES) + "}",
+                   help="with --format csv: one rectangular table with a header row instead "
+                        "of the long one: a row per GPU, user, (user, unit), weekday and "
+                        "hour of the heatmap, or data-quality event (gap, hole, collector "
+                        "run, error); times ISO 8601 in --tz")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="colour in text output: auto (default) only on a terminal, "
                         "with NO_COLOR empty or unset and TERM not dumb")
@@ -267,7 +274,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         from .merge import run as run_merge
 
         return run_merge(argv[1:])
-    args = make_parser().parse_args(_attach_time_values(argv))
+    parser = make_parser()
+    args = parser.parse_args(_attach_time_values(argv))
+    if args.table is not None and (args.format != "csv" or args.ssh is not None):
+        parser.error("argument --table: only with --format csv" if args.format != "csv"
+                     else "argument --table: not with --ssh (the fleet report has its own CSV)")
     now_ms = int(time.time() * 1000)
     if args.ssh is not None:  # `--ssh HOSTS`: this report on each host, merged (ssh.py)
         from .ssh import run as run_ssh
@@ -300,6 +311,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.format == "json":
         from .render_json import render as render_json
         text = render_json(rep)
+    elif args.format == "csv" and args.table is not None:
+        from .render_table import render as render_table
+        text = render_table(rep, args.table)
     elif args.format == "csv":
         from .render_csv import render as render_csv
         text = render_csv(rep)

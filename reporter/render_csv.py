@@ -17,6 +17,7 @@ from .render_json import WEEKDAYS, to_dict
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms)
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
     from typing import Any
 
     from .classify import Report
@@ -103,14 +104,19 @@ def render(rep: Report) -> str:
         block("host_error", item["kind"], item)
     block("data_quality", "", dq)
 
+    return write(HEADER, ((_text(section), _text(subject), _text(metric), _cell(value))
+                          for section, subject, metric, value in rows))
+
+
+def write(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """The header row, then `rows` of cells already made safe (`_cell`, `_text`), as CSV text."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     # The csv module quotes a cell holding "\n" but not one holding a bare
     # "\r", which a spreadsheet reads as a line break: a host name could
     # forge rows. Such rows are written with every cell quoted.
     w_quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
-    w.writerow(HEADER)
-    for section, subject, metric, value in rows:
-        cells = (_text(section), _text(subject), _text(metric), _cell(value))
+    w.writerow(header)
+    for cells in rows:
         (w_quoted if any("\r" in c for c in cells) else w).writerow(cells)
     return buf.getvalue()
