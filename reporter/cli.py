@@ -29,12 +29,13 @@ if TYPE_CHECKING:
     from typing import TextIO, TypeVar
 
     from .classify import Options
+    from .hourly import HourRow
 
     T = TypeVar("T")
 
 DEFAULT_DB = "/var/lib/gua/gua.db"
 # --table NAME of --format csv (render_table.TABLES, not imported at start-up).
-TABLES = ("gpu", "identity", "unit", "hour", "event")
+TABLES = ("gpu", "identity", "unit", "hour", "heatmap", "event")
 _KNOWN_USERS_SHOWN = 20  # an error line names at most this many users
 
 
@@ -142,9 +143,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "(section,subject,metric,value; or one table, see --table)")
     p.add_argument("--table", choices=TABLES, metavar="{" + ",".join(TABLES) + "}",
                    help="with --format csv: one rectangular table with a header row instead "
-                        "of the long one: a row per GPU, user, (user, unit), weekday and "
-                        "hour of the heatmap, or data-quality event (gap, hole, collector "
-                        "run, error); times ISO 8601 in --tz")
+                        "of the long one: a row per GPU, user, (user, unit), local hour and "
+                        "GPU (a time series), weekday and hour of the heatmap, or data-quality "
+                        "event (gap, hole, collector run, error); times ISO 8601 in --tz")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="colour in text output: auto (default) only on a terminal, "
                         "with NO_COLOR empty or unset and TERM not dumb")
@@ -290,12 +291,18 @@ def run(argv: Sequence[str] | None = None) -> int:
     from .opendb import open_readonly
     from .window import WindowError
 
+    hours: list[HourRow] | None = None  # --table hour's time series (hourly.py)
     try:
         opts = _options(args, now_ms)
         db = open_readonly(args.db)
         try:
             _check_users(db.conn, opts.users)
-            rep = build(db.conn, args.db, db.schema_version, opts, db.warning)
+            if args.table == "hour":  # the time series: read with the report, in its transaction
+                from .hourly import build as build_hourly
+
+                rep, hours = build_hourly(db.conn, args.db, db.schema_version, opts, db.warning)
+            else:
+                rep = build(db.conn, args.db, db.schema_version, opts, db.warning)
         except sqlite3.DatabaseError as exc:
             msg = str(exc)
             if "malformed" in msg or "not a database" in msg:
@@ -313,7 +320,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         text = render_json(rep)
     elif args.format == "csv" and args.table is not None:
         from .render_table import render as render_table
-        text = render_table(rep, args.table)
+        text = render_table(rep, args.table, hours)
     elif args.format == "csv":
         from .render_csv import render as render_csv
         text = render_csv(rep)

@@ -715,3 +715,123 @@ def count_gap_events(conn: sqlite3.Connection, lo: int, hi: int) -> int:
     return conn.execute(
         "SELECT count(*) FROM event WHERE kind = 'gap' AND ts_ms >= ? AND ts_ms < ?", (lo, hi)
     ).fetchone()[0]
+
+
+# ---------------------------------------------------------------- per local hour (`--table hour`, hourly.py)
+#
+# The GPU-state aggregate per GPU and local hour of the report's zone, for
+# the time series of `--format csv --table hour`. Not read by any other
+# report. A local hour is keyed by one integer (LOCAL_HOUR_SCALE):
+#   (local hour number since 1970) * LOCAL_HOUR_SCALE + offset in seconds + LOCAL_HOUR_BIAS
+# so that the two local hours a DST change gives the same wall-clock time
+# (and the rare zone whose offset changes off a whole local hour) stay apart.
+
+LOCAL_HOUR_SCALE = 200_000
+LOCAL_HOUR_BIAS = 100_000  # more than any UTC offset (at most 26 h = 93 600 s)
+
+
+def _offset_expr(ts_expr: str, segments: Sequence[Segment]) -> str:
+    """SQL for the zone's offset (ms) at `ts_expr`, chosen as cell_expr chooses it."""
+    if len(segments) == 1:
+        return str(int(segments[0].offset_ms))
+    whens = " ".join(
+        f"WHEN {ts_expr} < {int(s.start_ms)} THEN {int(prev.offset_ms)}"
+        for prev, s in zip(segments, segments[1:])
+    )
+    return f"(CASE {whens} ELSE {int(segments[-1].offset_ms)} END)"
+
+
+def local_hour_key_expr(ts_expr: str, segments: Sequence[Segment]) -> str:
+    """SQL for the local-hour key (LOCAL_HOUR_SCALE) of the instant `ts_expr` (>= 0)."""
+    off = _offset_expr(ts_expr, segments)
+    return (f"((({ts_expr}) + {off}) / {HOUR_MS}) * {LOCAL_HOUR_SCALE}"
+            f" + {off} / 1000 + {LOCAL_HOUR_BIAS}")
+
+
+def gpu_state_raw_hours(
+    conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
+    gpu_ids: Sequence[int], segments: Sequence[Segment],
+) -> list[tuple]:
+    """gpu_state_raw's rows with the local-hour key (local_hour_key_expr) for the cell."""
+    rows = f"""
+            SELECT g.gpu_id AS gpu_id,
+                   t.duration_ms AS d,
+                   {_COVERAGE} AS cov,
+                   g.energy_mj AS e,
+                   0 AS cut,
+                   {local_hour_key_expr('t.ts_ms', segments)} AS cell,
+                   {_STATE_CASE} AS st
+            FROM tick AS t
+            JOIN gpu_sample AS g ON g.tick_id = t.tick_id
+            WHERE t.ts_ms >= :lo AND t.ts_ms < :hi{_in_clause('g.gpu_id', gpu_ids)}"""
+    sql = _STATE_SUMS.format(rows=rows)
+    return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes}).fetchall()
+
+
+def gpu_state_clipped_hours(
+    conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
+    gpu_ids: Sequence[int], segments: Sequence[Segment],
+) -> list[tuple]:
+    """gpu_state_clipped's rows (each GPU's time counted once) with the local-hour key for the cell."""
+    rows = f"""
+            SELECT c.gpu_id AS gpu_id,
+                   c.d AS d,
+                   {_COVERAGE} AS cov,
+                   CASE WHEN c.d = c.full_d THEN g.energy_mj
+                        ELSE g.energy_mj * c.d / c.full_d END AS e,
+                   c.full_d - c.d AS cut,
+                   {local_hour_key_expr('c.ts', segments)} AS cell,
+                   {_STATE_CASE} AS st
+            FROM clipped AS c
+            JOIN gpu_sample AS g ON g.tick_id = c.tick_id AND g.gpu_id = c.gpu_id"""
+    sql = _CLIPPED_ROWS.format(gpu_filter=_in_clause('g.gpu_id', gpu_ids)) + _STATE_SUMS.format(rows=rows)
+    return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes}).fetchall()
+
+
+def gpu_state_rollup_hours(
+    conn: sqlite3.Connection, h0: int, h1: int, gpu_ids: Sequence[int], skip_hours: Sequence[int] = (),
+) -> list[tuple]:
+    """gpu_state_rollup's rows per UTC hour: (gpu_id, hour, STATE_COLUMNS...) from hour_gpu, [h0, h1)."""
+    sql = f"""
+        SELECT gpu_id, hour,
+               ticks, total_ms, active_ms, held_ms, idle_ms, unknown_ms, coverage_pm_ms,
+               energy_active_mj, energy_held_mj, energy_idle_mj,
+               0
+        FROM hour_gpu
+        WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
+    """
+    return conn.execute(sql, {"h0": h0, "h1": h1}).fetchall()
+
+
+def gpu_state_hist_hours(
+    conn: sqlite3.Connection, h0: int, h1: int, active_pm: int, held_bytes: int,
+    gpu_ids: Sequence[int], skip_hours: Sequence[int] = (),
+) -> list[tuple]:
+    """gpu_state_hist's rows per UTC hour: (gpu_id, hour, STATE_COLUMNS...), classified as it classifies.
+
+    hour_gpu_hist is keyed by (gpu_id, hour, ...): the GROUP BY follows the
+    key as SQLite reads it, without sorting. `active_pm` a whole percent.
+    """
+    assert active_pm % 10 == 0, active_pm
+    active = "util_pct >= :a_pct"
+    held = f"util_pct >= 0 AND util_pct < :a_pct AND {_HIST_HELD}"
+    idle = f"util_pct >= 0 AND util_pct < :a_pct AND NOT {_HIST_HELD}"
+    sql = f"""
+        SELECT gpu_id, hour,
+               sum(ticks),
+               sum(ms),
+               sum(CASE WHEN {active} THEN ms ELSE 0 END),
+               sum(CASE WHEN {held} THEN ms ELSE 0 END),
+               sum(CASE WHEN {idle} THEN ms ELSE 0 END),
+               sum(CASE WHEN util_pct < 0 THEN ms ELSE 0 END),
+               sum(coverage_pm_ms),
+               sum(CASE WHEN {active} THEN energy_mj END),
+               sum(CASE WHEN {held} THEN energy_mj END),
+               sum(CASE WHEN {idle} THEN energy_mj END),
+               0
+        FROM hour_gpu_hist
+        WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
+        GROUP BY gpu_id, hour
+    """
+    return conn.execute(sql, {"h0": h0, "h1": h1, "a_pct": active_pm // 10,
+                              "held_mib": held_bytes // 1_048_576}).fetchall()

@@ -1,21 +1,23 @@
 """CSV output as one rectangular table per call (`--format csv --table NAME`), like `sadf -d`.
 
 Each table is a header row and one row per GPU, identity, (identity, unit),
-heatmap cell or data-quality event, every row as wide as the header, for a
-spreadsheet or a data frame. Values and names are those of the JSON output
-(to_dict; JSON.md), with nested fields joined by '.' as in the long table
-(render_csv). Beside them, times are written in ISO 8601 in the report's
-zone with its offset (2026-11-28T10:00:00+05:30), and a few hour columns
-are derived from the integer milliseconds the same way the JSON derives
-its own. Every text cell goes through render_csv's formula neutralisation.
+local hour and GPU, heatmap cell or data-quality event, every row as wide
+as the header, for a spreadsheet or a data frame. Values and names are
+those of the JSON output (to_dict; JSON.md), with nested fields joined by
+'.' as in the long table (render_csv); the hour table's, which the JSON
+does not have, come from hourly.py with the same names. Beside them, times
+are written in ISO 8601 in the report's zone with its offset
+(2026-11-28T10:00:00+05:30), and a few hour columns are derived from the
+integer milliseconds the same way the JSON derives its own. Every text
+cell goes through render_csv's formula neutralisation.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 
 from .render_csv import _cell, _text, write
-from .render_json import WEEKDAYS, _hours, to_dict
+from .render_json import WEEKDAYS, _hours, _r, to_dict
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms)
 if TYPE_CHECKING:
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .classify import Report
+    from .hourly import HourRow
 
     Rows = Iterator[dict[str, Any]]
     # (the JSON document, the window's since and until, the zone) -> rows by column name
@@ -49,7 +52,14 @@ _IDENTITY = (
 )
 IDENTITY_COLUMNS = (*_WINDOW, "user", "uid", *_IDENTITY)
 UNIT_COLUMNS = (*_WINDOW, "user", "uid", "unit", *_IDENTITY)
-HOUR_COLUMNS = (*_WINDOW, "tz", "weekday", "weekday_index", "hour", "active_ms", "known_ms", "active_share")
+HOUR_COLUMNS = (
+    "hour", "start", "end", "tz", "index", "uuid", "mig.parent_uuid", "mig.slot", "ticks", "total_ms", "active_ms",
+    "idle_held_ms", "idle_ms", "unknown_ms", "known_ms", "active_share", "idle_held_share", "idle_share", "note",
+)
+HEATMAP_COLUMNS = (*_WINDOW, "tz", "weekday", "weekday_index", "hour", "active_ms", "known_ms", "active_share")
+# The hour table's note on a row that is not exact (hourly.HourRow.approximate).
+APPROXIMATE_NOTE = ("approximate: a rolled-up UTC hour whose raw samples retention removed is counted whole "
+                    "in the local hour holding its start")
 EVENT_COLUMNS = (
     "kind", "start", "end", "start_ms", "end_ms", "gpu", "gpu_uuid", "count", "run_id", "open_ended", "clean",
     "detail",
@@ -104,6 +114,37 @@ def _hours_of_week(d: dict[str, Any], window: dict[str, Any], tz: tzinfo) -> Row
                    "active_share": hm["active_share"][wd][hr]}
 
 
+def local_hour(number: int, offset_ms: int) -> str:
+    """Wall-clock hour `number` (since 1970-01-01T00:00 local) at that offset: 2026-11-28T10:00:00+05:30."""
+    zone = timezone(timedelta(milliseconds=offset_ms))
+    return (datetime(1970, 1, 1) + timedelta(hours=number)).replace(tzinfo=zone).isoformat()
+
+
+def hour_rows(rep: Report, hours: list[HourRow]) -> Rows:
+    """The rows of the hour table: hourly.series, with the GPUs named as the JSON's `gpus` names them."""
+    o = rep.options
+    gpus = {g.row.gpu_id: g for g in rep.gpus}
+    when: dict[str, Any] = {}
+    last: tuple[int, int, int] | None = None
+    for h in hours:
+        if (h.hour_number, h.offset_ms, h.start_ms) != last:  # rows come by hour, then GPU
+            last = (h.hour_number, h.offset_ms, h.start_ms)
+            when = {"hour": local_hour(h.hour_number, h.offset_ms), "start": iso_local(h.start_ms, o.tz),
+                    "end": iso_local(h.end_ms, o.tz), "tz": o.tz_name}
+        g, t = gpus[h.gpu_id], h.totals
+        yield {
+            **when,
+            "index": g.row.index, "uuid": g.row.uuid,
+            "mig.parent_uuid": (g.parent.uuid if g.parent else None) if g.is_mig else None,
+            "mig.slot": g.row.mig_slot if g.is_mig else None,
+            "ticks": t.ticks, "total_ms": t.total_ms, "active_ms": t.active_ms, "idle_held_ms": t.held_ms,
+            "idle_ms": t.idle_ms, "unknown_ms": t.unknown_ms, "known_ms": t.known_ms,
+            "active_share": _r(t.share("active")), "idle_held_share": _r(t.share("idle_held")),
+            "idle_share": _r(t.share("idle")),
+            "note": APPROXIMATE_NOTE if h.approximate else None,
+        }
+
+
 def _events(d: dict[str, Any], window: dict[str, Any], tz: tzinfo) -> Rows:
     dq = d["data_quality"]
     out: list[dict[str, Any]] = []
@@ -131,18 +172,30 @@ def _events(d: dict[str, Any], window: dict[str, Any], tz: tzinfo) -> Rows:
                                                       "end": iso_local(r["end_ms"], tz)}
 
 
-TABLES: dict[str, tuple[tuple[str, ...], Maker]] = {
+# name -> (columns, rows from the JSON document); the hour table's rows are
+# not in the JSON: hour_rows, from the series hourly.build reads (maker None).
+TABLES: dict[str, tuple[tuple[str, ...], Maker | None]] = {
     "gpu": (GPU_COLUMNS, _gpus),
     "identity": (IDENTITY_COLUMNS, _identities("users")),
     "unit": (UNIT_COLUMNS, _identities("units")),
-    "hour": (HOUR_COLUMNS, _hours_of_week),
+    "hour": (HOUR_COLUMNS, None),
+    "heatmap": (HEATMAP_COLUMNS, _hours_of_week),
     "event": (EVENT_COLUMNS, _events),
 }
 
 
-def render(rep: Report, table: str) -> str:
-    """One table ('gpu', 'identity', 'unit', 'hour' or 'event') of the report as CSV text."""
+def render(rep: Report, table: str, hours: list[HourRow] | None = None) -> str:
+    """One table ('gpu', 'identity', 'unit', 'hour', 'heatmap' or 'event') of the report as CSV text.
+
+    'hour' needs `hours`, the series hourly.build read with the report.
+    """
     o = rep.options
     columns, make = TABLES[table]
-    rows = make(to_dict(rep), {"since": iso_local(o.since_ms, o.tz), "until": iso_local(o.until_ms, o.tz)}, o.tz)
+    if make is None:
+        if hours is None:
+            raise ValueError(f"table {table!r} needs the hourly series (hourly.build)")
+        rows = hour_rows(rep, hours)
+    else:
+        rows = make(to_dict(rep), {"since": iso_local(o.since_ms, o.tz), "until": iso_local(o.until_ms, o.tz)},
+                    o.tz)
     return write([_text(c) for c in columns], ([_cell(r[c]) for c in columns] for r in rows))

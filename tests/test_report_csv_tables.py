@@ -28,7 +28,7 @@ from test_report_startup import COSTLY, modules_after
 pytestmark = pytest.mark.timeout(120)
 
 JSON_MD = Path(__file__).resolve().parent.parent / "reporter" / "JSON.md"
-TABLES = ("gpu", "identity", "unit", "hour", "event")
+TABLES = ("gpu", "identity", "unit", "hour", "heatmap", "event")
 INTERVAL = 60_000
 # 30 hours of the lab scenario from Monday 2024-01-01 00:00 UTC, the collector
 # crashing after 10 h 20 min and starting again 40 minutes later.
@@ -187,10 +187,10 @@ def test_identity_and_unit_tables_agree_with_the_json(lab_db, name, kind):
         assert bob["idle_held_waiting_on_cpu_ms"] and bob["idle_held_abandoned_ms"]  # split by CPU
 
 
-def test_hour_table_is_the_heatmap_and_covers_the_window(lab_db):
+def test_heatmap_table_is_the_heatmap_and_covers_the_window(lab_db):
     """168 cells, Monday 00 to Sunday 23 in --tz; known time exactly in the local hours the window touches."""
     d = report(lab_db, *LAB_WINDOW, *KOLKATA)
-    rows = by_name(table(lab_db, "hour", *LAB_WINDOW, *KOLKATA))
+    rows = by_name(table(lab_db, "heatmap", *LAB_WINDOW, *KOLKATA))
     assert [(r["weekday_index"], r["hour"]) for r in rows] == [(wd, h) for wd in range(7) for h in range(24)]
     hm = d["heatmap"]
     for r in rows:
@@ -209,6 +209,24 @@ def test_hour_table_is_the_heatmap_and_covers_the_window(lab_db):
     mon5 = next(r for r in rows if (r["weekday_index"], r["hour"]) == (0, 5))
     # 29 ticks of a minute each (plus a few ms of jitter): the run's first tick covers no time.
     assert abs(mon5["known_ms"] - 4 * 29 * INTERVAL) < 100, mon5
+
+
+def test_hour_table_is_a_time_series_adding_up_to_the_gpu_table(lab_db):
+    """A row per local hour and GPU (tests/test_report_hourly.py holds it to the JSON in every case)."""
+    d = report(lab_db, *LAB_WINDOW, *KOLKATA)
+    rows = by_name(table(lab_db, "hour", *LAB_WINDOW, *KOLKATA))
+    hours = list(dict.fromkeys(r["hour"] for r in rows))
+    assert len(hours) == 31 and len(rows) == 31 * len(d["gpus"])  # Mon 05:30 .. Tue 11:30 local, 4 GPUs
+    assert hours[0] == "2024-01-01T05:00:00+05:30" and hours[-1] == "2024-01-02T11:00:00+05:30"
+    assert (rows[0]["start"], rows[-1]["end"]) == ("2024-01-01T05:30:00+05:30", "2024-01-02T11:30:00+05:30")
+    for g in d["gpus"]:
+        mine = [r for r in rows if r["uuid"] == g["uuid"]]
+        for column in ("ticks", "total_ms", "active_ms", "idle_held_ms", "idle_ms", "unknown_ms", "known_ms"):
+            assert sum(r[column] for r in mine) == g[column], (g["index"], column)
+    # The crash: 40 minutes from 15:50:34 local without ticks: the hours 15:00 and 16:00 are short
+    # (as are the window's half hours at either end).
+    short = {r["hour"] for r in rows if r["total_ms"] < HOUR - 2 * INTERVAL and r["hour"] not in (hours[0], hours[-1])}
+    assert short == {"2024-01-01T15:00:00+05:30", "2024-01-01T16:00:00+05:30"}
 
 
 def test_event_table_agrees_with_the_json_and_carries_the_zone_offset(lab_db, hand_db):
@@ -295,12 +313,12 @@ def test_csv_without_table_is_the_long_table(hand_db):
 
 def test_help_and_man_page_name_the_tables():
     r = run_report("--help", env={"COLUMNS": "80"})
-    assert "--table {gpu,identity,unit,hour,event}" in r.stdout
+    assert "--table {gpu,identity,unit,hour,heatmap,event}" in r.stdout
     man = (Path(__file__).resolve().parent.parent / "packaging" / "man" / "gua-report.1").read_text()
     assert r"\-\-table" in man and "2026-11-28T10:00:00+05:30" in man
 
 
-@pytest.mark.parametrize("name", ["gpu", "event"])
+@pytest.mark.parametrize("name", ["gpu", "hour", "event"])
 def test_a_table_loads_nothing_costly(hand_db, name):
     loaded = modules_after("--db", hand_db, *HAND_WINDOW, "--format", "csv", "--table", name)
     assert "gua_report.render_table" in loaded
