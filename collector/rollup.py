@@ -162,8 +162,9 @@ ROLLUP_UNIT = f"INSERT INTO hour_unit ({_UNIT_COLUMNS}){_UNIT_SELECT}"
 # (SCHEMA.md), exactly so for an active threshold in whole percent, since
 # util_permille >= 10 * p exactly when util_permille / 10 >= p. Rows of an
 # unknown state have util_pct -1 (and mem_mib 0: it does not matter there).
-# A GPU's utilization and memory stay put for minutes at a time, so an hour
-# holds a few rows per GPU, not one per tick.
+# Both keys are capped (schema 3): utilization at schema.HIST_PCT_CAP percent,
+# memory at schema.HIST_MIB_CAP MiB, so that an hour holds a few rows per GPU,
+# not one per tick, however much a busy GPU's utilization wanders.
 ROLLUP_GPU_HIST = """
 WITH held AS (
     -- As in ROLLUP_GPU: driven from tick_ts.
@@ -177,8 +178,10 @@ WITH held AS (
 bucketed AS (
     SELECT t.ts_ms / 3600000 AS hour, g.gpu_id, t.duration_ms AS d,
            {cov} AS cov, g.energy_mj AS e,
-           CASE WHEN g.status != 0 OR g.util_permille IS NULL THEN -1 ELSE g.util_permille / 10 END AS util_pct,
-           CASE WHEN g.status != 0 OR g.util_permille IS NULL THEN 0 ELSE coalesce(h.mem, 0) END AS mem
+           CASE WHEN g.status != 0 OR g.util_permille IS NULL THEN -1
+                ELSE min(g.util_permille / 10, {pct_cap}) END AS util_pct,
+           CASE WHEN g.status != 0 OR g.util_permille IS NULL THEN 0
+                ELSE min(coalesce(h.mem, 0), {mib_cap}) END AS mem
     FROM tick AS t
     JOIN gpu_sample AS g ON g.tick_id = t.tick_id
     LEFT JOIN held AS h ON h.tick_id = g.tick_id AND h.gpu_id = g.gpu_id
@@ -188,14 +191,16 @@ INSERT INTO hour_gpu_hist (hour, gpu_id, util_pct, mem_mib, ticks, ms, coverage_
 SELECT hour, gpu_id, util_pct, mem, count(*), sum(d), sum(d * coalesce(cov, 0)), sum(e)
 FROM bucketed
 GROUP BY hour, gpu_id, util_pct, mem
-""".replace("{cov}", schema.COVERAGE_SQL.format(g="g."))
+""".replace("{cov}", schema.COVERAGE_SQL.format(g="g.")).format(
+    pct_cap=schema.HIST_PCT_CAP, mib_cap=schema.HIST_MIB_CAP)
 # The heatmap's grain: a GPU's known time per UTC quarter hour by utilization
-# in whole percent (active time at any such threshold). A quarter hour falls
+# in whole percent, capped as above (active time at any threshold up to the
+# cap). A quarter hour falls
 # into one local hour in every zone in use (+05:30, +05:45, +12:45, and the
 # instants they change), where a UTC hour may straddle two.
-ROLLUP_QUARTER_GPU = """
+ROLLUP_QUARTER_GPU = f"""
 INSERT INTO quarter_gpu (quarter, gpu_id, util_pct, ms)
-SELECT t.ts_ms / 900000, g.gpu_id, g.util_permille / 10, sum(t.duration_ms)
+SELECT t.ts_ms / 900000, g.gpu_id, min(g.util_permille / 10, {schema.HIST_PCT_CAP}), sum(t.duration_ms)
 FROM tick AS t
 JOIN gpu_sample AS g ON g.tick_id = t.tick_id
 WHERE t.ts_ms >= :lo AND t.ts_ms < :hi AND g.status = 0 AND g.util_permille IS NOT NULL
@@ -203,16 +208,17 @@ GROUP BY 1, 2, 3
 """
 # One row per hour, GPU, holder, its SM (the sum over its compute processes,
 # in percent; -1 when one is NULL) and its compute memory (-1 when one is
-# NULL): whether it held the GPU and idled follows for any thresholds, since
-# sm and memory are integers. SM sums above 100 are kept as 100: no active
-# threshold (at most 100 %) tells them apart. Every holder row counts, held
+# NULL): whether it held the GPU and idled follows for any thresholds up to
+# the caps, since sm and memory are integers. Both are capped as the GPU's
+# (schema.HIST_PCT_CAP, schema.HIST_MIB_CAP); mem_mib_ms stays exact. Every holder row counts, held
 # at the rollup thresholds or not; cpu_busy_ms and cpu_unknown_ms split its
 # time as idle_cpu_busy_ms and idle_cpu_unknown_ms split idle-held time.
 _HOLDER_HIST = _HOUR_TICKS + """per AS (
     SELECT t.hour, t.d, ps.gpu_id, p.account_id, {unit} AS unit,
-           CASE WHEN max(ps.mem_mib IS NULL) THEN -1 ELSE coalesce(sum(ps.mem_mib), 0) END AS mem_key,
+           CASE WHEN max(ps.mem_mib IS NULL) THEN -1 ELSE min(coalesce(sum(ps.mem_mib), 0), {mib_cap}) END
+               AS mem_key,
            coalesce(sum(ps.mem_mib), 0) AS mem,
-           CASE WHEN max(ps.sm_util IS NULL) THEN -1 ELSE min(coalesce(sum(ps.sm_util), 0), 100) END AS sm,
+           CASE WHEN max(ps.sm_util IS NULL) THEN -1 ELSE min(coalesce(sum(ps.sm_util), 0), {pct_cap}) END AS sm,
            max(ps.cpu_permille IS NULL AND NOT ps.kind & 4) AS cpu_unknown,
            coalesce(sum(ps.cpu_permille), 0) AS cpu
     FROM t
@@ -231,9 +237,11 @@ GROUP BY hour, gpu_id, account_id, {select_unit} sm, mem_key
 """
 ROLLUP_ACCOUNT_HIST = _HOLDER_HIST.format(
     unit="''", where="", select_unit="", table="hour_account_hist",
+    pct_cap=schema.HIST_PCT_CAP, mib_cap=schema.HIST_MIB_CAP,
     columns="hour, gpu_id, account_id, sm_pct, mem_mib, ms, mem_mib_ms, cpu_busy_ms, cpu_unknown_ms")
 ROLLUP_UNIT_HIST = _HOLDER_HIST.format(
     unit="p.unit", where="AND p.unit != ''", select_unit="unit,", table="hour_unit_hist",
+    pct_cap=schema.HIST_PCT_CAP, mib_cap=schema.HIST_MIB_CAP,
     columns="hour, gpu_id, account_id, unit, sm_pct, mem_mib, ms, mem_mib_ms, cpu_busy_ms, cpu_unknown_ms")
 HIST_ROLLUPS = (ROLLUP_GPU_HIST, ROLLUP_QUARTER_GPU, ROLLUP_ACCOUNT_HIST, ROLLUP_UNIT_HIST)
 # Everything an hour gets, in the order written.

@@ -293,9 +293,21 @@ CREATE TABLE hour_unit_hist (
 _V3 = """
 ALTER TABLE process ADD COLUMN last_ms INTEGER NOT NULL DEFAULT 0;
 UPDATE process SET last_ms = coalesce((SELECT max(ts_ms) FROM tick), 0);
+INSERT INTO meta (key, value) VALUES ('hist_pct_cap', '{pct}'), ('hist_mib_cap', '{mib}')
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- Retention deletes process rows by last_ms (store.DELETE_PROCESSES).
 CREATE INDEX process_last ON process (last_ms);
 """
+
+# Schema 3 caps the histograms' keys (rollup.py): utilization and SM at
+# HIST_PCT_CAP percent and memory at HIST_MIB_CAP MiB. A busy GPU's
+# utilization and a job's memory wander over many values that no usual
+# threshold tells apart; kept exactly, a day of short jobs wrote almost a row
+# per tick, kept forever. Capped, a histogram classifies exactly for an active
+# threshold up to HIST_PCT_CAP % and a held threshold below HIST_MIB_CAP MiB;
+# other thresholds read raw rows (the reporter says so). Recorded in meta.
+HIST_PCT_CAP = 50
+HIST_MIB_CAP = 1024
 
 # The collector writes process.last_ms again once a sighting is this much
 # newer than the stored value: one UPDATE per process an hour, not per tick.
@@ -384,7 +396,8 @@ def backfill_proc_state(conn: sqlite3.Connection) -> None:
 Migration = str | Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[n] takes a database at version n to n + 1; a new database runs them all.
-MIGRATIONS: dict[int, Migration] = {0: _V1, 1: _v1_to_v2, 2: _V3}
+MIGRATIONS: dict[int, Migration] = {
+    0: _V1, 1: _v1_to_v2, 2: _V3.format(pct=HIST_PCT_CAP, mib=HIST_MIB_CAP)}
 
 
 class SchemaError(Exception):

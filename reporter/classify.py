@@ -474,6 +474,8 @@ THRESHOLDS_NOT_WHOLE = ("an active threshold that is not a whole percent is clas
                         "(the rollups keep utilization in whole percent)")
 THRESHOLDS_NO_HIST = ("thresholds other than the rollups' are classified from raw samples (this database's "
                       "rollups were written by gua 0.1.0, without histograms)")
+THRESHOLDS_BEYOND_HIST = ("an active threshold above {pct} % or a held threshold of {mib} MiB or more is classified "
+                          "from raw samples (the rollups keep utilization up to {pct} % and memory up to {mib} MiB)")
 
 
 def thresholds_note(meta: dict[str, str], opts: Options) -> str | None:
@@ -492,6 +494,15 @@ def thresholds_note(meta: dict[str, str], opts: Options) -> str | None:
         return THRESHOLDS_NO_HIST
     if opts.active_pm % 10:
         return THRESHOLDS_NOT_WHOLE
+    if "hist_pct_cap" not in meta:
+        return None  # schema 2 wrote the histograms uncapped
+    try:
+        pct, mib = int(meta["hist_pct_cap"]), int(meta["hist_mib_cap"])
+    except (KeyError, ValueError):
+        return THRESHOLDS_NO_HIST
+    # Exact while a_pct <= pct (util_pct >= a_pct) and held_mib < mib (mem_mib > held_mib).
+    if opts.active_pm > 10 * pct or opts.held_bytes // 1_048_576 >= mib:
+        return THRESHOLDS_BEYOND_HIST.format(pct=pct, mib=mib)
     return None
 
 

@@ -106,9 +106,14 @@ def render(rep: Report, colour: bool = False) -> str:
     add(line)
     add(f"  Rules: active = SM util >= {o.active_pm / 10:g} %; idle-held = below that while"
         f" compute")
-    add(f"  processes hold > {_size(o.held_bytes)} (or unknown memory); else truly idle."
-        " Basis: physical")
-    add("  GPUs, time = sum of measured tick durations; shares of known time.")
+    held = f"  processes hold > {_size(o.held_bytes)} (or unknown memory); else truly idle."
+    if len(held) + len(" Basis: physical") <= WIDTH:
+        add(held + " Basis: physical")
+        add("  GPUs, time = sum of measured tick durations; shares of known time.")
+    else:  # a held threshold in bytes that no unit divides
+        add(held)
+        add("  Basis: physical GPUs, time = sum of measured tick durations;")
+        add("  shares of known time.")
     if rep.threshold_note:
         _wrapped(add, "Note: " + rep.threshold_note + ".")
 
@@ -269,6 +274,9 @@ def _size(b: int) -> str:
     for unit, f in (("GB", 10**9), ("MB", 10**6)):
         if b >= f and b % (f // 1000) == 0:
             return f"{b / f:g} {unit}"
+    for unit, f in (("GiB", 2**30), ("MiB", 2**20)):
+        if b >= f and b % f == 0:
+            return f"{b // f} {unit}"
     return f"{b} B"
 
 

@@ -281,7 +281,7 @@ def make_v1(src: str, dst: str) -> None:
         values = ", ".join(schema.COVERAGE_SQL.format(g="") if n == "coverage_permille" else n for n in names)
         conn.execute(f"INSERT INTO main.{table} ({cols}) SELECT {values} FROM src.{table}")
     conn.execute("DELETE FROM main.meta WHERE key IN ('sm_unknown_since_hour', 'proc_state_since_ms', "
-                 "'hist_since_hour')")
+                 "'hist_since_hour', 'hist_pct_cap', 'hist_mib_cap')")
     conn.execute("PRAGMA user_version = 1")
     conn.execute("COMMIT")
     conn.execute("DETACH DATABASE src")

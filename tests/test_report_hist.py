@@ -43,7 +43,10 @@ THRESHOLDS = {
     "held 8GiB exactly": ("--held-threshold", "8GiB"),  # bob's notebook holds exactly 8 GiB: not above it
     "held 300MB, active 25%": ("--active-threshold", "25", "--held-threshold", "300MB"),
     "held 12 GB + 1 B": ("--held-threshold", "12000000001B"),
+    "held 1023MiB": ("--held-threshold", "1023MiB"),  # the largest the capped histograms answer
 }
+# Beyond the histograms' caps (schema 3: utilization 50 %, memory 1024 MiB): raw rows, said so.
+BEYOND_CAPS = {"active 100%", "held 1GiB", "held 8GiB exactly", "held 12 GB + 1 B"}
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +107,13 @@ def test_every_zone_and_threshold_reads_rollups_exactly(south_db, tz, name):
 @pytest.mark.parametrize("name", sorted(THRESHOLDS))
 def test_every_threshold_kind(south_db, name):
     rolled, raw = both(south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata", *THRESHOLDS[name])
-    assert rolled["source"]["rollup_hours"] >= 30
+    if name in BEYOND_CAPS:
+        assert rolled["source"]["rollups"] == "none"
+        assert "raw samples (the rollups keep utilization up to 50 % and memory up to 1024 MiB)" in (
+            rolled["rules"]["note"])
+    else:
+        assert rolled["source"]["rollup_hours"] >= 30
+        assert rolled["rules"]["note"] is None
     assert_same(rolled, raw)
     users = {u["user"]: u for u in rolled["identities"]["users"]}
     if name == "held 0":  # every holder holds: carol's job between its bursts too
@@ -116,14 +125,14 @@ def test_every_threshold_kind(south_db, name):
 
 def test_dst_in_the_north(north_db):
     for tz in ("America/St_Johns", "Asia/Kolkata", "America/New_York"):
-        for name in ("default", "held 1GiB"):
+        for name in ("default", "held 1023MiB"):
             rolled, raw = both(north_db, *NORTH_WINDOW, "--tz", tz, *THRESHOLDS[name])
             assert rolled["source"]["heatmap"] == ("hour" if tz == "America/New_York" else "quarter")
             assert rolled["heatmap"]["unplaced_known_ms"] == 0
             assert_same(rolled, raw)
 
 
-@pytest.mark.parametrize("name", ["default", "active 50%", "held 1GiB"])
+@pytest.mark.parametrize("name", ["default", "active 50%", "held 1023MiB"])
 def test_sm_unknown_holders(mig_db, name):
     window = ("--since", "2024-04-05T07:30:00Z", "--until", "2024-04-05T23:30:00Z", "--tz", "Asia/Kathmandu")
     rolled, raw = both(mig_db, *window, *THRESHOLDS[name])
@@ -149,8 +158,12 @@ def test_an_active_threshold_between_whole_percents_is_read_raw_and_says_so(sout
     assert "Note: an active threshold that is not a whole percent is classified from raw" in text
     assert all(len(line) <= 80 for line in text.splitlines())
     default_text = run_report("--db", south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata",
-                              "--held-threshold", "1GiB").stdout
+                              "--held-threshold", "1000MB").stdout
     assert "Note:" not in default_text
+    for held in ("1GiB", "12000000001B"):  # the rules line names a size no unit divides, in 80 columns too
+        beyond = run_report("--db", south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata", "--held-threshold", held).stdout
+        assert "Note: an active threshold above 50 % or a held threshold of 1024 MiB or more" in beyond
+        assert all(len(line) <= 80 for line in beyond.splitlines()), beyond
 
 
 def test_histograms_equal_the_raw_rows_hour_by_hour(south_db):

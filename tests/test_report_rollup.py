@@ -131,7 +131,7 @@ def test_sane_numbers(sim_db):
     assert users == {"alice", "bob", "carol"}
 
 
-@pytest.mark.parametrize("args", [("--active-threshold", "50"), ("--held-threshold", "1GiB"),
+@pytest.mark.parametrize("args", [("--active-threshold", "50"), ("--held-threshold", "1000MiB"),
                                   ("--active-threshold", "25", "--held-threshold", "0")])
 def test_other_thresholds_use_the_histograms(sim_db, args):
     """More in tests/test_report_hist.py."""

@@ -1,0 +1,97 @@
+"""Database size: bytes per GPU-tick by table, and the size of a year of job churn under retention.
+
+Run: .venv/bin/python tests/bench/bench_size.py [--ticks N] [--year]
+Every database is built by the real collector (`python -m gua_collector
+--ticks`, simulated backend, fast-forwarded clock), so it holds exactly what
+a service writes. "All-in" is every file of the database after a clean stop
+(the WAL is truncated then). Figures, not pass/fail; not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+DAY_MS = 86_400_000
+START_MS = 1_767_225_600_000  # 2026-01-01 00:00 UTC
+
+
+def collect(db: Path, scenario: str, interval: str, ticks: int, start_ms: int, retention: str = "90d") -> None:
+    """One fast-forwarded collector run onto db."""
+    from datetime import datetime, timezone
+
+    start = datetime.fromtimestamp(start_ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    r = subprocess.run(
+        [sys.executable, "-m", "gua_collector", "--db", str(db), "--backend", f"simulate:{scenario}",
+         "--interval", interval, "--ticks", str(ticks), "--start", start, "--retention", retention],
+        capture_output=True, text=True, check=False)
+    if r.returncode:
+        raise SystemExit(f"collector failed with {r.returncode}: {r.stderr.strip()}")
+
+
+def by_table(db: Path) -> dict[str, int]:
+    """Bytes per table and index (dbstat), the largest first."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC").fetchall()
+    return {name: size for name, size in rows}
+
+
+def all_in(db: Path) -> int:
+    return sum(p.stat().st_size for p in db.parent.glob(db.name + "*"))
+
+
+def per_gpu_tick(ticks: int) -> None:
+    print(f"{'scenario':<9}{'procs/GPU':>10}{'B/GPU-tick':>12}  largest tables, B/GPU-tick")
+    for scenario in ("lab8", "lab", "churn8"):
+        with tempfile.TemporaryDirectory() as tmp:
+            db = Path(tmp) / "gua.db"
+            collect(db, scenario, "10s", ticks, START_MS)
+            with sqlite3.connect(db) as conn:
+                gpu_ticks = conn.execute("SELECT count(*) FROM gpu_sample").fetchone()[0]
+                procs = conn.execute("SELECT count(*) FROM proc_sample").fetchone()[0]
+            tables = by_table(db)
+            top = ", ".join(f"{n} {s / gpu_ticks:.1f}" for n, s in list(tables.items())[:6])
+            print(f"{scenario:<9}{procs / gpu_ticks:>10.2f}{all_in(db) / gpu_ticks:>12.1f}  {top}")
+
+
+def churn_year(days_per_step: int, interval_s: int, retention: str) -> None:
+    """simulate:churn8 (8 cards, ~9,600 jobs a day) for a year, printing sizes as it grows."""
+    ticks = days_per_step * DAY_MS // (interval_s * 1000)
+    print(f"churn8, {interval_s} s ticks, retention {retention}: sizes after each {days_per_step} days")
+    print(f"{'day':>5}{'DB MiB':>9}{'process rows':>14}{'raw MiB':>9}{'rollup MiB':>12}{'hist MiB':>10}")
+    raw = ("tick", "tick_ts", "gpu_sample", "proc_sample")
+    hist = ("hour_gpu_hist", "quarter_gpu", "hour_account_hist", "hour_unit_hist")
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "gua.db"
+        for step in range(1, 365 // days_per_step + 1):
+            collect(db, "churn8", f"{interval_s}s", ticks, START_MS + (step - 1) * days_per_step * DAY_MS, retention)
+            tables = by_table(db)
+            with sqlite3.connect(db) as conn:
+                processes = conn.execute("SELECT count(*) FROM process").fetchone()[0]
+            mib = 1024 * 1024
+            raw_b = sum(tables.get(t, 0) for t in raw)
+            hist_b = sum(tables.get(t, 0) for t in hist)
+            roll_b = sum(s for t, s in tables.items() if t.startswith("hour_") and t not in hist)
+            print(f"{step * days_per_step:>5}{all_in(db) / mib:>9.1f}{processes:>14}{raw_b / mib:>9.1f}"
+                  f"{roll_b / mib:>12.1f}{hist_b / mib:>10.1f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ticks", type=int, default=8640, help="ticks per scenario (default: one day at 10 s)")
+    parser.add_argument("--year", action="store_true", help="also a year of simulate:churn8 (minutes)")
+    parser.add_argument("--step-days", type=int, default=30, help="with --year: days per collector run")
+    parser.add_argument("--interval", type=int, default=60, help="with --year: tick interval in seconds")
+    parser.add_argument("--retention", default="90d", help="with --year: raw retention")
+    args = parser.parse_args()
+    per_gpu_tick(args.ticks)
+    if args.year:
+        churn_year(args.step_days, args.interval, args.retention)
+
+
+if __name__ == "__main__":
+    main()
