@@ -12,7 +12,7 @@ two of them, so the rollup path and the raw path give identical output.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import tzinfo
 
 from . import opendb, query
@@ -636,8 +636,11 @@ def select_gpus(rows: Sequence[query.GpuRow], selectors: Sequence[str]) -> list[
 # ---------------------------------------------------------------- build
 
 def build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Options,
-          open_warning: str = "") -> Report:
+          open_warning: str = "", also: Callable[[sqlite3.Connection, Report], None] | None = None) -> Report:
     """Run every query in one read transaction and assemble the Report.
+
+    `also(conn, report)` reads more in the same transaction (the hourly
+    series), and again whenever the report is read again.
 
     A connection opendb opened without locks (no collector running) reads
     pages as they are on disk: if a collector starts or stops meanwhile, it
@@ -650,7 +653,7 @@ def build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Opt
     try:
         for attempt in range(opendb.READ_TRIES):
             try:
-                rep = _build_snapshot(conn, db_path, schema_version, opts)
+                rep = _build_snapshot(conn, db_path, schema_version, opts, also)
                 failure: Exception | None = None
             except (sqlite3.DatabaseError, ReportError, WindowError) as exc:
                 failure = exc
@@ -676,10 +679,14 @@ def build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Opt
     return rep
 
 
-def _build_snapshot(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Options) -> Report:
+def _build_snapshot(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Options,
+                    also: Callable[[sqlite3.Connection, Report], None] | None) -> Report:
     conn.execute("BEGIN")  # one snapshot for the whole report, however long the collector writes
     try:
-        return _build(conn, db_path, schema_version, opts)
+        rep = _build(conn, db_path, schema_version, opts)
+        if also is not None:
+            also(conn, rep)
+        return rep
     finally:
         conn.execute("COMMIT")
 

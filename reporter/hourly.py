@@ -31,9 +31,8 @@ from __future__ import annotations
 import sqlite3
 from bisect import bisect_right
 
-from . import classify, opendb, query
-from .errors import Exit, ReportError
-from .window import HOUR_MS, Segment, WindowError, offset_segments
+from . import classify, query
+from .window import HOUR_MS, Segment, offset_segments
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms)
 if TYPE_CHECKING:
@@ -206,47 +205,11 @@ def _dense(rep: Report, offsets: _Offsets, gpu_ids: list[int], sums: dict[Key, c
 
 def build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Options,
           open_warning: str = "") -> tuple[Report, list[HourRow]]:
-    """classify.build, and the series read in the same transaction (one snapshot: the sums agree).
+    """classify.build, and the series read in the same transaction (one snapshot: the sums agree)."""
+    rows: list[HourRow] = []
 
-    The same tries as classify.build when the files change under a
-    lock-free read (a collector starting or stopping): read again, through
-    the WAL once one exists.
-    """
-    reopened: list[sqlite3.Connection] = []
-    try:
-        for attempt in range(opendb.READ_TRIES):
-            try:
-                rep, rows = _snapshot(conn, db_path, schema_version, opts)
-                failure: Exception | None = None
-            except (sqlite3.DatabaseError, ReportError, WindowError) as exc:
-                failure = exc
-            if not opendb.changed_under(conn):
-                if failure is not None:
-                    raise failure
-                break
-            if attempt == opendb.READ_TRIES - 1:
-                raise ReportError(
-                    Exit.CORRUPT,
-                    f"{db_path} changed during each of {opendb.READ_TRIES} reads (a collector starting "
-                    "and stopping?); it is not known to be corrupt: run gua-report again",
-                )
-            opendb.settle(attempt + 1)
-            db = opendb.open_readonly(db_path)
-            reopened.append(db.conn)
-            conn, schema_version, open_warning = db.conn, db.schema_version, db.warning
-    finally:
-        for c in reopened:
-            c.close()
-    if open_warning:
-        rep.warnings.insert(0, open_warning)
+    def read(c: sqlite3.Connection, rep: Report) -> None:
+        rows[:] = series(c, rep)  # a report read again gets its series again
+
+    rep = classify.build(conn, db_path, schema_version, opts, open_warning, also=read)
     return rep, rows
-
-
-def _snapshot(conn: sqlite3.Connection, db_path: str, schema_version: int,
-              opts: Options) -> tuple[Report, list[HourRow]]:
-    conn.execute("BEGIN")
-    try:
-        rep = classify._build(conn, db_path, schema_version, opts)
-        return rep, series(conn, rep)
-    finally:
-        conn.execute("COMMIT")
