@@ -30,6 +30,7 @@ DEFAULTS = {
     "db": "/var/lib/gua/gua.db",
     "interval": "10s",
     "retention": "90d",
+    "unit_retention": "400d",
     "backend": "nvml",
     "textfile": "",
     "textfile_users": "off",
@@ -92,6 +93,7 @@ class Options:
     textfile: str  # '' = off
     check: bool = False
     textfile_users: bool = False  # publish per-user series (user names) in the textfile
+    unit_retention_ms: int = 400 * 86_400_000  # per-unit rollups (hour_unit, hour_unit_hist)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -114,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--db", metavar="PATH", help=f"database file (default {DEFAULTS['db']})")
     parser.add_argument("--interval", metavar="DURATION", help="time between ticks, e.g. 10s, 1m (default 10s)")
     parser.add_argument("--retention", metavar="DURATION", help="keep raw samples this long, e.g. 90d (default 90d)")
+    parser.add_argument("--unit-retention", metavar="DURATION",
+                        help="keep per-unit (Slurm job, container) hourly rollups this long, at least --retention "
+                        "(default 400d); per-GPU and per-user rollups are kept for ever")
     parser.add_argument("--backend", metavar="BACKEND",
                         help="nvml (default) or simulate[:SCENARIO] (lab, lab8, mig, faults, hang, late, gpm)")
     parser.add_argument(
@@ -151,6 +156,7 @@ def parse_options(argv: list[str]) -> Options:
     try:
         interval_ms = parse_duration_ms(values["interval"])
         retention_ms = parse_duration_ms(values["retention"])
+        unit_retention_ms = parse_duration_ms(values["unit_retention"])
     except ValueError as error:
         raise UsageError(str(error)) from None
     if interval_ms < 1000:
@@ -159,6 +165,10 @@ def parse_options(argv: list[str]) -> Options:
         raise UsageError(f"interval must be at most 1h, got {values['interval']!r}")
     if retention_ms < interval_ms:
         raise UsageError("retention must be longer than the interval")
+    if unit_retention_ms < retention_ms:
+        # Hours rolled up but still raw would lose their units before their samples.
+        raise UsageError(f"unit_retention ({values['unit_retention']}) must be at least retention "
+                         f"({values['retention']})")
     backend = values["backend"].strip()
     if backend == "simulate":
         backend = "simulate:lab"
@@ -183,7 +193,7 @@ def parse_options(argv: list[str]) -> Options:
     if args.check and args.ticks is not None:
         raise UsageError("--check records nothing: it takes no --ticks")
     return Options(values["db"], interval_ms, retention_ms, backend, args.ticks, start_ms, textfile, args.check,
-                   textfile_users=users)
+                   textfile_users=users, unit_retention_ms=unit_retention_ms)
 
 
 def _read_config(path: str | None) -> dict[str, str]:
@@ -304,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         Settings(
             interval_s=options.interval_ms / 1000,
             retention_ms=options.retention_ms,
+            unit_retention_ms=options.unit_retention_ms,
             ticks=options.ticks,
             hostname=socket.gethostname(),
             version=__version__,

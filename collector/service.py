@@ -17,7 +17,7 @@ from .notify import Notifier
 from .records import Event, Tick
 from .sampler import Sampler
 from .states import IDLE_HELD, gpu_state
-from .store import Store, StoreError
+from .store import PRUNE_BATCH, Store, StoreError
 from .textfile import Textfile
 
 MAX_BACKLOG = 360  # ticks kept in memory while the disk refuses writes
@@ -38,6 +38,7 @@ class Settings:
     version: str = ""
     # A service waits out a full disk; a one-off run (--ticks) reports it and exits.
     wait_for_db: bool = True
+    unit_retention_ms: int | None = None  # per-unit rollups; None: kept for ever
 
 
 class Log:
@@ -424,13 +425,20 @@ class Service:
             self._log.error(f"could not record event: {error}")
 
     def _prune(self, now_ms: int) -> bool:
-        """One batch of retention; True when nothing old is left."""
+        """One batch of retention (raw rows first, then per-unit rollups); True when the pass is done.
+
+        A batch short of PRUNE_BATCH ends the raw part: at 10 s ticks a tick
+        ages out every tick, so "nothing removed" would never come, and the
+        pass would run at every tick.
+        """
         try:
-            removed = self._store.prune(now_ms - self._settings.retention_ms)
+            if self._store.prune(now_ms - self._settings.retention_ms) >= PRUNE_BATCH:
+                return False
+            if self._settings.unit_retention_ms is not None:
+                return not self._store.prune_units(now_ms - self._settings.unit_retention_ms)
         except sqlite3.Error as error:
             self._log.error(f"retention pruning failed: {error}")
-            return True
-        return removed == 0
+        return True
 
     # --- time and gaps --------------------------------------------------------------------
     def _stamp(self, wall_ms: int, duration_ms: int) -> int:

@@ -103,6 +103,16 @@ DELETE FROM proc_gpu_state
 WHERE last_seen_ms < max(:before, coalesce((SELECT max(ts_ms) FROM tick), :before) - :keep)
 """
 PROC_STATE_KEEP_MS = 86_400_000
+# Per-unit rollups (one unit per Slurm job or container: a busy cluster's
+# largest rollups, by far) older than unit_retention, a day of hours a batch;
+# both tables are keyed by hour first.
+SELECT_OLDEST_UNIT_HOUR = "SELECT min(hour) FROM hour_unit"
+DELETE_UNIT_ROLLUPS = (
+    "DELETE FROM hour_unit WHERE hour < :upto",
+    "DELETE FROM hour_unit_hist WHERE hour < :upto",
+)
+UNIT_PRUNE_BATCH_HOURS = 24
+PRUNE_BATCH = 2000  # raw ticks a transaction
 # A process row goes once no retained raw row can refer to it: it was last
 # seen (last_ms, up to schema.PROCESS_LAST_STEP_MS early) before the cut, and
 # proc_gpu_state (pruned just before) has no row of it. Seeks process_last.
@@ -355,7 +365,7 @@ class Store:
         return cached[0]
 
     # --- retention -------------------------------------------------------------------
-    def prune(self, before_ms: int, batch: int = 2000) -> int:
+    def prune(self, before_ms: int, batch: int = PRUNE_BATCH) -> int:
         """Delete one batch of raw ticks older than before_ms; returns how many ticks went.
 
         The last batch of a pass (fewer than `batch`) also drops proc_gpu_state
@@ -377,6 +387,24 @@ class Store:
                 if gone:
                     self._procs.clear()  # a pruned id must never be written again
         return len(ids)
+
+    def prune_units(self, before_ms: int) -> bool:
+        """Delete a day's per-unit rollups older than before_ms (hour_unit, hour_unit_hist); True while older remain.
+
+        meta `units_pruned_before_hour` says from which hour on they are kept:
+        the reporter tells a window that reaches back further that its units
+        are incomplete.
+        """
+        before_hour = before_ms // HOUR_MS
+        with self._transaction():
+            oldest = self._conn.execute(SELECT_OLDEST_UNIT_HOUR).fetchone()[0]
+            if oldest is None or oldest >= before_hour:
+                return False
+            upto = min(before_hour, oldest + UNIT_PRUNE_BATCH_HOURS)
+            for sql in DELETE_UNIT_ROLLUPS:
+                self._conn.execute(sql, {"upto": upto})
+            self._rollups.set_meta("units_pruned_before_hour", str(upto))
+        return upto < before_hour
 
     # --- transactions -------------------------------------------------------------------
     def _transaction(self) -> _Transaction:

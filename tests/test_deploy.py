@@ -198,6 +198,7 @@ def test_default_config_documents_every_key_commented_out() -> None:
         "db": "/var/lib/gua/gua.db",
         "interval": "10s",
         "retention": "90d",
+        "unit_retention": "400d",
         "backend": "nvml",
         "textfile": "",
         "textfile_users": "off",

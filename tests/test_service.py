@@ -244,3 +244,21 @@ def test_simulated_energy_does_not_depend_on_the_interval(tmp_path: Path, interv
         for gpu in backend._gpus for t in range(2000, 2 * 3600 * 1000 + 1, 2000)
     )
     assert abs(total_mj - expected) / expected < 0.001, (total_mj, expected)
+
+
+def test_retention_passes_end_and_reach_unit_rollups(tmp_path: Path) -> None:
+    """With a tick ageing out at every tick, a pass still ends (a short batch), and per-unit rollups go too."""
+    from gua_collector.main import main
+
+    db = tmp_path / "gua.db"
+    assert main(["--db", str(db), "--backend", "simulate:lab", "--interval", "60s", "--ticks", str(3 * 1440),
+                 "--start", "2026-01-01T00:00:00Z", "--retention", "1d", "--unit-retention", "1d"]) == 0
+    conn = sqlite3.connect(db)
+    newest = conn.execute("SELECT max(ts_ms) FROM tick").fetchone()[0]
+    cut_hour = (newest - 86_400_000) // 3_600_000
+    assert conn.execute("SELECT min(ts_ms) FROM tick").fetchone()[0] >= newest - 86_400_000 - 3_600_000
+    oldest_unit = conn.execute("SELECT min(hour) FROM hour_unit").fetchone()[0]
+    assert cut_hour - 2 <= oldest_unit <= cut_hour + 1, "units kept for a day, as the raw rows"
+    pruned = int(conn.execute("SELECT value FROM meta WHERE key = 'units_pruned_before_hour'").fetchone()[0])
+    assert pruned <= oldest_unit
+    assert conn.execute("SELECT min(hour) FROM hour_gpu").fetchone()[0] < cut_hour - 24, "per-GPU rollups stay"

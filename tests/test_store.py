@@ -268,3 +268,27 @@ def test_process_last_seen_is_written_once_an_hour(tmp_path: Path) -> None:
     assert sorted(set(lasts)) == [START, START + 60 * 60_000, START + 120 * 60_000]
     for m, last in zip(range(0, 150, 5), lasts):
         assert 0 <= START + m * 60_000 - last < schema.PROCESS_LAST_STEP_MS
+
+
+def test_unit_rollups_go_after_unit_retention_a_day_at_a_time(tmp_path: Path) -> None:
+    """Per-unit rollups (a row per Slurm job and hour) are pruned by hour; per-GPU and per-user ones stay."""
+    db = tmp_path / "gua.db"
+    build(db, "lab", ticks=3 * 360 + 1)  # carol's Slurm job every hour: hours 8 to 10 rolled up
+    store = Store.open(str(db), now_ms=START)
+    conn = sqlite3.connect(db)
+
+    def hours(table: str) -> list[int]:
+        return sorted({r[0] - START // 3_600_000 for r in conn.execute(f"SELECT hour FROM {table}")})
+
+    assert hours("hour_unit") == hours("hour_unit_hist") == [0, 1, 2]
+    assert store.prune_units(START + 1 * 3_600_000) is False  # before hour 1 goes: all that was to go
+    assert hours("hour_unit") == hours("hour_unit_hist") == [1, 2]
+    assert store.prune_units(START + 1 * 3_600_000) is False  # nothing older left
+    assert hours("hour_gpu") == hours("hour_account") == [0, 1, 2], "only the per-unit rollups go"
+    meta = dict(conn.execute("SELECT key, value FROM meta"))
+    assert meta["units_pruned_before_hour"] == str(START // 3_600_000 + 1)
+    # a cut far ahead goes a day at a time
+    assert store.prune_units(START + 1000 * 3_600_000) is True  # more hours to go than one batch
+    assert hours("hour_unit") == [] and dict(conn.execute("SELECT key, value FROM meta"))[
+        "units_pruned_before_hour"] == str(START // 3_600_000 + 1 + 24)
+    store.close()
