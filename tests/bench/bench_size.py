@@ -14,20 +14,23 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+from datetime import UTC
 from pathlib import Path
 
 DAY_MS = 86_400_000
 START_MS = 1_767_225_600_000  # 2026-01-01 00:00 UTC
 
 
-def collect(db: Path, scenario: str, interval: str, ticks: int, start_ms: int, retention: str = "90d") -> None:
+def collect(db: Path, scenario: str, interval: str, ticks: int, start_ms: int, retention: str = "90d",
+            unit_retention: str = "400d") -> None:
     """One fast-forwarded collector run onto db."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    start = datetime.fromtimestamp(start_ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    start = datetime.fromtimestamp(start_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     r = subprocess.run(
         [sys.executable, "-m", "gua_collector", "--db", str(db), "--backend", f"simulate:{scenario}",
-         "--interval", interval, "--ticks", str(ticks), "--start", start, "--retention", retention],
+         "--interval", interval, "--ticks", str(ticks), "--start", start, "--retention", retention,
+         "--unit-retention", unit_retention],
         capture_output=True, text=True, check=False)
     if r.returncode:
         raise SystemExit(f"collector failed with {r.returncode}: {r.stderr.strip()}")
@@ -58,26 +61,31 @@ def per_gpu_tick(ticks: int) -> None:
             print(f"{scenario:<9}{procs / gpu_ticks:>10.2f}{all_in(db) / gpu_ticks:>12.1f}  {top}")
 
 
-def churn_year(days_per_step: int, interval_s: int, retention: str) -> None:
+def churn_year(days_per_step: int, interval_s: int, retention: str, unit_retention: str) -> None:
     """simulate:churn8 (8 cards, ~9,600 jobs a day) for a year, printing sizes as it grows."""
     ticks = days_per_step * DAY_MS // (interval_s * 1000)
-    print(f"churn8, {interval_s} s ticks, retention {retention}: sizes after each {days_per_step} days")
-    print(f"{'day':>5}{'DB MiB':>9}{'process rows':>14}{'raw MiB':>9}{'rollup MiB':>12}{'hist MiB':>10}")
+    print(f"churn8, {interval_s} s ticks, retention {retention}, unit_retention {unit_retention}: "
+          f"sizes after each {days_per_step} days")
+    print(f"{'day':>5}{'DB MiB':>9}{'process rows':>14}{'raw MiB':>9}{'rollup MiB':>12}{'hist MiB':>10}"
+          f"{'unit rows':>11}{'other MiB':>11}")
     raw = ("tick", "tick_ts", "gpu_sample", "proc_sample")
     hist = ("hour_gpu_hist", "quarter_gpu", "hour_account_hist", "hour_unit_hist")
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "gua.db"
         for step in range(1, 365 // days_per_step + 1):
-            collect(db, "churn8", f"{interval_s}s", ticks, START_MS + (step - 1) * days_per_step * DAY_MS, retention)
+            collect(db, "churn8", f"{interval_s}s", ticks, START_MS + (step - 1) * days_per_step * DAY_MS, retention,
+                    unit_retention)
             tables = by_table(db)
             with sqlite3.connect(db) as conn:
                 processes = conn.execute("SELECT count(*) FROM process").fetchone()[0]
+                units = conn.execute("SELECT count(*) FROM hour_unit").fetchone()[0]
             mib = 1024 * 1024
             raw_b = sum(tables.get(t, 0) for t in raw)
             hist_b = sum(tables.get(t, 0) for t in hist)
             roll_b = sum(s for t, s in tables.items() if t.startswith("hour_") and t not in hist)
+            other = all_in(db) - raw_b - hist_b - roll_b
             print(f"{step * days_per_step:>5}{all_in(db) / mib:>9.1f}{processes:>14}{raw_b / mib:>9.1f}"
-                  f"{roll_b / mib:>12.1f}{hist_b / mib:>10.1f}", flush=True)
+                  f"{roll_b / mib:>12.1f}{hist_b / mib:>10.1f}{units:>11}{other / mib:>11.1f}", flush=True)
 
 
 def main() -> None:
@@ -87,10 +95,11 @@ def main() -> None:
     parser.add_argument("--step-days", type=int, default=30, help="with --year: days per collector run")
     parser.add_argument("--interval", type=int, default=60, help="with --year: tick interval in seconds")
     parser.add_argument("--retention", default="90d", help="with --year: raw retention")
+    parser.add_argument("--unit-retention", default="400d", help="with --year: per-unit rollup retention")
     args = parser.parse_args()
     per_gpu_tick(args.ticks)
     if args.year:
-        churn_year(args.step_days, args.interval, args.retention)
+        churn_year(args.step_days, args.interval, args.retention, args.unit_retention)
 
 
 if __name__ == "__main__":
