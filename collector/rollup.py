@@ -74,6 +74,9 @@ WITH held AS (
 classified AS (
     SELECT t.ts_ms / 3600000 AS hour, g.gpu_id, t.duration_ms AS d,
            {cov} AS coverage_permille, g.energy_mj,
+           -- GPM activity counts where the row is ok (NULL otherwise anyway).
+           CASE WHEN g.status = 0 THEN g.sm_active_permille END AS sm,
+           CASE WHEN g.status = 0 THEN g.tensor_active_permille END AS tc,
            CASE
                WHEN g.status != 0 OR g.util_permille IS NULL THEN 3
                WHEN g.util_permille >= :active THEN 0
@@ -85,7 +88,9 @@ classified AS (
     LEFT JOIN held AS h ON h.tick_id = g.tick_id AND h.gpu_id = g.gpu_id
     WHERE t.ts_ms >= :lo AND t.ts_ms < :hi
 )
-INSERT INTO hour_gpu
+INSERT INTO hour_gpu (hour, gpu_id, ticks, total_ms, active_ms, held_ms, idle_ms, unknown_ms, coverage_pm_ms,
+                      energy_active_mj, energy_held_mj, energy_idle_mj,
+                      gpm_known_ms, sm_active_pm_ms, tensor_known_ms, tensor_active_pm_ms, starved_ms)
 SELECT hour, gpu_id, count(*), sum(d),
        sum(CASE state WHEN 0 THEN d ELSE 0 END),
        sum(CASE state WHEN 1 THEN d ELSE 0 END),
@@ -94,10 +99,16 @@ SELECT hour, gpu_id, count(*), sum(d),
        sum(d * coalesce(coverage_permille, 0)),
        sum(CASE state WHEN 0 THEN energy_mj END),
        sum(CASE state WHEN 1 THEN energy_mj END),
-       sum(CASE state WHEN 2 THEN energy_mj END)
+       sum(CASE state WHEN 2 THEN energy_mj END),
+       sum(CASE WHEN sm IS NOT NULL THEN d ELSE 0 END),
+       sum(CASE WHEN sm IS NOT NULL THEN d * sm ELSE 0 END),
+       sum(CASE WHEN tc IS NOT NULL THEN d ELSE 0 END),
+       sum(CASE WHEN tc IS NOT NULL THEN d * tc ELSE 0 END),
+       -- active but starved: active, and GPM SM activity known and below the constant
+       sum(CASE WHEN state = 0 AND sm < {starved} THEN d ELSE 0 END)
 FROM classified
 GROUP BY hour, gpu_id
-""".replace("{cov}", schema.COVERAGE_SQL.format(g="g."))
+""".replace("{cov}", schema.COVERAGE_SQL.format(g="g.")).replace("{starved}", str(schema.STARVED_SM_PERMILLE))
 # The ticks of the hours being rolled up, by tick_ts; both holder rollups
 # (the classified sums and the histograms) start from it.
 _HOUR_TICKS = """
@@ -116,7 +127,7 @@ WITH t AS (
 # the CPU (idle_cpu_busy_ms, at least :cpu_busy permille of one core), CPU
 # unknown (idle_cpu_unknown_ms), or abandoned (the rest).
 _HOLDERS = _HOUR_TICKS + """per AS (
-    SELECT t.hour, t.d, ps.gpu_id, p.account_id, {unit} AS unit,
+    SELECT t.hour, t.d, ps.gpu_id, p.account_id, {unit} AS unit,{gpm_cols}
            max(ps.mem_mib IS NULL) AS mem_unknown,
            coalesce(sum(ps.mem_mib), 0) AS mem,
            max(ps.sm_util IS NULL) AS sm_unknown,
@@ -126,7 +137,7 @@ _HOLDERS = _HOUR_TICKS + """per AS (
            coalesce(sum(ps.cpu_permille), 0) AS cpu
     FROM t
     JOIN proc_sample AS ps USING (tick_id)
-    JOIN process AS p USING (proc_id)
+    JOIN process AS p USING (proc_id){gpm_join}
     WHERE ps.kind & 1 {where}
     GROUP BY ps.tick_id, ps.gpu_id, p.account_id, {unit}
 )
@@ -138,7 +149,7 @@ SELECT hour, gpu_id, account_id, {select_unit}
        sum(CASE WHEN sm_unknown THEN d ELSE 0 END),
        sum(CASE WHEN sm_unknown = 0 AND sm * 10 < :active AND cpu_unknown = 0 AND cpu >= :cpu_busy
                 THEN d ELSE 0 END),
-       sum(CASE WHEN sm_unknown = 0 AND sm * 10 < :active AND cpu_unknown THEN d ELSE 0 END)
+       sum(CASE WHEN sm_unknown = 0 AND sm * 10 < :active AND cpu_unknown THEN d ELSE 0 END){gpm_sums}
 FROM per
 WHERE mem_unknown OR mem * 1048576 > :held
 GROUP BY hour, gpu_id, account_id {group_unit}
@@ -151,10 +162,32 @@ _UNIT_COLUMNS = (
     "hour, gpu_id, account_id, unit, held_ms, idle_held_ms, mem_mib_ms, unknown_mem_ms, sm_unknown_ms,"
     " idle_cpu_busy_ms, idle_cpu_unknown_ms"
 )
-_ACCOUNT_SELECT = _HOLDERS.format(unit="''", where="", select_unit="", group_unit="")
-_UNIT_SELECT = _HOLDERS.format(unit="p.unit", where="AND p.unit != ''", select_unit="unit,", group_unit=", unit")
-ROLLUP_ACCOUNT = f"INSERT INTO hour_account ({_ACCOUNT_COLUMNS}){_ACCOUNT_SELECT}"
-ROLLUP_UNIT = f"INSERT INTO hour_unit ({_UNIT_COLUMNS}){_UNIT_SELECT}"
+# Schema 3 adds, per holder, its busy time (held, every sm_util known, sum at
+# or above :active) on a tick whose GPU had GPM SM activity known (status 0),
+# and on one whose GPU was also active but starved (util_permille >= :active,
+# SM activity below schema.STARVED_SM_PERMILLE). The GPU's row comes by
+# gpu_sample's primary key, one per (tick, GPU): max() just carries it.
+_GPM_COLS = """
+           max(CASE WHEN g.status = 0 THEN g.sm_active_permille END IS NOT NULL) AS gpm_known,
+           max(g.status = 0 AND g.util_permille >= :active AND g.sm_active_permille < {starved}) AS starved,"""
+_GPM_JOIN = "\n    JOIN gpu_sample AS g ON g.tick_id = ps.tick_id AND g.gpu_id = ps.gpu_id"
+_GPM_SUMS = """,
+       sum(CASE WHEN sm_unknown = 0 AND sm * 10 >= :active AND gpm_known THEN d ELSE 0 END),
+       sum(CASE WHEN sm_unknown = 0 AND sm * 10 >= :active AND starved THEN d ELSE 0 END)"""
+
+
+def _holders(unit: bool, gpm: bool) -> str:
+    """The account (unit) rollup's SELECT; `gpm` False: without schema 3's GPM columns."""
+    return _HOLDERS.format(
+        unit="p.unit" if unit else "''", where="AND p.unit != ''" if unit else "",
+        select_unit="unit," if unit else "", group_unit=", unit" if unit else "",
+        gpm_cols=_GPM_COLS.format(starved=schema.STARVED_SM_PERMILLE) if gpm else "",
+        gpm_join=_GPM_JOIN if gpm else "", gpm_sums=_GPM_SUMS if gpm else "")
+
+
+_GPM_COLUMNS = ", gpm_busy_ms, starved_ms"
+ROLLUP_ACCOUNT = f"INSERT INTO hour_account ({_ACCOUNT_COLUMNS}{_GPM_COLUMNS}){_holders(False, True)}"
+ROLLUP_UNIT = f"INSERT INTO hour_unit ({_UNIT_COLUMNS}{_GPM_COLUMNS}){_holders(True, True)}"
 
 # --- histograms (schema 2): the facts the classification reads, not yet classified ---
 # One row per hour, GPU, utilization in whole percent and compute memory:
@@ -165,7 +198,7 @@ ROLLUP_UNIT = f"INSERT INTO hour_unit ({_UNIT_COLUMNS}){_UNIT_SELECT}"
 # Both keys are capped (schema 3): utilization at schema.HIST_PCT_CAP percent,
 # memory at schema.HIST_MIB_CAP MiB, so that an hour holds a few rows per GPU,
 # not one per tick, however much a busy GPU's utilization wanders.
-ROLLUP_GPU_HIST = """
+_GPU_HIST = """
 WITH held AS (
     -- As in ROLLUP_GPU: driven from tick_ts.
     SELECT ps.tick_id, ps.gpu_id,
@@ -178,6 +211,8 @@ WITH held AS (
 bucketed AS (
     SELECT t.ts_ms / 3600000 AS hour, g.gpu_id, t.duration_ms AS d,
            {cov} AS cov, g.energy_mj AS e,
+           CASE WHEN g.status = 0 THEN g.sm_active_permille END AS sm,
+           CASE WHEN g.status = 0 THEN g.tensor_active_permille END AS tc,
            CASE WHEN g.status != 0 OR g.util_permille IS NULL THEN -1
                 ELSE min(g.util_permille / 10, {pct_cap}) END AS util_pct,
            CASE WHEN g.status != 0 OR g.util_permille IS NULL THEN 0
@@ -187,12 +222,25 @@ bucketed AS (
     LEFT JOIN held AS h ON h.tick_id = g.tick_id AND h.gpu_id = g.gpu_id
     WHERE t.ts_ms >= :lo AND t.ts_ms < :hi
 )
-INSERT INTO hour_gpu_hist (hour, gpu_id, util_pct, mem_mib, ticks, ms, coverage_pm_ms, energy_mj)
-SELECT hour, gpu_id, util_pct, mem, count(*), sum(d), sum(d * coalesce(cov, 0)), sum(e)
+INSERT INTO hour_gpu_hist (hour, gpu_id, util_pct, mem_mib, ticks, ms, coverage_pm_ms, energy_mj{gpm_columns})
+SELECT hour, gpu_id, util_pct, mem, count(*), sum(d), sum(d * coalesce(cov, 0)), sum(e){gpm_sums}
 FROM bucketed
 GROUP BY hour, gpu_id, util_pct, mem
-""".replace("{cov}", schema.COVERAGE_SQL.format(g="g.")).format(
-    pct_cap=schema.HIST_PCT_CAP, mib_cap=schema.HIST_MIB_CAP)
+""".replace("{cov}", schema.COVERAGE_SQL.format(g="g."))
+# Schema 3: GPM known time and activity sums, and gpm_low_ms, the time GPM SM
+# activity was known and below schema.STARVED_SM_PERMILLE whatever the row's
+# state: active but starved at a threshold is its sum over the active rows.
+_GPU_HIST_GPM_COLUMNS = ", gpm_known_ms, sm_active_pm_ms, tensor_known_ms, tensor_active_pm_ms, gpm_low_ms"
+_GPU_HIST_GPM_SUMS = f""",
+       sum(CASE WHEN sm IS NOT NULL THEN d ELSE 0 END), sum(CASE WHEN sm IS NOT NULL THEN d * sm ELSE 0 END),
+       sum(CASE WHEN tc IS NOT NULL THEN d ELSE 0 END), sum(CASE WHEN tc IS NOT NULL THEN d * tc ELSE 0 END),
+       sum(CASE WHEN sm < {schema.STARVED_SM_PERMILLE} THEN d ELSE 0 END)"""
+
+
+def _gpu_hist(gpm: bool) -> str:
+    return _GPU_HIST.format(
+        pct_cap=schema.HIST_PCT_CAP, mib_cap=schema.HIST_MIB_CAP,
+        gpm_columns=_GPU_HIST_GPM_COLUMNS if gpm else "", gpm_sums=_GPU_HIST_GPM_SUMS if gpm else "")
 # The heatmap's grain: a GPU's known time per UTC quarter hour by utilization
 # in whole percent, capped as above (active time at any threshold up to the
 # cap). A quarter hour falls
@@ -243,7 +291,11 @@ ROLLUP_UNIT_HIST = _HOLDER_HIST.format(
     unit="p.unit", where="AND p.unit != ''", select_unit="unit,", table="hour_unit_hist",
     pct_cap=schema.HIST_PCT_CAP, mib_cap=schema.HIST_MIB_CAP,
     columns="hour, gpu_id, account_id, unit, sm_pct, mem_mib, ms, mem_mib_ms, cpu_busy_ms, cpu_unknown_ms")
+ROLLUP_GPU_HIST = _gpu_hist(True)
 HIST_ROLLUPS = (ROLLUP_GPU_HIST, ROLLUP_QUARTER_GPU, ROLLUP_ACCOUNT_HIST, ROLLUP_UNIT_HIST)
+# The schema 1 -> 2 upgrade runs before schema 3's columns exist: it fills the
+# histograms without them (those hours are before meta gpm_since_hour).
+_HIST_ROLLUPS_V2 = (_gpu_hist(False), ROLLUP_QUARTER_GPU, ROLLUP_ACCOUNT_HIST, ROLLUP_UNIT_HIST)
 # Everything an hour gets, in the order written.
 ROLLUPS = (ROLLUP_GPU, ROLLUP_ACCOUNT, ROLLUP_UNIT, *HIST_ROLLUPS)
 
@@ -252,11 +304,11 @@ ROLLUPS = (ROLLUP_GPU, ROLLUP_ACCOUNT, ROLLUP_UNIT, *HIST_ROLLUPS)
 # the other columns are left exactly as written. (The SELECT's WHERE clause
 # keeps SQLite from reading ON CONFLICT as a join constraint.)
 BACKFILL_ACCOUNT = (
-    ROLLUP_ACCOUNT
+    f"INSERT INTO hour_account ({_ACCOUNT_COLUMNS}){_holders(False, False)}"
     + "ON CONFLICT (hour, gpu_id, account_id) DO UPDATE SET sm_unknown_ms = excluded.sm_unknown_ms\n"
 )
 BACKFILL_UNIT = (
-    ROLLUP_UNIT
+    f"INSERT INTO hour_unit ({_UNIT_COLUMNS}){_holders(True, False)}"
     + "ON CONFLICT (hour, gpu_id, account_id, unit) DO UPDATE SET sm_unknown_ms = excluded.sm_unknown_ms\n"
 )
 
@@ -348,7 +400,7 @@ def backfill_hist(conn: sqlite3.Connection) -> None:
     next_hour = _meta(conn, "rollup_next_hour")
     if next_hour is not None and int(next_hour) > first:
         params = {"lo": first * HOUR_MS, "hi": int(next_hour) * HOUR_MS, **thresholds(conn)}
-        for statement in HIST_ROLLUPS:
+        for statement in _HIST_ROLLUPS_V2:
             conn.execute(statement, params)
     conn.execute(UPSERT_META, ("hist_since_hour", str(first)))
 

@@ -297,6 +297,36 @@ INSERT INTO meta (key, value) VALUES ('hist_pct_cap', '{pct}'), ('hist_mib_cap',
     ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- Retention deletes process rows by last_ms (store.DELETE_PROCESSES).
 CREATE INDEX process_last ON process (last_ms);
+-- GPM in the rollups (schema 3): per hour and GPU the time GPM SM activity
+-- (and tensor activity) was known, status 0, and their sums x duration; and
+-- the active time it was known and below STARVED_SM_PERMILLE: active but
+-- starved (a spin loop, a kernel waiting on memory or on one SM). The
+-- histogram's gpm_low_ms is the row's time GPM was known and below it,
+-- whatever the utilization: active but starved at any active threshold up to
+-- the cap is the sum over its active rows. hour_account / hour_unit: the
+-- holder's busy time (held, SM known and >= the active threshold) on a tick
+-- whose GPU had GPM known (gpm_busy_ms), and on one that was starved.
+-- Hours rolled up before (rollup_next_hour at the upgrade, meta
+-- gpm_since_hour) hold 0 there: not recorded.
+ALTER TABLE hour_gpu ADD COLUMN gpm_known_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hour_gpu ADD COLUMN sm_active_pm_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hour_gpu ADD COLUMN tensor_known_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hour_gpu ADD COLUMN tensor_active_pm_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hour_gpu ADD COLUMN starved_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hour_gpu_hist ADD COLUMN gpm_known_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hour_gpu_hist ADD COLUMN sm_active_pm_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hour_gpu_hist ADD COLUMN tensor_known_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hour_gpu_hist ADD COLUMN tensor_active_pm_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hour_gpu_hist ADD COLUMN gpm_low_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hour_account ADD COLUMN gpm_busy_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hour_account ADD COLUMN starved_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hour_unit ADD COLUMN gpm_busy_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hour_unit ADD COLUMN starved_ms INTEGER NOT NULL DEFAULT 0;
+INSERT INTO meta (key, value) VALUES ('starved_sm_permille', '{starved}')
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+INSERT INTO meta (key, value)
+    SELECT 'gpm_since_hour', coalesce((SELECT value FROM meta WHERE key = 'rollup_next_hour'), '0') WHERE true
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 """
 
 # Schema 3 caps the histograms' keys (rollup.py): utilization and SM at
@@ -308,6 +338,13 @@ CREATE INDEX process_last ON process (last_ms);
 # other thresholds read raw rows (the reporter says so). Recorded in meta.
 HIST_PCT_CAP = 50
 HIST_MIB_CAP = 1024
+
+# Active but starved (schema 3): a GPU tick that is active (util_permille >=
+# the active threshold) while GPM says its SMs were busy less than this
+# (sm_active_permille, 0..1000: 5 %): the kernel keeps one SM, or the memory
+# bus, busy and the utilization counter at 100 %. Fixed; recorded in meta
+# `starved_sm_permille`, which the reporter reads.
+STARVED_SM_PERMILLE = 50
 
 # The collector writes process.last_ms again once a sighting is this much
 # newer than the stored value: one UPDATE per process an hour, not per tick.
@@ -397,7 +434,7 @@ Migration = str | Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[n] takes a database at version n to n + 1; a new database runs them all.
 MIGRATIONS: dict[int, Migration] = {
-    0: _V1, 1: _v1_to_v2, 2: _V3.format(pct=HIST_PCT_CAP, mib=HIST_MIB_CAP)}
+    0: _V1, 1: _v1_to_v2, 2: _V3.format(pct=HIST_PCT_CAP, mib=HIST_MIB_CAP, starved=STARVED_SM_PERMILLE)}
 
 
 class SchemaError(Exception):

@@ -132,6 +132,11 @@ class StateTotals:
         self.energy_held_mj: int | None = None
         self.energy_idle_mj: int | None = None
         self.overlap_ms = 0  # time of overlapping ticks not counted (an earlier tick covered it)
+        self.gpm_known_ms = 0  # status 0 with GPM SM activity known (from query.Gpm.since_ms)
+        self.sm_active_pm_ms = 0  # sum(duration x sm_active_permille) over that time
+        self.tensor_known_ms = 0
+        self.tensor_active_pm_ms = 0
+        self.starved_ms = 0  # active, with SM activity known and below the starved rule
 
     def add_row(self, values: Sequence[int | None]) -> None:
         """Add one query row's columns in query.STATE_COLUMNS order."""
@@ -160,6 +165,21 @@ class StateTotals:
     def coverage(self) -> float | None:
         """Share of known time the driver's utilization samples covered."""
         return self.coverage_pm_ms / (1000 * self.known_ms) if self.known_ms else None
+
+    @property
+    def sm_active(self) -> float | None:
+        """Mean GPM SM activity (0..1) over the time it was known; None: never known."""
+        return self.sm_active_pm_ms / (1000 * self.gpm_known_ms) if self.gpm_known_ms else None
+
+    @property
+    def tensor_active(self) -> float | None:
+        """Mean GPM tensor-pipe activity (0..1) over the time it was known; None: never known."""
+        return self.tensor_active_pm_ms / (1000 * self.tensor_known_ms) if self.tensor_known_ms else None
+
+    @property
+    def starved(self) -> int | None:
+        """Active-but-starved time; None where GPM SM activity was never known (not 0)."""
+        return self.starved_ms if self.gpm_known_ms else None
 
     @property
     def has_energy(self) -> bool:
@@ -251,6 +271,8 @@ class Identity:
         # Idle-held time by the identity's CPU in the tick (rule: Report.cpu_busy_pm):
         self.idle_cpu_busy_ms = 0  # waiting on CPU: it loads or preprocesses data
         self.idle_cpu_unknown_ms = 0  # CPU not measured (first tick of a process, schema 1, /proc hidden)
+        self.gpm_busy_ms = 0  # busy (held, SM known, >= the active threshold) where its GPU's GPM was known
+        self.starved_ms = 0  # ... and its GPU was active but starved
         self.gpu_ids: set[int] = set()
 
     def add_row(self, gpu_id: int, values: Sequence[int | None]) -> None:
@@ -265,6 +287,12 @@ class Identity:
         and no held tick is known to have idled."""
         return (self.sm_unknown_ms > 0 and self.idle_held_ms == 0
                 and self.sm_unknown_ms + self.sm_unrecorded_ms == self.held_ms)
+
+    def starved(self, known: bool) -> int | None:
+        """Busy time on a starved GPU; None where unknown: the report could not count it
+        (`known` False: histograms, Report.identity_starved_known), or none of its busy
+        time was on a GPU whose GPM SM activity was known."""
+        return self.starved_ms if known and self.gpm_busy_ms else None
 
     @property
     def abandoned_ms(self) -> int:
@@ -325,7 +353,7 @@ class Report:
                  "users", "units", "heat", "first_tick_ms", "last_tick_ms", "holes", "holes_total",
                  "gap_events", "gap_events_total", "runs", "host_errors", "warnings", "sm_since_ms", "overlap",
                  "heat_unplaced_ms", "heat_unplaced_before_ms", "heat_unplaced_offsets", "threshold_note",
-                 "cpu_busy_pm")
+                 "cpu_busy_pm", "starved_pm", "gpm_since_ms", "identity_starved_known")
 
     def __init__(
         self, *, options: Options, plan: Plan, db_path: str, schema_version: int, created_ms: int | None,
@@ -336,6 +364,7 @@ class Report:
         sm_since_ms: int = 0, overlap: Overlap | None = None, heat_unplaced_ms: int = 0,
         heat_unplaced_before_ms: int | None = None, heat_unplaced_offsets: tuple[int, ...] = (),
         threshold_note: str | None = None, cpu_busy_pm: int = CPU_BUSY_PERMILLE,
+        starved_pm: int = query.STARVED_SM_PERMILLE, gpm_since_ms: int = 0, identity_starved_known: bool = True,
     ) -> None:
         self.options = options
         self.plan = plan
@@ -374,6 +403,13 @@ class Report:
         # Idle-held time is waiting on CPU when the identity's running
         # processes used at least this (permille of one core) in the tick.
         self.cpu_busy_pm = cpu_busy_pm
+        # Active but starved: an active tick whose GPM SM activity was below this (permille).
+        self.starved_pm = starved_pm
+        # GPM is counted from this instant on (hours rolled up before schema 3: not recorded).
+        self.gpm_since_ms = gpm_since_ms
+        # False: some rolled-up hours came from histograms, which do not record an
+        # identity's busy time on a starved GPU: Identity.starved is None.
+        self.identity_starved_known = identity_starved_known
 
     @property
     def window_ms(self) -> int:
@@ -406,6 +442,11 @@ class Report:
         return (f"hours {when}exist only as UTC-hour rollups of gua 0.1.0 (retention removed their raw "
                 f"samples before the upgrade); {zone} cannot place them in local hours, so "
                 f"{self.heat_unplaced_ms / HOUR_MS:.2f} GPU-h of known time is not in the heatmap")
+
+    @property
+    def gpm_recorded_since_ms(self) -> int | None:
+        """Where GPM recording starts inside the window; None: all of it records it (where supported)."""
+        return self.gpm_since_ms if self.gpm_since_ms > self.options.since_ms else None
 
     @property
     def sm_recorded_since_ms(self) -> int | None:
@@ -700,6 +741,7 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
     gpu_ids = select_gpus(gpu_rows, opts.gpus)
     physical_ids = {r.gpu_id for r in gpu_rows if r.parent_id is None}
     all_gpus = sorted(by_id)
+    gpm = query.gpm_facts(conn, meta)
     cover = hour_cover(conn, meta, opts)
     overlap = find_overlap(conn, meta, cover, physical_ids)
     plan = with_overlap(make_plan(meta, opts, segments), overlap.hours, since, until)
@@ -723,7 +765,7 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
         cells: list[tuple[int, int, int]] = []  # (cell, active_ms, known_ms)
         if plan.hist:
             take(query.gpu_state_hist(conn, plan.h0, plan.h1, opts.active_pm, opts.held_bytes,
-                                      all_gpus if gpu_ids is None else gpu_ids, plan.skip_hours),
+                                      all_gpus if gpu_ids is None else gpu_ids, plan.skip_hours, gpm),
                  totals=True, cells=False)
             if plan.heat == "hour":
                 cells = query.heat_hours(conn, plan.h0, plan.h1, opts.active_pm, heat_gpus, segments,
@@ -731,7 +773,7 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
         else:  # the classified rollups: in a zone of UTC hours, they place themselves in the heatmap
             here = plan.heat == "hour"
             take(query.gpu_state_rollup(conn, plan.h0, plan.h1, gpu_ids, segments if here else None,
-                                        plan.skip_hours), totals=True, cells=here)
+                                        plan.skip_hours, gpm), totals=True, cells=here)
         if plan.heat == "quarter":
             cells = query.heat_quarters(conn, plan.heat_from * 4, plan.h1 * 4, opts.active_pm, heat_gpus,
                                         segments, plan.skip_hours)
@@ -742,13 +784,13 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
         if plan.heat != "hour":  # the heatmap of the hours the quarter hours do not cover, from raw rows
             raw_to = plan.heat_from if plan.heat == "quarter" else plan.h1
             for lo, hi in subtract(((plan.h0 * HOUR_MS, raw_to * HOUR_MS),), plan.clip_ranges):
-                take(query.gpu_state_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids, segments),
+                take(query.gpu_state_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids, segments, gpm),
                      totals=False, cells=True)
     for lo, hi in plan.raw_ranges:
-        take(query.gpu_state_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids, segments),
+        take(query.gpu_state_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids, segments, gpm),
              totals=True, cells=True)
     for lo, hi in plan.clip_ranges:
-        take(query.gpu_state_clipped(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids, segments),
+        take(query.gpu_state_clipped(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids, segments, gpm),
              totals=True, cells=True)
 
     ticks = sum(t.ticks for t in per_gpu.values())
@@ -786,7 +828,7 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
     sm_since_ms = sm_recorded_since(meta, schema_version)
     cpu_busy_pm = cpu_busy_rule(meta)
     users, units = _identities(conn, plan, opts, gpu_ids, all_gpus, sm_since_ms, schema_version >= 2,
-                               cpu_busy_pm)
+                               cpu_busy_pm, gpm)
     first, last_ts = query.first_last_tick(conn, since, until)
     holes, holes_total = _holes(conn, plan, since, until, overlap.hours, cover)
     gap_rows = query.gap_events(conn, since, until, GAP_EVENTS_KEPT)
@@ -818,6 +860,13 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
         if heat_unplaced else (),
         threshold_note=thresholds_note(meta, opts),
         cpu_busy_pm=cpu_busy_pm,
+        starved_pm=gpm.starved_pm,
+        gpm_since_ms=gpm.since_ms if gpm.raw else until,
+        # The histograms do not record a holder's busy time on a starved GPU:
+        # unknown when they were read and some GPU had GPM known (without GPM
+        # anywhere, nobody was busy on a starved GPU on any path).
+        identity_starved_known=not (plan.hist and plan.h1 > plan.h0
+                                    and any(g.totals.gpm_known_ms for g in gpus)),
     )
 
 
@@ -849,7 +898,7 @@ def sm_recorded_since(meta: dict[str, str], schema_version: int) -> int:
 
 def _identities(
     conn: sqlite3.Connection, plan: Plan, opts: Options, gpu_ids: list[int] | None, all_gpus: list[int],
-    sm_since_ms: int, has_sm_unknown: bool, cpu_busy_pm: int,
+    sm_since_ms: int, has_sm_unknown: bool, cpu_busy_pm: int, gpm: query.Gpm | None = None,
 ) -> tuple[list[Identity], list[Identity]]:
     names = query.accounts(conn)
     wanted = {u.strip() for u in opts.users}
@@ -870,13 +919,13 @@ def _identities(
                                              plan.skip_hours))
         elif plan.h1 > plan.h0:
             parts.append(query.identity_rollup(conn, plan.h0, plan.h1, gpu_ids, by_unit,
-                                               sm_since_ms, has_sm_unknown, plan.skip_hours))
+                                               sm_since_ms, has_sm_unknown, plan.skip_hours, gpm))
         for lo, hi in plan.raw_ranges:
             parts.append(query.identity_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids,
-                                            by_unit, sm_since_ms, cpu_busy_pm, has_sm_unknown))
+                                            by_unit, sm_since_ms, cpu_busy_pm, has_sm_unknown, gpm))
         for lo, hi in plan.clip_ranges:
             parts.append(query.identity_clipped(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids,
-                                                by_unit, sm_since_ms, cpu_busy_pm, has_sm_unknown))
+                                                by_unit, sm_since_ms, cpu_busy_pm, has_sm_unknown, gpm))
         for rows in parts:
             for gpu_id, account_id, unit, *values in rows:
                 if not keep(account_id):

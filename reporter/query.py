@@ -31,12 +31,86 @@ STATE_COLUMNS = (
     "ticks", "total_ms", "active_ms", "held_ms", "idle_ms", "unknown_ms",
     "coverage_pm_ms", "energy_active_mj", "energy_held_mj", "energy_idle_mj",
     "overlap_ms",
+    # GPM (schema 3): time with SM activity (tensor activity) known, status 0,
+    # and activity x duration; active time with SM activity below the
+    # starved rule (Gpm.starved_pm): active but starved.
+    "gpm_known_ms", "sm_active_pm_ms", "tensor_known_ms", "tensor_active_pm_ms", "starved_ms",
 )
 # Columns of an identity aggregate after (gpu_id, account_id, unit).
 IDENTITY_COLUMNS = (
     "held_ms", "idle_held_ms", "mem_mib_ms", "unknown_mem_ms", "sm_unknown_ms", "sm_unrecorded_ms",
     "idle_cpu_busy_ms", "idle_cpu_unknown_ms",
+    # Busy time (held, SM known, at or above the active threshold) on ticks
+    # whose GPU had GPM SM activity known, and on those whose GPU was active
+    # but starved.
+    "gpm_busy_ms", "starved_ms",
 )
+
+
+class Gpm:
+    """Where the database records GPM SM activity, and the starved rule (SCHEMA.md).
+
+    `raw`: gpu_sample has the GPM columns (schema 2). `rollup`: hour_gpu,
+    hour_gpu_hist, hour_account and hour_unit have theirs (schema 3).
+    `since_ms`: raw rows count GPM from this instant only, as the rollups do
+    (hours rolled up before the upgrade to schema 3 hold 0 there: not
+    recorded), so that every path gives the same numbers. `starved_pm`: an
+    active tick is starved when SM activity is below it (meta
+    `starved_sm_permille`, collector/schema.py's STARVED_SM_PERMILLE).
+    """
+
+    __slots__ = ("raw", "rollup", "since_ms", "starved_pm")
+
+    def __init__(self, raw: bool, rollup: bool, since_ms: int, starved_pm: int) -> None:
+        self.raw = raw
+        self.rollup = rollup
+        self.since_ms = since_ms
+        self.starved_pm = starved_pm
+
+
+STARVED_SM_PERMILLE = 50  # when meta does not say (collector/schema.py's, recorded in meta)
+
+
+# The Gpm of the database this process read last (gpm_facts, which classify.build
+# calls first): the default of the queries called without one (hourly.py's,
+# in the same transaction), so that they cost no statement more. Before any:
+# a database of the current schema.
+_current = Gpm(True, True, 0, STARVED_SM_PERMILLE)
+
+
+def _gpm(gpm: Gpm | None) -> Gpm:
+    return gpm if gpm is not None else _current
+
+
+def gpm_facts(conn: sqlite3.Connection, meta_: dict[str, str] | None = None) -> Gpm:
+    """The database's Gpm, from its columns and meta; it becomes the queries' default."""
+    global _current
+    if meta_ is None:
+        meta_ = meta(conn)
+
+    def has(table: str, column: str) -> bool:
+        return conn.execute("SELECT 1 FROM pragma_table_info(?) WHERE name = ?", (table, column)).fetchone() \
+            is not None
+
+    raw = has("gpu_sample", "sm_active_permille")
+    rollup = has("hour_gpu", "gpm_known_ms")
+    try:
+        # Rollups without the columns (schema 2): GPM counts from the next hour to roll up.
+        since = int(meta_.get("gpm_since_hour" if rollup else "rollup_next_hour", "0"))
+        starved = int(meta_.get("starved_sm_permille", str(STARVED_SM_PERMILLE)))
+    except ValueError:
+        since, starved = 0, STARVED_SM_PERMILLE
+    _current = Gpm(raw, rollup, max(since, 0) * HOUR_MS, starved)
+    return _current
+
+
+def _gpm_rows(gpm: Gpm, ts_expr: str, g: str = "g") -> str:
+    """A raw row's `sm` and `tc`: GPM SM and tensor activity where counted (status 0, from gpm.since_ms), else NULL."""
+    if not gpm.raw:
+        return "NULL AS sm, NULL AS tc"
+    when = f"{g}.status = 0 AND {ts_expr} >= {int(gpm.since_ms)}"
+    return (f"CASE WHEN {when} THEN {g}.sm_active_permille END AS sm, "
+            f"CASE WHEN {when} THEN {g}.tensor_active_permille END AS tc")
 
 
 # ---------------------------------------------------------------- helpers
@@ -136,7 +210,12 @@ _STATE_SUMS = """
                sum(CASE st WHEN 0 THEN e END),
                sum(CASE st WHEN 1 THEN e END),
                sum(CASE st WHEN 2 THEN e END),
-               sum(cut)
+               sum(cut),
+               sum(CASE WHEN sm IS NOT NULL THEN d ELSE 0 END),
+               sum(CASE WHEN sm IS NOT NULL THEN d * sm ELSE 0 END),
+               sum(CASE WHEN tc IS NOT NULL THEN d ELSE 0 END),
+               sum(CASE WHEN tc IS NOT NULL THEN d * tc ELSE 0 END),
+               sum(CASE WHEN st = 0 AND sm < {starved} THEN d ELSE 0 END)
         FROM ({rows}
             LIMIT -1  -- no limit; it stops SQLite flattening this subquery, which
                       -- would evaluate `st` (and its subquery) once per sum()
@@ -167,32 +246,42 @@ _STATE_CASE = """CASE
 
 def gpu_state_raw(
     conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
-    gpu_ids: Sequence[int] | None, segments: Sequence[Segment] | None,
+    gpu_ids: Sequence[int] | None, segments: Sequence[Segment] | None, gpm: Gpm | None = None,
 ) -> list[tuple]:
     """Classify raw gpu_sample rows; one row per (gpu_id, heatmap cell).
 
     Columns after (gpu_id, cell): STATE_COLUMNS. Every tick counts its whole
     duration: for time where ticks overlap use gpu_state_clipped.
     """
+    gpm = _gpm(gpm)
     rows = f"""
             SELECT g.gpu_id AS gpu_id,
                    t.duration_ms AS d,
                    {_COVERAGE} AS cov,
                    g.energy_mj AS e,
+                   {_gpm_rows(gpm, 't.ts_ms')},
                    0 AS cut,
                    {cell_expr('t.ts_ms', segments)} AS cell,
                    {_STATE_CASE} AS st
             FROM tick AS t
             JOIN gpu_sample AS g ON g.tick_id = t.tick_id
             WHERE t.ts_ms >= :lo AND t.ts_ms < :hi{_in_clause('g.gpu_id', gpu_ids)}"""
-    sql = _STATE_SUMS.format(rows=rows)
+    sql = _STATE_SUMS.format(rows=rows, starved=int(gpm.starved_pm))
     return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes}).fetchall()
+
+
+def _rollup_gpm(gpm: Gpm | None, conn: sqlite3.Connection, hist: bool = False) -> str:
+    """hour_gpu's (hour_gpu_hist's) GPM sums in STATE_COLUMNS order; zeros without the columns."""
+    if not _gpm(gpm).rollup:
+        return "0, 0, 0, 0, 0"
+    starved = "sum(CASE WHEN util_pct >= :a_pct THEN gpm_low_ms ELSE 0 END)" if hist else "sum(starved_ms)"
+    return f"sum(gpm_known_ms), sum(sm_active_pm_ms), sum(tensor_known_ms), sum(tensor_active_pm_ms), {starved}"
 
 
 def gpu_state_rollup(
     conn: sqlite3.Connection, h0: int, h1: int,
     gpu_ids: Sequence[int] | None, segments: Sequence[Segment] | None,
-    skip_hours: Sequence[int] = (),
+    skip_hours: Sequence[int] = (), gpm: Gpm | None = None,
 ) -> list[tuple]:
     """The same aggregate from hour_gpu, for whole UTC hours [h0, h1) but `skip_hours`."""
     sql = f"""
@@ -200,7 +289,7 @@ def gpu_state_rollup(
                sum(ticks), sum(total_ms), sum(active_ms), sum(held_ms),
                sum(idle_ms), sum(unknown_ms), sum(coverage_pm_ms),
                sum(energy_active_mj), sum(energy_held_mj), sum(energy_idle_mj),
-               0
+               0, {_rollup_gpm(gpm, conn)}
         FROM hour_gpu
         WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
         GROUP BY gpu_id, cell
@@ -219,7 +308,7 @@ _HIST_HELD = "(mem_mib < 0 OR mem_mib > :held_mib)"
 
 def gpu_state_hist(
     conn: sqlite3.Connection, h0: int, h1: int, active_pm: int, held_bytes: int,
-    gpu_ids: Sequence[int], skip_hours: Sequence[int] = (),
+    gpu_ids: Sequence[int], skip_hours: Sequence[int] = (), gpm: Gpm | None = None,
 ) -> list[tuple]:
     """gpu_state_rollup's rows (without heatmap cells: cell 0) from hour_gpu_hist, for `gpu_ids`.
 
@@ -246,7 +335,7 @@ def gpu_state_hist(
                sum(CASE WHEN {active} THEN energy_mj END),
                sum(CASE WHEN {held} THEN energy_mj END),
                sum(CASE WHEN {idle} THEN energy_mj END),
-               0
+               0, {_rollup_gpm(gpm, conn, hist=True)}
         FROM hour_gpu_hist
         WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
         GROUP BY gpu_id
@@ -320,12 +409,28 @@ _IDENTITY_SUMS = """
                sum(CASE WHEN ts < :sm_since THEN d ELSE 0 END),
                sum(CASE WHEN NOT sm_null AND sm * 10 < :active AND NOT cpu_null AND cpu >= :cpu_busy
                         THEN d ELSE 0 END),
-               sum(CASE WHEN NOT sm_null AND sm * 10 < :active AND cpu_null THEN d ELSE 0 END)
+               sum(CASE WHEN NOT sm_null AND sm * 10 < :active AND cpu_null THEN d ELSE 0 END),
+               sum(CASE WHEN NOT sm_null AND sm * 10 >= :active AND gpm_known THEN d ELSE 0 END),
+               sum(CASE WHEN NOT sm_null AND sm * 10 >= :active AND gpu_starved THEN d ELSE 0 END)
         FROM ({rows}
         )
         WHERE mem_null OR mem * 1048576 > :held
         GROUP BY gpu_id, account_id, unit
 """
+
+
+def _holder_gpm(gpm: Gpm, ts_expr: str) -> tuple[str, str]:
+    """(columns, join): whether the holder's GPU had GPM SM activity known in the tick, and was starved.
+
+    The GPU's row by gpu_sample's primary key, one per (tick, GPU): max() carries it.
+    """
+    if not gpm.raw:
+        return "0 AS gpm_known, 0 AS gpu_starved", ""
+    when = f"gs.status = 0 AND {ts_expr} >= {int(gpm.since_ms)}"
+    return (f"""max({when} AND gs.sm_active_permille IS NOT NULL) AS gpm_known,
+                   max({when} AND gs.util_permille >= :active
+                       AND gs.sm_active_permille < {int(gpm.starved_pm)}) AS gpu_starved""",
+            "\n            JOIN gpu_sample AS gs ON gs.tick_id = ps.tick_id AND gs.gpu_id = ps.gpu_id")
 
 
 def _holder_columns(unit_col: str, has_cpu: bool) -> str:
@@ -350,7 +455,7 @@ def _holder_columns(unit_col: str, has_cpu: bool) -> str:
 def identity_raw(
     conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
     gpu_ids: Sequence[int] | None, by_unit: bool, sm_since_ms: int = 0, cpu_busy_pm: int = 100,
-    has_cpu: bool = True,
+    has_cpu: bool = True, gpm: Gpm | None = None,
 ) -> list[tuple]:
     """Per-account (or per account+unit) use of each GPU, from raw rows.
 
@@ -371,13 +476,15 @@ def identity_raw(
     """
     unit_col = "p.unit" if by_unit else "''"
     unit_where = " AND p.unit != ''" if by_unit else ""
+    gpm_cols, gpm_join = _holder_gpm(_gpm(gpm), "t.ts_ms")
     rows = f"""
             SELECT {_holder_columns(unit_col, has_cpu)},
+                   {gpm_cols},
                    t.ts_ms AS ts,
                    t.duration_ms AS d
             FROM tick AS t
             JOIN proc_sample AS ps ON ps.tick_id = t.tick_id
-            JOIN process AS p ON p.proc_id = ps.proc_id
+            JOIN process AS p ON p.proc_id = ps.proc_id{gpm_join}
             WHERE t.ts_ms >= :lo AND t.ts_ms < :hi
               AND ps.kind & 1{unit_where}{_in_clause('ps.gpu_id', gpu_ids)}
             GROUP BY ps.tick_id, ps.gpu_id, p.account_id, {unit_col}"""
@@ -389,6 +496,7 @@ def identity_raw(
 def identity_rollup(
     conn: sqlite3.Connection, h0: int, h1: int, gpu_ids: Sequence[int] | None, by_unit: bool,
     sm_since_ms: int = 0, has_sm_unknown: bool = True, skip_hours: Sequence[int] = (),
+    gpm: Gpm | None = None,
 ) -> list[tuple]:
     """The same rows from hour_account / hour_unit for whole UTC hours [h0, h1) but `skip_hours`.
 
@@ -399,12 +507,14 @@ def identity_rollup(
     table, unit_col = ("hour_unit", "unit") if by_unit else ("hour_account", "''")
     sm_col = "sm_unknown_ms" if has_sm_unknown else "0"
     cpu_cols = "sum(idle_cpu_busy_ms), sum(idle_cpu_unknown_ms)" if has_sm_unknown else "0, sum(idle_held_ms)"
+    gpm_cols = "sum(gpm_busy_ms), sum(starved_ms)" if _gpm(gpm).rollup else "0, 0"
     sql = f"""
         SELECT gpu_id, account_id, {unit_col} AS unit,
                sum(held_ms), sum(idle_held_ms), sum(mem_mib_ms), sum(unknown_mem_ms),
                sum(CASE WHEN hour >= :sm_since / {HOUR_MS} THEN {sm_col} ELSE 0 END),
                sum(CASE WHEN hour < :sm_since / {HOUR_MS} THEN held_ms ELSE 0 END),
-               {cpu_cols}
+               {cpu_cols},
+               {gpm_cols}
         FROM {table}
         WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
         GROUP BY gpu_id, account_id, unit
@@ -442,7 +552,8 @@ def identity_hist(
                sum(CASE WHEN {_HIST_HELD} AND sm_pct < 0 THEN ms ELSE 0 END),
                0,
                sum(CASE WHEN {_HIST_HELD} AND sm_pct >= 0 AND sm_pct * 10 < :active THEN cpu_busy_ms ELSE 0 END),
-               sum(CASE WHEN {_HIST_HELD} AND sm_pct >= 0 AND sm_pct * 10 < :active THEN cpu_unknown_ms ELSE 0 END)
+               sum(CASE WHEN {_HIST_HELD} AND sm_pct >= 0 AND sm_pct * 10 < :active THEN cpu_unknown_ms ELSE 0 END),
+               0, 0  -- busy time on a starved GPU: not in the histograms (Report.identity_starved_known)
         FROM {table}
         WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{accounts}{_not_in('hour', skip_hours)}
         GROUP BY gpu_id, account_id{", unit" if by_unit else ""}  -- '' is no key column: it would cost a sort
@@ -493,43 +604,48 @@ _CLIPPED_ROWS = """
 
 def gpu_state_clipped(
     conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
-    gpu_ids: Sequence[int] | None, segments: Sequence[Segment] | None,
+    gpu_ids: Sequence[int] | None, segments: Sequence[Segment] | None, gpm: Gpm | None = None,
 ) -> list[tuple]:
     """gpu_state_raw for [lo, hi), counting each GPU's time once where ticks overlap.
 
     A row's energy is scaled to the part of its duration that counts (integer
     division), so energy by state goes with the time it is reported with.
     """
+    gpm = _gpm(gpm)
     rows = f"""
             SELECT c.gpu_id AS gpu_id,
                    c.d AS d,
                    {_COVERAGE} AS cov,
                    CASE WHEN c.d = c.full_d THEN g.energy_mj
                         ELSE g.energy_mj * c.d / c.full_d END AS e,
+                   {_gpm_rows(gpm, 'c.ts')},
                    c.full_d - c.d AS cut,
                    {cell_expr('c.ts', segments)} AS cell,
                    {_STATE_CASE} AS st
             FROM clipped AS c
             JOIN gpu_sample AS g ON g.tick_id = c.tick_id AND g.gpu_id = c.gpu_id"""
-    sql = _CLIPPED_ROWS.format(gpu_filter=_in_clause('g.gpu_id', gpu_ids)) + _STATE_SUMS.format(rows=rows)
+    sql = (_CLIPPED_ROWS.format(gpu_filter=_in_clause('g.gpu_id', gpu_ids))
+           + _STATE_SUMS.format(rows=rows, starved=int(gpm.starved_pm)))
     return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes}).fetchall()
 
 
 def identity_clipped(
     conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
     gpu_ids: Sequence[int] | None, by_unit: bool, sm_since_ms: int = 0, cpu_busy_pm: int = 100,
-    has_cpu: bool = True,
+    has_cpu: bool = True, gpm: Gpm | None = None,
 ) -> list[tuple]:
     """identity_raw for [lo, hi), with each GPU's tick counted as in gpu_state_clipped."""
     unit_col = "p.unit" if by_unit else "''"
     unit_where = " AND p.unit != ''" if by_unit else ""
+    gpm_cols, gpm_join = _holder_gpm(_gpm(gpm), "c.ts")
     rows = f"""
             SELECT {_holder_columns(unit_col, has_cpu)},
+                   {gpm_cols},
                    c.ts AS ts,
                    c.d AS d
             FROM clipped AS c
             JOIN proc_sample AS ps ON ps.tick_id = c.tick_id AND ps.gpu_id = c.gpu_id
-            JOIN process AS p ON p.proc_id = ps.proc_id
+            JOIN process AS p ON p.proc_id = ps.proc_id{gpm_join}
             WHERE ps.kind & 1{unit_where}
             GROUP BY ps.tick_id, ps.gpu_id, p.account_id, {unit_col}"""
     sql = _CLIPPED_ROWS.format(gpu_filter=_in_clause('g.gpu_id', gpu_ids)) + _IDENTITY_SUMS.format(rows=rows)
@@ -750,53 +866,59 @@ def local_hour_key_expr(ts_expr: str, segments: Sequence[Segment]) -> str:
 
 def gpu_state_raw_hours(
     conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
-    gpu_ids: Sequence[int], segments: Sequence[Segment],
+    gpu_ids: Sequence[int], segments: Sequence[Segment], gpm: Gpm | None = None,
 ) -> list[tuple]:
     """gpu_state_raw's rows with the local-hour key (local_hour_key_expr) for the cell."""
+    gpm = _gpm(gpm)
     rows = f"""
             SELECT g.gpu_id AS gpu_id,
                    t.duration_ms AS d,
                    {_COVERAGE} AS cov,
                    g.energy_mj AS e,
+                   {_gpm_rows(gpm, 't.ts_ms')},
                    0 AS cut,
                    {local_hour_key_expr('t.ts_ms', segments)} AS cell,
                    {_STATE_CASE} AS st
             FROM tick AS t
             JOIN gpu_sample AS g ON g.tick_id = t.tick_id
             WHERE t.ts_ms >= :lo AND t.ts_ms < :hi{_in_clause('g.gpu_id', gpu_ids)}"""
-    sql = _STATE_SUMS.format(rows=rows)
+    sql = _STATE_SUMS.format(rows=rows, starved=int(gpm.starved_pm))
     return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes}).fetchall()
 
 
 def gpu_state_clipped_hours(
     conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
-    gpu_ids: Sequence[int], segments: Sequence[Segment],
+    gpu_ids: Sequence[int], segments: Sequence[Segment], gpm: Gpm | None = None,
 ) -> list[tuple]:
     """gpu_state_clipped's rows (each GPU's time counted once) with the local-hour key for the cell."""
+    gpm = _gpm(gpm)
     rows = f"""
             SELECT c.gpu_id AS gpu_id,
                    c.d AS d,
                    {_COVERAGE} AS cov,
                    CASE WHEN c.d = c.full_d THEN g.energy_mj
                         ELSE g.energy_mj * c.d / c.full_d END AS e,
+                   {_gpm_rows(gpm, 'c.ts')},
                    c.full_d - c.d AS cut,
                    {local_hour_key_expr('c.ts', segments)} AS cell,
                    {_STATE_CASE} AS st
             FROM clipped AS c
             JOIN gpu_sample AS g ON g.tick_id = c.tick_id AND g.gpu_id = c.gpu_id"""
-    sql = _CLIPPED_ROWS.format(gpu_filter=_in_clause('g.gpu_id', gpu_ids)) + _STATE_SUMS.format(rows=rows)
+    sql = (_CLIPPED_ROWS.format(gpu_filter=_in_clause('g.gpu_id', gpu_ids))
+           + _STATE_SUMS.format(rows=rows, starved=int(gpm.starved_pm)))
     return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes}).fetchall()
 
 
 def gpu_state_rollup_hours(
     conn: sqlite3.Connection, h0: int, h1: int, gpu_ids: Sequence[int], skip_hours: Sequence[int] = (),
+    gpm: Gpm | None = None,
 ) -> list[tuple]:
     """gpu_state_rollup's rows per UTC hour: (gpu_id, hour, STATE_COLUMNS...) from hour_gpu, [h0, h1)."""
     sql = f"""
         SELECT gpu_id, hour,
                ticks, total_ms, active_ms, held_ms, idle_ms, unknown_ms, coverage_pm_ms,
                energy_active_mj, energy_held_mj, energy_idle_mj,
-               0
+               0, {_rollup_gpm(gpm, conn).replace("sum(", "(")}
         FROM hour_gpu
         WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
     """
@@ -805,7 +927,7 @@ def gpu_state_rollup_hours(
 
 def gpu_state_hist_hours(
     conn: sqlite3.Connection, h0: int, h1: int, active_pm: int, held_bytes: int,
-    gpu_ids: Sequence[int], skip_hours: Sequence[int] = (),
+    gpu_ids: Sequence[int], skip_hours: Sequence[int] = (), gpm: Gpm | None = None,
 ) -> list[tuple]:
     """gpu_state_hist's rows per UTC hour: (gpu_id, hour, STATE_COLUMNS...), classified as it classifies.
 
@@ -828,7 +950,7 @@ def gpu_state_hist_hours(
                sum(CASE WHEN {active} THEN energy_mj END),
                sum(CASE WHEN {held} THEN energy_mj END),
                sum(CASE WHEN {idle} THEN energy_mj END),
-               0
+               0, {_rollup_gpm(gpm, conn, hist=True)}
         FROM hour_gpu_hist
         WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
         GROUP BY gpu_id, hour

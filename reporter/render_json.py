@@ -56,6 +56,12 @@ def _states(t: StateTotals) -> dict[str, Any]:
         "idle_share": _r(t.share("idle")),
         "gpu_hours": _hours(t.total_ms),
         "utilization_coverage": _r(t.coverage),
+        "gpm_known_ms": t.gpm_known_ms,
+        "sm_activity": _r(t.sm_active),
+        "tensor_known_ms": t.tensor_known_ms,
+        "tensor_activity": _r(t.tensor_active),
+        "starved_ms": t.starved,
+        "starved_gpu_hours": None if t.starved is None else _hours(t.starved),
     }
 
 
@@ -93,7 +99,14 @@ def _gpu(g: GpuReport) -> dict[str, Any]:
     }
 
 
-def _identity(i: Identity, uuid_of: dict[int, str]) -> dict[str, Any]:
+def starved_rule_text(active_pm: int, starved_pm: int) -> str:
+    """The active-but-starved rule in words (JSON and text)."""
+    return (f"active but starved: active (SM utilization >= {active_pm / 10:g} %) while GPM SM activity "
+            f"was known and below {starved_pm / 10:g} % (the kernel keeps few SMs busy); not a state of its "
+            "own: counted in active time; unknown where the GPU has no GPM (before Hopper)")
+
+
+def _identity(i: Identity, uuid_of: dict[int, str], starved_known: bool) -> dict[str, Any]:
     d: dict[str, Any] = {"user": i.user, "uid": i.uid}
     if i.unit:
         d["unit"] = i.unit
@@ -115,6 +128,9 @@ def _identity(i: Identity, uuid_of: dict[int, str]) -> dict[str, Any]:
         "mem_gb_hours": round(i.mem_gb_hours, 4),
         "memory_unknown": i.unknown_mem_ms > 0,
         "sm_unknown": i.sm_unknown_ms > 0,
+        "gpm_busy_ms": i.gpm_busy_ms if starved_known else None,
+        "starved_ms": i.starved(starved_known),
+        "starved_gpu_hours": None if i.starved(starved_known) is None else _hours(i.starved_ms),
         "gpus": sorted(uuid_of.get(g, str(g)) for g in i.gpu_ids),
     })
     return d
@@ -170,6 +186,8 @@ def to_dict(rep: Report) -> dict[str, Any]:
             "note": rep.threshold_note,
             "cpu_busy_permille": rep.cpu_busy_pm,
             "cpu_text": cpu_rule_text(rep.cpu_busy_pm),
+            "starved_sm_permille": rep.starved_pm,
+            "starved_text": starved_rule_text(o.active_pm, rep.starved_pm),
         },
         "headline": _states(h),
         "idle_capacity": {
@@ -181,8 +199,8 @@ def to_dict(rep: Report) -> dict[str, Any]:
         },
         "gpus": [_gpu(g) for g in rep.gpus],
         "identities": {
-            "users": [_identity(i, uuid_of) for i in rep.users],
-            "units": [_identity(i, uuid_of) for i in rep.units],
+            "users": [_identity(i, uuid_of, rep.identity_starved_known) for i in rep.users],
+            "units": [_identity(i, uuid_of, rep.identity_starved_known) for i in rep.units],
         },
         "heatmap": {
             "tz": o.tz_name,
@@ -206,6 +224,8 @@ def to_dict(rep: Report) -> dict[str, Any]:
             "sm_unknown_users": len(rep.sm_unknown_users),
             "sm_recorded_since_ms": rep.sm_recorded_since_ms,
             "sm_unrecorded_ms": sum(i.sm_unrecorded_ms for i in rep.users),
+            "gpm_recorded_since_ms": rep.gpm_recorded_since_ms,
+            "identity_starved_known": rep.identity_starved_known,
             "overlap_ms": h.overlap_ms,
             "overlap_hours": len(rep.overlap.hours),
             "overlap_unremoved_ms": rep.overlap.unremoved_ms,

@@ -48,7 +48,8 @@ _IDENTITY = (
     "held_ms", "idle_held_ms", "mem_mib_ms", "unknown_mem_ms", "sm_unknown_ms", "sm_unrecorded_ms",
     "idle_held_abandoned_ms", "idle_held_waiting_on_cpu_ms", "idle_held_cpu_unknown_ms", "held_gpu_hours",
     "idle_held_gpu_hours", "sm_unknown_gpu_hours", "idle_held_abandoned_gpu_hours",
-    "idle_held_waiting_on_cpu_gpu_hours", "mem_gb_hours", "memory_unknown", "sm_unknown", "gpus",
+    "idle_held_waiting_on_cpu_gpu_hours", "mem_gb_hours", "memory_unknown", "sm_unknown",
+    "gpm_busy_ms", "starved_ms", "starved_gpu_hours", "gpus",
 )
 IDENTITY_COLUMNS = (*_WINDOW, "user", "uid", *_IDENTITY)
 UNIT_COLUMNS = (*_WINDOW, "user", "uid", "unit", *_IDENTITY)

@@ -126,16 +126,22 @@ def render(rep: Report, colour: bool = False) -> str:
 
     # 3. Per GPU
     section("PER GPU")
-    add(f"  {'#':>4} {'name':<20} {'GPU-h':>7} {'active':>6} {'held':>6} {'idle':>6}  notes")
+    # GPM SM activity (Hopper+): a column only when some GPU reported it.
+    gpm = any(g.totals.gpm_known_ms for g in rep.gpus)
+    sm_head = f" {'SM act':>6}" if gpm else ""
+    add(f"  {'#':>4} {'name':<20} {'GPU-h':>7} {'active':>6} {'held':>6} {'idle':>6}{sm_head}  notes")
     for g in rep.gpus:
         t = g.totals
         idx = f"{g.parent.index}.{g.row.mig_slot}" if g.is_mig and g.parent else str(g.row.index)
-        notes = ", ".join(g.notes(tz))
+        notes = ", ".join(g.notes(tz) + ([f"starved {_hours_short(t.starved_ms)}h"] if t.starved_ms else []))
         name = safe(g.row.name.removeprefix("NVIDIA "))  # every card says it; the model is what matters
+        sm = f" {_pct(t.sm_active, 5)}" if gpm else ""
         row = (f"  {idx:>4} {_cut(name, 20):<20} {_h(t.total_ms):>7} "
                f"{_pct(t.share('active'), 5)} {_pct(t.share('idle_held'), 5)} "
-               f"{_pct(t.share('idle'), 5)}  ")
+               f"{_pct(t.share('idle'), 5)}{sm}  ")
         add(row + _cut(notes, WIDTH - len(row)) if notes else row.rstrip())
+    if gpm:
+        _starved(add, rep)
 
     # 4. Identities
     section("TOP IDENTITIES (held = compute memory over the threshold; once per GPU+tick)")
@@ -260,6 +266,31 @@ def render(rep: Report, colour: bool = False) -> str:
     for w in rep.warnings:
         add(_cut(f"  warning: {safe(w)}", WIDTH))
     return "\n".join(out) + "\n"
+
+
+def _hours_short(ms: int) -> str:
+    h = ms / HOUR_MS
+    return f"{h:.2f}" if h < 1 else f"{h:.1f}"
+
+
+def _starved(add, rep: Report) -> None:
+    """Under the per-GPU table: active-but-starved time, and who was busy on a starved GPU."""
+    o = rep.options
+    physical = [g.totals for g in rep.physical if g.totals.gpm_known_ms]
+    starved = sum(t.starved_ms for t in physical)
+    add("  SM act: GPM SM activity, mean over the time it was known; -: no GPM")
+    if physical:
+        add(f"  active-but-starved: {_h(starved)} GPU-h (util >= {o.active_pm / 10:g} % but SM activity "
+            f"< {rep.starved_pm / 10:g} %)")
+    if rep.gpm_recorded_since_ms is not None:
+        add(f"  GPM not recorded before {fmt_local(rep.gpm_recorded_since_ms, o.tz)} (older rollups)")
+    if not rep.identity_starved_known:
+        add("  busy on a starved GPU, per identity: unknown (histogram rollups; see --no-rollups)")
+        return
+    who = sorted((i for i in rep.users if i.starved(True)), key=lambda i: (-i.starved_ms, i.user))
+    if who:
+        text = ", ".join(f"{safe(i.user)} {_h(i.starved_ms)}" for i in who[:LIST_N])
+        add(_cut(f"  busy on a starved GPU (GPU-h): {text}", WIDTH))
 
 
 def _wrapped(add, text: str) -> None:

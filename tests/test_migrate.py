@@ -60,7 +60,7 @@ def v1(native, tmp_path) -> str:
 
 
 # Where sm_unknown_ms sits in an hour_account / hour_unit row: before schema 2's CPU columns.
-SM_UNKNOWN = -3
+SM_UNKNOWN = -5  # hour_account / hour_unit: ..., sm_unknown_ms, 2 CPU columns, 2 GPM columns (schema 3)
 
 
 def _without_sm(row: tuple) -> tuple:
@@ -90,6 +90,8 @@ def as_read(tables: dict[str, list[tuple]]) -> dict[str, list[tuple]]:
          + (None if r[7] is not None else r[6],) + r[7:])
         for r in tables["gpu_sample"])
     out["process"] = sorted((r[:7] for r in tables["process"]), key=repr)
+    # schema 3: GPM counts in the rollups from here; an upgrade starts it at its next hour (no GPM before)
+    out["meta"] = [r for r in tables["meta"] if r[0] != "gpm_since_hour"]
     return out
 
 
@@ -124,13 +126,15 @@ def test_fresh_database_is_current(tmp_path: Path) -> None:
     assert meta["sm_unknown_since_hour"] == "0"  # recorded from the start
     assert meta["hist_since_hour"] == "0"  # histograms too
     assert columns(path, "hour_gpu_hist") == [
-        "hour", "gpu_id", "util_pct", "mem_mib", "ticks", "ms", "coverage_pm_ms", "energy_mj"]
+        "hour", "gpu_id", "util_pct", "mem_mib", "ticks", "ms", "coverage_pm_ms", "energy_mj",
+        "gpm_known_ms", "sm_active_pm_ms", "tensor_known_ms", "tensor_active_pm_ms", "gpm_low_ms"]  # schema 3: GPM
     assert columns(path, "quarter_gpu") == ["quarter", "gpu_id", "util_pct", "ms"]
     for table in ("hour_account_hist", "hour_unit_hist"):
         assert columns(path, table)[-6:] == ["sm_pct", "mem_mib", "ms", "mem_mib_ms", "cpu_busy_ms",
                                              "cpu_unknown_ms"]
     for table in ("hour_account", "hour_unit"):
-        assert columns(path, table)[-3:] == ["sm_unknown_ms", "idle_cpu_busy_ms", "idle_cpu_unknown_ms"]
+        assert columns(path, table)[-5:] == ["sm_unknown_ms", "idle_cpu_busy_ms", "idle_cpu_unknown_ms",
+                                             "gpm_busy_ms", "starved_ms"]
     assert columns(path, "tick")[-1] == "cpu_permille"
     assert columns(path, "proc_sample")[-2:] == ["cpu_permille", "rss_mib"]
     assert columns(path, "process")[-1] == "last_ms"  # schema 3
@@ -171,7 +175,9 @@ def test_v1_upgrades_in_place(native: str, v1: str) -> None:
                 assert {r[width:] for r in after[table]} == {(newest,)}
             else:
                 # Schema 2 adds nullable CPU columns to tick and proc_sample: NULL (unknown) on old rows.
-                assert all(v is None for r in after[table] for v in r[width:]), table
+                # Schema 3 adds GPM columns to hour_gpu: 0 on old rows, "not recorded" (gpm_since_hour).
+                old = 0 if table == "hour_gpu" else None
+                assert all(v is old for r in after[table] for v in r[width:]), table
     assert as_read(after) == as_read(dump(native))
     # proc_gpu_state rebuilt from raw rows equals the one kept tick by tick
     assert "proc_gpu_state" not in before and len(after["proc_gpu_state"]) == 3  # alice, bob, carol
@@ -179,6 +185,7 @@ def test_v1_upgrades_in_place(native: str, v1: str) -> None:
     for table in ("hour_gpu_hist", "quarter_gpu", "hour_account_hist", "hour_unit_hist"):
         assert table not in before and after[table], table
     assert dict(after["meta"])["hist_since_hour"] == "0"
+    assert dict(after["meta"])["gpm_since_hour"] == dict(after["meta"])["rollup_next_hour"]
     assert dict(after["meta"])["proc_state_since_ms"] == "0"  # all raw rows within a day: complete
     assert sum(r[SM_UNKNOWN] for r in after["hour_unit"]) == 0  # units: carol's job, SM known
     assert sum(r[SM_UNKNOWN] for r in after["hour_account"]) > 0
@@ -261,8 +268,11 @@ def test_reporter_reads_v1_and_upgraded_alike(native: str, v1: str) -> None:
 
     Store.open(v1, now_ms=END + HOUR).close()
     upgraded = report_json(v1, *WINDOW)
+    # GPM is recorded from the upgrade on (schema 1 had none: the same numbers), and the report says so
+    assert upgraded["data_quality"]["gpm_recorded_since_ms"] is not None
+    assert nat["data_quality"]["gpm_recorded_since_ms"] is None
     for d in (upgraded, nat):
-        del d["source"]
+        del d["source"], d["data_quality"]["gpm_recorded_since_ms"]
         d["database"]["path"] = ""
     assert upgraded == nat
 

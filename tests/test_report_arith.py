@@ -190,7 +190,10 @@ def test_identities(rep):
         "held_gpu_hours": round(330_000 / HOUR, 4), "idle_held_gpu_hours": round(330_000 / HOUR, 4),
         "sm_unknown_gpu_hours": 0.0, "idle_held_abandoned_gpu_hours": 0.0, "idle_held_waiting_on_cpu_gpu_hours": 0.0,
         "mem_gb_hours": round(500 * 330_000 * 1_048_576 / 1e9 / HOUR, 4), "memory_unknown": False,
-        "sm_unknown": False, "gpus": ["GPU-0000-0001"],
+        "sm_unknown": False,
+        # no GPM on the hand-made rows: no busy time where it was known, starved unknown (not 0)
+        "gpm_busy_ms": 0, "starved_ms": None, "starved_gpu_hours": None,
+        "gpus": ["GPU-0000-0001"],
     }]
 
 
