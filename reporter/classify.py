@@ -1034,4 +1034,9 @@ def _warnings(meta: dict[str, str], plan: Plan, opts: Options) -> list[str]:
             f"raw samples before {fmt_local(pruned, opts.tz)} were pruned by retention and "
             f"this report could not use rollups for them ({plan.note or 'partial hours'})"
         )
+    units = _meta_int(meta, "units_pruned_before_hour")
+    if units and opts.since_ms < units * HOUR_MS:
+        # Per-GPU and per-user rollups are kept for ever; those per unit for unit_retention.
+        out.append(f"per-unit rollups before {fmt_local(units * HOUR_MS, opts.tz)} were pruned "
+                   "(the collector's unit_retention): the units cover only the time after")
     return out

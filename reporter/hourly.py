@@ -127,6 +127,7 @@ def series(conn: sqlite3.Connection, rep: Report) -> list[HourRow]:
         for gpu_id, cell, *values in rows:
             add(gpu_id, *_decode(cell), values)
 
+    gpm = query.gpm_facts(conn)
     if plan.h1 > plan.h0 and gpu_ids:
         skip = set(plan.skip_hours)
         pruned = _pruned_before(conn)
@@ -141,9 +142,10 @@ def series(conn: sqlite3.Connection, rep: Report) -> list[HourRow]:
                 from_raw.append(h)
         for h0, h1 in _runs(from_rollups):
             if plan.hist:
-                rows = query.gpu_state_hist_hours(conn, h0, h1, o.active_pm, o.held_bytes, gpu_ids, plan.skip_hours)
+                rows = query.gpu_state_hist_hours(conn, h0, h1, o.active_pm, o.held_bytes, gpu_ids, plan.skip_hours,
+                                                  gpm)
             else:
-                rows = query.gpu_state_rollup_hours(conn, h0, h1, gpu_ids, plan.skip_hours)
+                rows = query.gpu_state_rollup_hours(conn, h0, h1, gpu_ids, plan.skip_hours, gpm)
             for gpu_id, hour, *values in rows:
                 number, off = offsets.key(hour * HOUR_MS)
                 add(gpu_id, number, off, values)
@@ -152,13 +154,13 @@ def series(conn: sqlite3.Connection, rep: Report) -> list[HourRow]:
                     approximate.add((gpu_id, *offsets.key((hour + 1) * HOUR_MS - 1)))
         for h0, h1 in _runs(from_raw):
             take_local(query.gpu_state_raw_hours(conn, h0 * HOUR_MS, h1 * HOUR_MS, o.active_pm, o.held_bytes,
-                                                 gpu_ids, offsets.segments))
+                                                 gpu_ids, offsets.segments, gpm))
     for lo, hi in plan.raw_ranges:
         take_local(query.gpu_state_raw_hours(conn, lo, hi, o.active_pm, o.held_bytes, gpu_ids,
-                                             offsets.segments))
+                                             offsets.segments, gpm))
     for lo, hi in plan.clip_ranges:
         take_local(query.gpu_state_clipped_hours(conn, lo, hi, o.active_pm, o.held_bytes, gpu_ids,
-                                                 offsets.segments))
+                                                 offsets.segments, gpm))
     return _dense(rep, offsets, gpu_ids, sums, approximate)
 
 

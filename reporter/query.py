@@ -71,20 +71,17 @@ class Gpm:
 STARVED_SM_PERMILLE = 50  # when meta does not say (collector/schema.py's, recorded in meta)
 
 
-# The Gpm of the database this process read last (gpm_facts, which classify.build
-# calls first): the default of the queries called without one (hourly.py's,
-# in the same transaction), so that they cost no statement more. Before any:
-# a database of the current schema.
-_current = Gpm(True, True, 0, STARVED_SM_PERMILLE)
+# What a query called without a Gpm assumes: a database of the current schema,
+# GPM counted from its creation. Every reader passes the database's own.
+CURRENT_GPM = Gpm(True, True, 0, STARVED_SM_PERMILLE)
 
 
 def _gpm(gpm: Gpm | None) -> Gpm:
-    return gpm if gpm is not None else _current
+    return gpm if gpm is not None else CURRENT_GPM
 
 
 def gpm_facts(conn: sqlite3.Connection, meta_: dict[str, str] | None = None) -> Gpm:
-    """The database's Gpm, from its columns and meta; it becomes the queries' default."""
-    global _current
+    """The database's Gpm, from its columns and meta."""
     if meta_ is None:
         meta_ = meta(conn)
 
@@ -100,8 +97,7 @@ def gpm_facts(conn: sqlite3.Connection, meta_: dict[str, str] | None = None) -> 
         starved = int(meta_.get("starved_sm_permille", str(STARVED_SM_PERMILLE)))
     except ValueError:
         since, starved = 0, STARVED_SM_PERMILLE
-    _current = Gpm(raw, rollup, max(since, 0) * HOUR_MS, starved)
-    return _current
+    return Gpm(raw, rollup, max(since, 0) * HOUR_MS, starved)
 
 
 def _gpm_rows(gpm: Gpm, ts_expr: str, g: str = "g") -> str:

@@ -264,7 +264,7 @@ def render(rep: Report, colour: bool = False) -> str:
     for line in err_lines[:LIST_N * 2]:
         add(_cut(line, WIDTH))
     for w in rep.warnings:
-        add(_cut(f"  warning: {safe(w)}", WIDTH))
+        _wrapped(add, f"warning: {safe(w)}")  # whole: a cut warning hides what to do about it
     return "\n".join(out) + "\n"
 
 
@@ -294,7 +294,7 @@ def _starved(add, rep: Report) -> None:
 
 
 def _wrapped(add, text: str) -> None:
-    """gua's own words (dates, offsets: nothing to escape), wrapped to the width, continued indented."""
+    """Text already escaped (or gua's own words), wrapped to the width, continued indented."""
     import textwrap  # only when there is a note to wrap
 
     for i, line in enumerate(textwrap.wrap(text, WIDTH - 4)):

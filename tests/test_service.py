@@ -262,3 +262,14 @@ def test_retention_passes_end_and_reach_unit_rollups(tmp_path: Path) -> None:
     pruned = int(conn.execute("SELECT value FROM meta WHERE key = 'units_pruned_before_hour'").fetchone()[0])
     assert pruned <= oldest_unit
     assert conn.execute("SELECT min(hour) FROM hour_gpu").fetchone()[0] < cut_hour - 24, "per-GPU rollups stay"
+    # a report reaching further back says its units are incomplete, whole (wrapped, not cut)
+    import subprocess
+    import sys
+
+    window = ("--db", str(db), "--since", "2026-01-01", "--until", "2026-01-04", "--tz", "UTC")
+    text = subprocess.run([sys.executable, "-m", "gua_report", *window], capture_output=True, text=True).stdout
+    assert "warning: per-unit rollups before 2026-01-02 " in text
+    assert "the units cover only the time after" in text and all(len(line) <= 80 for line in text.splitlines())
+    later = subprocess.run([sys.executable, "-m", "gua_report", *window[:2], "--since", "2026-01-03T12:00Z",
+                            "--until", "2026-01-04"], capture_output=True, text=True).stdout
+    assert "per-unit rollups" not in later
