@@ -366,7 +366,7 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _PLAIN_NUMBER = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
 
-def _cell(v: Any) -> str:
+def csv_cell(v: Any) -> str:
     """Numbers as numbers; text a spreadsheet would run as a formula gets a leading "'".
 
     (The same rule as render_csv's cells; kept here so `now` does not import
@@ -392,7 +392,7 @@ def render_csv(rep: NowReport) -> str:
         d = _proc_dict(p)
         row = {**d, "as_of_ms": rep.as_of_ms, "gpu_name": p.gpu.name, "gpu_state": p.gpu.state,
                "host_cpu_permille": rep.host_cpu_permille}
-        w.writerow(_cell(row[k]) for k in CSV_HEADER)
+        w.writerow(csv_cell(row[k]) for k in CSV_HEADER)
     return buf.getvalue()
 
 

@@ -4,7 +4,7 @@ One shape for every section means a spreadsheet pivot or `grep`/`awk` can
 take any block without knowing its columns. Values and names are exactly
 those of the JSON output (see JSON.md); nested fields are joined with '.'.
 One exception keeps a spreadsheet from running what other users typed: a
-text cell that begins like a formula gets a leading "'" (see `_cell`).
+text cell that begins like a formula gets a leading "'" (see `csv_cell`).
 """
 
 from __future__ import annotations
@@ -33,23 +33,23 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _PLAIN_NUMBER = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
 
-def _flat(prefix: str, value: Any) -> list[tuple[str, Any]]:
+def flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
     if isinstance(value, dict):
         out: list[tuple[str, Any]] = []
         for k, v in value.items():
-            out += _flat(f"{prefix}.{k}" if prefix else k, v)
+            out += flatten(f"{prefix}.{k}" if prefix else k, v)
         return out
     if isinstance(value, list):
         if all(not isinstance(v, (dict, list)) for v in value):
             return [(prefix, ";".join("" if v is None else str(v) for v in value))]
         out = []
         for n, v in enumerate(value):
-            out += _flat(f"{prefix}.{n}", v)
+            out += flatten(f"{prefix}.{n}", v)
         return out
     return [(prefix, value)]
 
 
-def _cell(v: Any) -> str:
+def csv_cell(v: Any) -> str:
     """One CSV cell. Numbers are written as numbers; text that a spreadsheet
     would run as a formula gets the OWASP prefix "'", which makes it text."""
     if v is None:
@@ -58,10 +58,10 @@ def _cell(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return str(v)
-    return _text(str(v))
+    return csv_text(str(v))
 
 
-def _text(s: str) -> str:
+def csv_text(s: str) -> str:
     if s.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(s):
         return "'" + s
     return s
@@ -72,7 +72,7 @@ def render(rep: Report) -> str:
     rows: list[tuple[str, str, str, Any]] = []
 
     def block(section: str, subject: str, data: Any) -> None:
-        rows.extend((section, subject, m, v) for m, v in _flat("", data))
+        rows.extend((section, subject, m, v) for m, v in flatten("", data))
 
     block("report", "", {"format_version": d["format_version"], "generator": d["generator"]})
     block("database", "", d["database"])
@@ -104,12 +104,12 @@ def render(rep: Report) -> str:
         block("host_error", item["kind"], item)
     block("data_quality", "", dq)
 
-    return write(HEADER, ((_text(section), _text(subject), _text(metric), _cell(value))
+    return write(HEADER, ((csv_text(section), csv_text(subject), csv_text(metric), csv_cell(value))
                           for section, subject, metric, value in rows))
 
 
 def write(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """The header row, then `rows` of cells already made safe (`_cell`, `_text`), as CSV text."""
+    """The header row, then `rows` of cells already made safe (`csv_cell`, `csv_text`), as CSV text."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     # The csv module quotes a cell holding "\n" but not one holding a bare

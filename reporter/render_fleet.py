@@ -19,7 +19,7 @@ from typing import Any
 from . import __version__
 from .errors import escape as safe
 from .merge import FLEET_FORMAT_VERSION, MERGED, TOP_GPUS_JSON, Fleet, FleetUser, Host, States
-from .render_csv import HEADER, _cell, _flat, _text
+from .render_csv import HEADER, csv_cell, csv_text, flatten
 from .render_text import _bar, _cut, _h, _pct, _size, _Style
 from .window import HOUR_MS, fmt_local, iso_utc
 
@@ -40,11 +40,11 @@ STATUS_TEXT = {
 }
 
 
-def _hours(ms: int) -> float:
+def ms_to_hours(ms: int) -> float:
     return round(ms / HOUR_MS, 4)
 
 
-def _r(x: float | None) -> float | None:
+def rounded(x: float | None) -> float | None:
     return None if x is None else round(x, 6)
 
 
@@ -52,9 +52,9 @@ def _states(s: States) -> dict[str, Any]:
     return {
         "ticks": s.ticks, "total_ms": s.total_ms, "active_ms": s.active_ms, "idle_held_ms": s.idle_held_ms,
         "idle_ms": s.idle_ms, "unknown_ms": s.unknown_ms, "known_ms": s.known_ms,
-        "active_share": _r(s.share(s.active_ms)), "idle_held_share": _r(s.share(s.idle_held_ms)),
-        "idle_share": _r(s.share(s.idle_ms)), "gpu_hours": _hours(s.total_ms),
-        "utilization_coverage": _r(s.coverage),
+        "active_share": rounded(s.share(s.active_ms)), "idle_held_share": rounded(s.share(s.idle_held_ms)),
+        "idle_share": rounded(s.share(s.idle_ms)), "gpu_hours": ms_to_hours(s.total_ms),
+        "utilization_coverage": rounded(s.coverage),
     }
 
 
@@ -81,7 +81,7 @@ def _host(h: Host) -> dict[str, Any]:
         "headline": _states(r.headline),
         "idle_held_equivalent_gpus": _equivalent(r.headline.idle_held_ms, r.until_ms - r.since_ms),
         "data_quality": {
-            "utilization_coverage": _r(q.coverage), "unknown_ms": q.unknown_ms, "holes_total": q.holes_total,
+            "utilization_coverage": rounded(q.coverage), "unknown_ms": q.unknown_ms, "holes_total": q.holes_total,
             "gap_events_total": q.gap_events_total, "unclean_stops": q.unclean_stops, "errors": q.errors,
             "warnings": list(q.warnings),
         },
@@ -93,7 +93,7 @@ def _user(u: FleetUser) -> dict[str, Any]:
         "user": u.user, "uids": sorted(u.uids), "held_ms": u.held_ms, "idle_held_ms": u.idle_held_ms,
         "sm_unknown_ms": u.sm_unknown_ms if u.sm_unknown_complete else None,
         "mem_mib_ms": u.mem_mib_ms, "unknown_mem_ms": u.unknown_mem_ms,
-        "held_gpu_hours": _hours(u.held_ms), "idle_held_gpu_hours": _hours(u.idle_held_ms),
+        "held_gpu_hours": ms_to_hours(u.held_ms), "idle_held_gpu_hours": ms_to_hours(u.idle_held_ms),
         "mem_gb_hours": round(u.mem_mib_ms * 1_048_576 / 1e9 / HOUR_MS, 4),
         "gpus": u.gpus, "hosts_total": len(u.hosts),
         "hosts": [
@@ -126,9 +126,9 @@ def to_dict(fleet: Fleet, tz_name: str) -> dict[str, Any]:
             "hosts_merged": len(merged),
             "gpus": fleet.gpus,
             **_states(t),
-            "active_gpu_hours": _hours(t.active_ms),
-            "idle_held_gpu_hours": _hours(t.idle_held_ms),
-            "idle_gpu_hours": _hours(t.idle_ms),
+            "active_gpu_hours": ms_to_hours(t.active_ms),
+            "idle_held_gpu_hours": ms_to_hours(t.idle_held_ms),
+            "idle_gpu_hours": ms_to_hours(t.idle_ms),
             "active_equivalent_gpus": _equivalent(t.active_ms, wms),
             "idle_held_equivalent_gpus": _equivalent(t.idle_held_ms, wms),
             "idle_equivalent_gpus": _equivalent(t.idle_ms, wms),
@@ -138,8 +138,8 @@ def to_dict(fleet: Fleet, tz_name: str) -> dict[str, Any]:
         "worst_idle_held_gpus": [
             {"host": w.host, "uuid": w.gpu.uuid, "index": w.gpu.index, "name": w.gpu.name,
              "idle_held_ms": w.gpu.states.idle_held_ms, "total_ms": w.gpu.states.total_ms,
-             "idle_held_share": _r(w.gpu.states.share(w.gpu.states.idle_held_ms)),
-             "idle_held_gpu_hours": _hours(w.gpu.states.idle_held_ms), "holders": list(w.holders)}
+             "idle_held_share": rounded(w.gpu.states.share(w.gpu.states.idle_held_ms)),
+             "idle_held_gpu_hours": ms_to_hours(w.gpu.states.idle_held_ms), "holders": list(w.holders)}
             for w in fleet.worst[:TOP_GPUS_JSON]
         ],
     }
@@ -155,7 +155,7 @@ def render_csv(fleet: Fleet, tz_name: str) -> str:
     rows: list[tuple[str, str, str, Any]] = []
 
     def block(section: str, subject: str, data: Any) -> None:
-        rows.extend((section, subject, m, v) for m, v in _flat("", data))
+        rows.extend((section, subject, m, v) for m, v in flatten("", data))
 
     block("report", "", {k: d[k] for k in ("format_version", "generator", "command")})
     for key in ("window", "rules", "filters", "fleet"):
@@ -177,7 +177,7 @@ def render_csv(fleet: Fleet, tz_name: str) -> str:
     w_quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
     w_plain.writerow(HEADER)
     for section, subject, metric, value in rows:
-        cells = (_text(section), _text(subject), _text(metric), _cell(value))
+        cells = (csv_text(section), csv_text(subject), csv_text(metric), csv_cell(value))
         (w_quoted if any("\r" in c for c in cells) else w_plain).writerow(cells)
     return buf.getvalue()
 

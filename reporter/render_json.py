@@ -23,11 +23,11 @@ FORMAT_VERSION = 2
 WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 
-def _r(x: float | None, nd: int = 6) -> float | None:
+def rounded(x: float | None, nd: int = 6) -> float | None:
     return None if x is None else round(x, nd)
 
 
-def _hours(ms: int) -> float:
+def ms_to_hours(ms: int) -> float:
     return round(ms / HOUR_MS, 4)
 
 
@@ -51,17 +51,17 @@ def _states(t: StateTotals) -> dict[str, Any]:
         "idle_ms": t.idle_ms,
         "unknown_ms": t.unknown_ms,
         "known_ms": t.known_ms,
-        "active_share": _r(t.share("active")),
-        "idle_held_share": _r(t.share("idle_held")),
-        "idle_share": _r(t.share("idle")),
-        "gpu_hours": _hours(t.total_ms),
-        "utilization_coverage": _r(t.coverage),
+        "active_share": rounded(t.share("active")),
+        "idle_held_share": rounded(t.share("idle_held")),
+        "idle_share": rounded(t.share("idle")),
+        "gpu_hours": ms_to_hours(t.total_ms),
+        "utilization_coverage": rounded(t.coverage),
         "gpm_known_ms": t.gpm_known_ms,
-        "sm_activity": _r(t.sm_active),
+        "sm_activity": rounded(t.sm_active),
         "tensor_known_ms": t.tensor_known_ms,
-        "tensor_activity": _r(t.tensor_active),
+        "tensor_activity": rounded(t.tensor_active),
         "starved_ms": t.starved,
-        "starved_gpu_hours": None if t.starved is None else _hours(t.starved),
+        "starved_gpu_hours": None if t.starved is None else ms_to_hours(t.starved),
     }
 
 
@@ -120,17 +120,17 @@ def _identity(i: Identity, uuid_of: dict[int, str], starved_known: bool) -> dict
         "idle_held_abandoned_ms": i.abandoned_ms,
         "idle_held_waiting_on_cpu_ms": i.idle_cpu_busy_ms,
         "idle_held_cpu_unknown_ms": i.idle_cpu_unknown_ms,
-        "held_gpu_hours": _hours(i.held_ms),
-        "idle_held_gpu_hours": _hours(i.idle_held_ms),
-        "sm_unknown_gpu_hours": _hours(i.sm_unknown_ms),
-        "idle_held_abandoned_gpu_hours": _hours(i.abandoned_ms),
-        "idle_held_waiting_on_cpu_gpu_hours": _hours(i.idle_cpu_busy_ms),
+        "held_gpu_hours": ms_to_hours(i.held_ms),
+        "idle_held_gpu_hours": ms_to_hours(i.idle_held_ms),
+        "sm_unknown_gpu_hours": ms_to_hours(i.sm_unknown_ms),
+        "idle_held_abandoned_gpu_hours": ms_to_hours(i.abandoned_ms),
+        "idle_held_waiting_on_cpu_gpu_hours": ms_to_hours(i.idle_cpu_busy_ms),
         "mem_gb_hours": round(i.mem_gb_hours, 4),
         "memory_unknown": i.unknown_mem_ms > 0,
         "sm_unknown": i.sm_unknown_ms > 0,
         "gpm_busy_ms": i.gpm_busy_ms if starved_known else None,
         "starved_ms": i.starved(starved_known),
-        "starved_gpu_hours": None if i.starved(starved_known) is None else _hours(i.starved_ms),
+        "starved_gpu_hours": None if i.starved(starved_known) is None else ms_to_hours(i.starved_ms),
         "gpus": sorted(uuid_of.get(g, str(g)) for g in i.gpu_ids),
     })
     return d
@@ -152,7 +152,7 @@ def to_dict(rep: Report) -> dict[str, Any]:
     for cell, (a, k) in rep.heat.items():
         wd, hr = divmod(cell, 24)
         active_ms[wd][hr], known_ms[wd][hr] = a, k
-        cells[wd][hr] = _r(a / k) if k else None
+        cells[wd][hr] = rounded(a / k) if k else None
     return {
         "format_version": FORMAT_VERSION,
         "generator": f"gua-report {__version__}",
@@ -192,8 +192,8 @@ def to_dict(rep: Report) -> dict[str, Any]:
         "headline": _states(h),
         "idle_capacity": {
             "window_hours": round(window_h, 4),
-            "idle_held_gpu_hours": _hours(h.held_ms),
-            "idle_gpu_hours": _hours(h.idle_ms),
+            "idle_held_gpu_hours": ms_to_hours(h.held_ms),
+            "idle_gpu_hours": ms_to_hours(h.idle_ms),
             "idle_held_equivalent_gpus": round(h.held_ms / rep.window_ms, 4) if rep.window_ms else None,
             "idle_equivalent_gpus": round(h.idle_ms / rep.window_ms, 4) if rep.window_ms else None,
         },
@@ -218,7 +218,7 @@ def to_dict(rep: Report) -> dict[str, Any]:
             **_energy(energy_total),
         },
         "data_quality": {
-            "utilization_coverage": _r(h.coverage),
+            "utilization_coverage": rounded(h.coverage),
             "unknown_ms": h.unknown_ms,
             "sm_unknown_ms": sum(i.sm_unknown_ms for i in rep.users),
             "sm_unknown_users": len(rep.sm_unknown_users),

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from .render_csv import _cell, _text, write
-from .render_json import WEEKDAYS, _hours, _r, to_dict
+from .render_csv import csv_cell, csv_text, write
+from .render_json import WEEKDAYS, ms_to_hours, rounded, to_dict
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms)
 if TYPE_CHECKING:
@@ -90,10 +90,10 @@ def _gpus(d: dict[str, Any], window: dict[str, Any], tz: tzinfo) -> Rows:
     for g in d["gpus"]:
         yield {
             **window, **{c: _get(g, c) for c in GPU_COLUMNS if c in g or "." in c},
-            "active_gpu_hours": _hours(g["active_ms"]),
-            "idle_held_gpu_hours": _hours(g["idle_held_ms"]),
-            "idle_gpu_hours": _hours(g["idle_ms"]),
-            "unknown_gpu_hours": _hours(g["unknown_ms"]),
+            "active_gpu_hours": ms_to_hours(g["active_ms"]),
+            "idle_held_gpu_hours": ms_to_hours(g["idle_held_ms"]),
+            "idle_gpu_hours": ms_to_hours(g["idle_ms"]),
+            "unknown_gpu_hours": ms_to_hours(g["unknown_ms"]),
             "error_count": sum(e["count"] for e in g["errors"]),
         }
 
@@ -140,8 +140,8 @@ def hour_rows(rep: Report, hours: list[HourRow]) -> Rows:
             "mig.slot": g.row.mig_slot if g.is_mig else None,
             "ticks": t.ticks, "total_ms": t.total_ms, "active_ms": t.active_ms, "idle_held_ms": t.held_ms,
             "idle_ms": t.idle_ms, "unknown_ms": t.unknown_ms, "known_ms": t.known_ms,
-            "active_share": _r(t.share("active")), "idle_held_share": _r(t.share("idle_held")),
-            "idle_share": _r(t.share("idle")),
+            "active_share": rounded(t.share("active")), "idle_held_share": rounded(t.share("idle_held")),
+            "idle_share": rounded(t.share("idle")),
             "note": APPROXIMATE_NOTE if h.approximate else None,
         }
 
@@ -199,4 +199,4 @@ def render(rep: Report, table: str, hours: list[HourRow] | None = None) -> str:
     else:
         rows = make(to_dict(rep), {"since": iso_local(o.since_ms, o.tz), "until": iso_local(o.until_ms, o.tz)},
                     o.tz)
-    return write([_text(c) for c in columns], ([_cell(r[c]) for c in columns] for r in rows))
+    return write([csv_text(c) for c in columns], ([csv_cell(r[c]) for c in columns] for r in rows))
