@@ -20,6 +20,7 @@ from . import __version__
 from .errors import escape as safe
 from .merge import FLEET_FORMAT_VERSION, MERGED, TOP_GPUS_JSON, Fleet, FleetUser, Host, States
 from .render_csv import HEADER, csv_cell, csv_text, flatten
+from .render_json import ms_to_hours, rounded
 from .render_text import _bar, _cut, _h, _pct, _size, _Style
 from .window import HOUR_MS, fmt_local, iso_utc
 
@@ -38,14 +39,6 @@ STATUS_TEXT = {
     "merged": "merged", "mismatch": "not merged", "duplicate": "duplicate", "refused": "refused",
     "error": "error", "unreachable": "unreachable", "no_gua": "no gua-report", "failed": "failed",
 }
-
-
-def ms_to_hours(ms: int) -> float:
-    return round(ms / HOUR_MS, 4)
-
-
-def rounded(x: float | None) -> float | None:
-    return None if x is None else round(x, 6)
 
 
 def _states(s: States) -> dict[str, Any]:
