@@ -249,6 +249,14 @@ def gpu_state_raw(
     Columns after (gpu_id, cell): STATE_COLUMNS. Every tick counts its whole
     duration: for time where ticks overlap use gpu_state_clipped.
     """
+    return _state_raw(conn, lo, hi, active_pm, held_bytes, gpu_ids, cell_expr("t.ts_ms", segments), gpm)
+
+
+def _state_raw(
+    conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
+    gpu_ids: Sequence[int] | None, cell: str, gpm: Gpm | None,
+) -> list[tuple]:
+    """gpu_state_raw with `cell` (an SQL expression of t.ts_ms) as the cell key."""
     gpm = _gpm(gpm)
     rows = f"""
             SELECT g.gpu_id AS gpu_id,
@@ -257,7 +265,7 @@ def gpu_state_raw(
                    g.energy_mj AS e,
                    {_gpm_rows(gpm, 't.ts_ms')},
                    0 AS cut,
-                   {cell_expr('t.ts_ms', segments)} AS cell,
+                   {cell} AS cell,
                    {_STATE_CASE} AS st
             FROM tick AS t
             JOIN gpu_sample AS g ON g.tick_id = t.tick_id
@@ -607,6 +615,14 @@ def gpu_state_clipped(
     A row's energy is scaled to the part of its duration that counts (integer
     division), so energy by state goes with the time it is reported with.
     """
+    return _state_clipped(conn, lo, hi, active_pm, held_bytes, gpu_ids, cell_expr("c.ts", segments), gpm)
+
+
+def _state_clipped(
+    conn: sqlite3.Connection, lo: int, hi: int, active_pm: int, held_bytes: int,
+    gpu_ids: Sequence[int] | None, cell: str, gpm: Gpm | None,
+) -> list[tuple]:
+    """gpu_state_clipped with `cell` (an SQL expression of c.ts) as the cell key."""
     gpm = _gpm(gpm)
     rows = f"""
             SELECT c.gpu_id AS gpu_id,
@@ -616,7 +632,7 @@ def gpu_state_clipped(
                         ELSE g.energy_mj * c.d / c.full_d END AS e,
                    {_gpm_rows(gpm, 'c.ts')},
                    c.full_d - c.d AS cut,
-                   {cell_expr('c.ts', segments)} AS cell,
+                   {cell} AS cell,
                    {_STATE_CASE} AS st
             FROM clipped AS c
             JOIN gpu_sample AS g ON g.tick_id = c.tick_id AND g.gpu_id = c.gpu_id"""
@@ -865,21 +881,7 @@ def gpu_state_raw_hours(
     gpu_ids: Sequence[int], segments: Sequence[Segment], gpm: Gpm | None = None,
 ) -> list[tuple]:
     """gpu_state_raw's rows with the local-hour key (local_hour_key_expr) for the cell."""
-    gpm = _gpm(gpm)
-    rows = f"""
-            SELECT g.gpu_id AS gpu_id,
-                   t.duration_ms AS d,
-                   {_COVERAGE} AS cov,
-                   g.energy_mj AS e,
-                   {_gpm_rows(gpm, 't.ts_ms')},
-                   0 AS cut,
-                   {local_hour_key_expr('t.ts_ms', segments)} AS cell,
-                   {_STATE_CASE} AS st
-            FROM tick AS t
-            JOIN gpu_sample AS g ON g.tick_id = t.tick_id
-            WHERE t.ts_ms >= :lo AND t.ts_ms < :hi{_in_clause('g.gpu_id', gpu_ids)}"""
-    sql = _STATE_SUMS.format(rows=rows, starved=int(gpm.starved_pm))
-    return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes}).fetchall()
+    return _state_raw(conn, lo, hi, active_pm, held_bytes, gpu_ids, local_hour_key_expr("t.ts_ms", segments), gpm)
 
 
 def gpu_state_clipped_hours(
@@ -887,22 +889,7 @@ def gpu_state_clipped_hours(
     gpu_ids: Sequence[int], segments: Sequence[Segment], gpm: Gpm | None = None,
 ) -> list[tuple]:
     """gpu_state_clipped's rows (each GPU's time counted once) with the local-hour key for the cell."""
-    gpm = _gpm(gpm)
-    rows = f"""
-            SELECT c.gpu_id AS gpu_id,
-                   c.d AS d,
-                   {_COVERAGE} AS cov,
-                   CASE WHEN c.d = c.full_d THEN g.energy_mj
-                        ELSE g.energy_mj * c.d / c.full_d END AS e,
-                   {_gpm_rows(gpm, 'c.ts')},
-                   c.full_d - c.d AS cut,
-                   {local_hour_key_expr('c.ts', segments)} AS cell,
-                   {_STATE_CASE} AS st
-            FROM clipped AS c
-            JOIN gpu_sample AS g ON g.tick_id = c.tick_id AND g.gpu_id = c.gpu_id"""
-    sql = (_CLIPPED_ROWS.format(gpu_filter=_in_clause('g.gpu_id', gpu_ids))
-           + _STATE_SUMS.format(rows=rows, starved=int(gpm.starved_pm)))
-    return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes}).fetchall()
+    return _state_clipped(conn, lo, hi, active_pm, held_bytes, gpu_ids, local_hour_key_expr("c.ts", segments), gpm)
 
 
 def gpu_state_rollup_hours(
