@@ -265,6 +265,18 @@ def build_store_db(path: str, scenario: str, start_ms: int, end_ms: int, interva
     return path
 
 
+def prune_raw(path: str, before_ms: int, now_ms: int) -> None:
+    """Run the collector's retention on `path` until no raw row older than before_ms is left."""
+    from gua_collector.store import Store
+
+    store = Store.open(path, now_ms=now_ms)
+    try:
+        while store.prune(before_ms):
+            pass
+    finally:
+        store.close()
+
+
 def make_v1(src: str, dst: str) -> None:
     """Write `src`'s rows into a new file with the schema 1 DDL, as gua 0.1.0 left it."""
     conn = sqlite3.connect(dst, isolation_level=None)

@@ -18,7 +18,7 @@ import shutil
 
 import pytest
 
-from report_helpers import HOUR, T0, make_v1, report_json, run_report, sim_ticks, store_run
+from report_helpers import HOUR, T0, make_v1, prune_raw, report_json, run_report, sim_ticks, store_run
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,14 +31,7 @@ FRACTIONAL = [("Asia/Kolkata", "+05:30"), ("Asia/Kathmandu", "+05:45"), ("Americ
 
 
 def prune(path: str, before_ms: int) -> None:
-    from gua_collector.store import Store
-
-    store = Store.open(path, now_ms=START + 48 * HOUR)
-    try:
-        while store.prune(before_ms):
-            pass
-    finally:
-        store.close()
+    prune_raw(path, before_ms, START + 48 * HOUR)
 
 
 @pytest.fixture(scope="module")

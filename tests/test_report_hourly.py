@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from gua_report import render_table
-from report_helpers import HOUR, G, HandDb, P, build_store_db, run_report
+from report_helpers import HOUR, G, HandDb, P, build_store_db, prune_raw, run_report
 from test_report_csv_tables import by_name, epoch_ms, report
 from test_report_edges_overlap import step_back_db
 from test_report_startup import COSTLY, modules_after
@@ -43,14 +43,7 @@ STATES = ("ticks", "total_ms", "active_ms", "idle_held_ms", "idle_ms", "unknown_
 
 
 def prune(path: str, before_ms: int) -> None:
-    from gua_collector.store import Store
-
-    store = Store.open(path, now_ms=START + 30 * HOUR)
-    try:
-        while store.prune(before_ms):
-            pass
-    finally:
-        store.close()
+    prune_raw(path, before_ms, START + 30 * HOUR)
 
 
 @pytest.fixture(scope="module")
