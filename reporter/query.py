@@ -323,12 +323,20 @@ def gpu_state_hist(
     is a query of its own (heat_hours, heat_quarters): summing both in one
     GROUP BY gpu_id, cell would sort every row.
     """
+    return _hist_states(conn, h0, h1, active_pm, held_bytes, gpu_ids, skip_hours, gpm, per_hour=False)
+
+
+def _hist_states(
+    conn: sqlite3.Connection, h0: int, h1: int, active_pm: int, held_bytes: int,
+    gpu_ids: Sequence[int], skip_hours: Sequence[int], gpm: Gpm | None, per_hour: bool,
+) -> list[tuple]:
+    """hour_gpu_hist classified: per GPU (cell 0), or per GPU and UTC hour (in the key's order, unsorted)."""
     assert active_pm % 10 == 0, active_pm
     active = "util_pct >= :a_pct"
     held = f"util_pct >= 0 AND util_pct < :a_pct AND {_HIST_HELD}"
     idle = f"util_pct >= 0 AND util_pct < :a_pct AND NOT {_HIST_HELD}"
     sql = f"""
-        SELECT gpu_id, 0 AS cell,
+        SELECT gpu_id, {"hour" if per_hour else "0 AS cell"},
                sum(ticks),
                sum(ms),
                sum(CASE WHEN {active} THEN ms ELSE 0 END),
@@ -342,7 +350,7 @@ def gpu_state_hist(
                0, {_rollup_gpm(gpm, conn, hist=True)}
         FROM hour_gpu_hist
         WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
-        GROUP BY gpu_id
+        GROUP BY gpu_id{", hour" if per_hour else ""}
     """
     return conn.execute(sql, {"h0": h0, "h1": h1, "a_pct": active_pm // 10,
                               "held_mib": held_bytes // 1_048_576}).fetchall()
@@ -917,26 +925,4 @@ def gpu_state_hist_hours(
     hour_gpu_hist is keyed by (gpu_id, hour, ...): the GROUP BY follows the
     key as SQLite reads it, without sorting. `active_pm` a whole percent.
     """
-    assert active_pm % 10 == 0, active_pm
-    active = "util_pct >= :a_pct"
-    held = f"util_pct >= 0 AND util_pct < :a_pct AND {_HIST_HELD}"
-    idle = f"util_pct >= 0 AND util_pct < :a_pct AND NOT {_HIST_HELD}"
-    sql = f"""
-        SELECT gpu_id, hour,
-               sum(ticks),
-               sum(ms),
-               sum(CASE WHEN {active} THEN ms ELSE 0 END),
-               sum(CASE WHEN {held} THEN ms ELSE 0 END),
-               sum(CASE WHEN {idle} THEN ms ELSE 0 END),
-               sum(CASE WHEN util_pct < 0 THEN ms ELSE 0 END),
-               sum(coverage_pm_ms),
-               sum(CASE WHEN {active} THEN energy_mj END),
-               sum(CASE WHEN {held} THEN energy_mj END),
-               sum(CASE WHEN {idle} THEN energy_mj END),
-               0, {_rollup_gpm(gpm, conn, hist=True)}
-        FROM hour_gpu_hist
-        WHERE hour >= :h0 AND hour < :h1{_in_clause('gpu_id', gpu_ids)}{_not_in('hour', skip_hours)}
-        GROUP BY gpu_id, hour
-    """
-    return conn.execute(sql, {"h0": h0, "h1": h1, "a_pct": active_pm // 10,
-                              "held_mib": held_bytes // 1_048_576}).fetchall()
+    return _hist_states(conn, h0, h1, active_pm, held_bytes, gpu_ids, skip_hours, gpm, per_hour=True)
