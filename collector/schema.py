@@ -322,6 +322,15 @@ ALTER TABLE hour_account ADD COLUMN gpm_busy_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE hour_account ADD COLUMN starved_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE hour_unit ADD COLUMN gpm_busy_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE hour_unit ADD COLUMN starved_ms INTEGER NOT NULL DEFAULT 0;
+-- Where GPM values were stored before (schema 2), the first one's tick;
+-- the collector notes it from then on (store.INSERT_GPM_FIRST).
+INSERT INTO meta (key, value)
+    SELECT 'gpm_first_ms', first FROM (
+        SELECT min(t.ts_ms) AS first
+        FROM gpu_sample AS g JOIN tick AS t ON t.tick_id = g.tick_id
+        WHERE g.sm_active_permille IS NOT NULL OR g.tensor_active_permille IS NOT NULL
+    ) WHERE first IS NOT NULL
+    ON CONFLICT (key) DO NOTHING;
 INSERT INTO meta (key, value) VALUES ('starved_sm_permille', '{starved}')
     ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 INSERT INTO meta (key, value)

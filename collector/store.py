@@ -74,6 +74,9 @@ ON CONFLICT (gpu_id, proc_id) DO UPDATE SET
     last_active_ms = CASE WHEN :active THEN :ts ELSE last_active_ms END,
     last_seen_ms = :ts
 """
+# The first tick that stored a GPM value: a reader of a database without one
+# (no Hopper GPU) leaves the GPM columns out of its raw queries.
+INSERT_GPM_FIRST = "INSERT INTO meta (key, value) VALUES ('gpm_first_ms', ?) ON CONFLICT (key) DO NOTHING"
 INSERT_EVENT = """
 INSERT INTO event (ts_ms, end_ms, run_id, kind, gpu_id, detail)
 VALUES (?, ?, ?, ?, ?, ?)
@@ -153,6 +156,7 @@ class Store:
         self._accounts: dict[tuple[int | None, str], int] = {}
         # (pid, start_ms) -> [proc_id, the last_ms stored for it]
         self._procs: dict[tuple[int, int], list[int]] = {}
+        self._gpm_noted = False  # meta gpm_first_ms written (or found) in this run
         self._rollups = Rollups(conn)
 
     # --- opening -------------------------------------------------------------
@@ -296,6 +300,10 @@ class Store:
                     "unknown": sm is None, "hole": schema.PROC_STATE_HOLE_MS,
                 })
         conn.executemany(INSERT_GPU_SAMPLE, gpu_rows)
+        if not self._gpm_noted and any(
+                s.sm_active_permille is not None or s.tensor_active_permille is not None for s in tick.gpus):
+            conn.execute(INSERT_GPM_FIRST, (str(tick.ts_ms),))
+            self._gpm_noted = True
         conn.executemany(INSERT_PROC_SAMPLE, proc_rows)
         conn.executemany(UPSERT_PROC_STATE, state_rows)
         for event in tick.events:
@@ -415,6 +423,7 @@ class Store:
         self._gpus.clear()
         self._accounts.clear()
         self._procs.clear()
+        self._gpm_noted = False
         self._rollups.forget()
 
 

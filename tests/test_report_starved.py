@@ -176,3 +176,35 @@ def test_csv_long_format_carries_the_new_fields(gpm_db):
     r = run_report("--db", gpm_db, *WINDOW, "--format", "csv")
     assert r.returncode == 0, r.stderr
     assert "starved_ms" in r.stdout and "sm_activity" in r.stdout and "gpm_busy_ms" in r.stdout
+
+
+def test_the_first_gpm_value_is_noted_and_a_database_without_one_reads_no_gpm_column(gpm_db, tmp_path):
+    """meta gpm_first_ms: the first tick that stored a GPM value (a run's first tick has none); a database
+    without it (no Hopper GPU) has its raw queries leave the GPM columns out, at no cost to the numbers."""
+    from gua_report import query
+
+    conn = sqlite3.connect(f"file:{gpm_db}?mode=ro", uri=True)
+    first = conn.execute("SELECT min(t.ts_ms) FROM tick t JOIN gpu_sample g USING (tick_id) "
+                         "WHERE g.sm_active_permille IS NOT NULL").fetchone()[0]
+    assert first > START and conn.execute("SELECT value FROM meta WHERE key = 'gpm_first_ms'").fetchone() == (
+        str(first),)
+    assert query.gpm_facts(conn).seen
+    conn.close()
+    # the lab scenario (no GPM): no note, no GPM column in a raw read
+    from report_helpers import build_store_db
+
+    lab = build_store_db(str(tmp_path / "lab.db"), "lab", START, START + 3_600_000, 60_000)
+    conn = sqlite3.connect(f"file:{lab}?mode=ro", uri=True)
+    gpm = query.gpm_facts(conn)
+    assert not gpm.seen and conn.execute("SELECT 1 FROM meta WHERE key = 'gpm_first_ms'").fetchone() is None
+
+    class Spy:
+        sql = ""
+
+        def execute(self, sql, params=()):
+            Spy.sql += sql
+            return conn.execute(sql, params)
+
+    rows = query.gpu_state_raw(Spy(), START, START + 3_600_000, 100, 10**8, None, None, gpm)
+    assert "sm_active_permille" not in Spy.sql and rows
+    assert rows == query.gpu_state_raw(conn, START, START + 3_600_000, 100, 10**8, None, None, query.CURRENT_GPM)
