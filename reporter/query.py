@@ -212,17 +212,26 @@ _STATE_SUMS = """
                sum(CASE st WHEN 1 THEN e END),
                sum(CASE st WHEN 2 THEN e END),
                sum(cut),
-               sum(CASE WHEN sm IS NOT NULL THEN d ELSE 0 END),
-               sum(CASE WHEN sm IS NOT NULL THEN d * sm ELSE 0 END),
-               sum(CASE WHEN tc IS NOT NULL THEN d ELSE 0 END),
-               sum(CASE WHEN tc IS NOT NULL THEN d * tc ELSE 0 END),
-               sum(CASE WHEN st = 0 AND sm < {starved} THEN d ELSE 0 END)
+               {gpm_sums}
         FROM ({rows}
             LIMIT -1  -- no limit; it stops SQLite flattening this subquery, which
                       -- would evaluate `st` (and its subquery) once per sum()
         )
         GROUP BY gpu_id, cell
 """
+_GPM_SUMS = """sum(CASE WHEN sm IS NOT NULL THEN d ELSE 0 END),
+               sum(CASE WHEN sm IS NOT NULL THEN d * sm ELSE 0 END),
+               sum(CASE WHEN tc IS NOT NULL THEN d ELSE 0 END),
+               sum(CASE WHEN tc IS NOT NULL THEN d * tc ELSE 0 END),
+               sum(CASE WHEN st = 0 AND sm < {starved} THEN d ELSE 0 END)"""
+
+
+def _state_sums(rows: str, gpm: Gpm) -> str:
+    """_STATE_SUMS over `rows`; the GPM sums are 0 where no GPM value was ever stored (8 % of a raw read)."""
+    gpm_sums = _GPM_SUMS.format(starved=int(gpm.starved_pm)) if gpm.raw and gpm.seen else "0, 0, 0, 0, 0"
+    return _STATE_SUMS.format(rows=rows, gpm_sums=gpm_sums)
+
+
 # gpu_sample's coverage: schema 3 stores NULL for full coverage (1000) when
 # util_permille is known; rows of schemas 1 and 2 read as stored.
 _COVERAGE = "coalesce(g.coverage_permille, CASE WHEN g.util_permille IS NOT NULL THEN 1000 END)"
@@ -275,7 +284,7 @@ def _state_raw(
             FROM tick AS t
             JOIN gpu_sample AS g ON g.tick_id = t.tick_id
             WHERE t.ts_ms >= :lo AND t.ts_ms < :hi{_in_clause('g.gpu_id', gpu_ids)}"""
-    sql = _STATE_SUMS.format(rows=rows, starved=int(gpm.starved_pm))
+    sql = _state_sums(rows, gpm)
     return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes}).fetchall()
 
 
@@ -427,13 +436,21 @@ _IDENTITY_SUMS = """
                sum(CASE WHEN NOT sm_null AND sm * 10 < :active AND NOT cpu_null AND cpu >= :cpu_busy
                         THEN d ELSE 0 END),
                sum(CASE WHEN NOT sm_null AND sm * 10 < :active AND cpu_null THEN d ELSE 0 END),
-               sum(CASE WHEN NOT sm_null AND sm * 10 >= :active AND gpm_known THEN d ELSE 0 END),
-               sum(CASE WHEN NOT sm_null AND sm * 10 >= :active AND gpu_starved THEN d ELSE 0 END)
+               {gpm_sums}
         FROM ({rows}
         )
         WHERE mem_null OR mem * 1048576 > :held
         GROUP BY gpu_id, account_id, unit
 """
+
+
+_HOLDER_GPM_SUMS = """sum(CASE WHEN NOT sm_null AND sm * 10 >= :active AND gpm_known THEN d ELSE 0 END),
+               sum(CASE WHEN NOT sm_null AND sm * 10 >= :active AND gpu_starved THEN d ELSE 0 END)"""
+
+
+def _identity_sums(rows: str, gpm: Gpm) -> str:
+    """_IDENTITY_SUMS over `rows`; the GPM sums are 0 where no GPM value was ever stored."""
+    return _IDENTITY_SUMS.format(rows=rows, gpm_sums=_HOLDER_GPM_SUMS if gpm.raw and gpm.seen else "0, 0")
 
 
 def _holder_gpm(gpm: Gpm, ts_expr: str) -> tuple[str, str]:
@@ -505,7 +522,7 @@ def identity_raw(
             WHERE t.ts_ms >= :lo AND t.ts_ms < :hi
               AND ps.kind & 1{unit_where}{_in_clause('ps.gpu_id', gpu_ids)}
             GROUP BY ps.tick_id, ps.gpu_id, p.account_id, {unit_col}"""
-    sql = _IDENTITY_SUMS.format(rows=rows)
+    sql = _identity_sums(rows, _gpm(gpm))
     return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes,
                               "sm_since": sm_since_ms, "cpu_busy": cpu_busy_pm}).fetchall()
 
@@ -650,7 +667,7 @@ def _state_clipped(
             FROM clipped AS c
             JOIN gpu_sample AS g ON g.tick_id = c.tick_id AND g.gpu_id = c.gpu_id"""
     sql = (_CLIPPED_ROWS.format(gpu_filter=_in_clause('g.gpu_id', gpu_ids))
-           + _STATE_SUMS.format(rows=rows, starved=int(gpm.starved_pm)))
+           + _state_sums(rows, gpm))
     return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes}).fetchall()
 
 
@@ -673,7 +690,7 @@ def identity_clipped(
             JOIN process AS p ON p.proc_id = ps.proc_id{gpm_join}
             WHERE ps.kind & 1{unit_where}
             GROUP BY ps.tick_id, ps.gpu_id, p.account_id, {unit_col}"""
-    sql = _CLIPPED_ROWS.format(gpu_filter=_in_clause('g.gpu_id', gpu_ids)) + _IDENTITY_SUMS.format(rows=rows)
+    sql = _CLIPPED_ROWS.format(gpu_filter=_in_clause('g.gpu_id', gpu_ids)) + _identity_sums(rows, _gpm(gpm))
     return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes,
                               "sm_since": sm_since_ms, "cpu_busy": cpu_busy_pm}).fetchall()
 
