@@ -156,6 +156,16 @@ def report_json(db: str, *args: str) -> dict:
 
 # ---------------------------------------------------------------- simulated ticks
 
+def rolled_and_raw(path: str, *args: str) -> tuple[dict, dict]:
+    """The JSON report from rollups and from raw rows (--no-rollups), parsed."""
+    out = []
+    for extra in ((), ("--no-rollups",)):
+        r = run_report("--db", path, "--format", "json", *args, *extra)
+        assert r.returncode == 0, r.stderr
+        out.append(json.loads(r.stdout))
+    return out[0], out[1]
+
+
 def sim_ticks(start_ms: int, end_ms: int, interval_ms: int, scenario: str = "lab8",
               jitter: bool = True, cpu: bool = False) -> Iterator:
     """Tick records from the simulator's workloads, for the collector's Store.

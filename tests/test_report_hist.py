@@ -16,13 +16,12 @@ serve, and the one kind they do not (an active threshold such as 7.5 %).
 
 from __future__ import annotations
 
-import json
 import sqlite3
 
 import pytest
 
 from gua_collector import schema
-from report_helpers import HOUR, build_store_db, run_report
+from report_helpers import HOUR, build_store_db, rolled_and_raw, run_report
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -71,14 +70,6 @@ def mig_db(tmp_path_factory) -> str:
     return build_store_db(path, "mig", SOUTH_START - 6 * HOUR, SOUTH_START + 12 * HOUR, INTERVAL)
 
 
-def both(path: str, *args: str) -> tuple[dict, dict]:
-    """The report from rollups and from raw rows (--no-rollups), parsed."""
-    out = []
-    for extra in ((), ("--no-rollups",)):
-        r = run_report("--db", path, "--format", "json", *args, *extra)
-        assert r.returncode == 0, r.stderr
-        out.append(json.loads(r.stdout))
-    return out[0], out[1]
 
 
 def assert_same(rolled: dict, raw: dict) -> None:
@@ -92,7 +83,7 @@ def assert_same(rolled: dict, raw: dict) -> None:
                                 "Australia/Lord_Howe", "Pacific/Chatham", "Europe/Berlin"])
 @pytest.mark.parametrize("name", ["default", "active 50%", "held 300MB, active 25%"])
 def test_every_zone_and_threshold_reads_rollups_exactly(south_db, tz, name):
-    rolled, raw = both(south_db, *SOUTH_WINDOW, "--tz", tz, *THRESHOLDS[name])
+    rolled, raw = rolled_and_raw(south_db, *SOUTH_WINDOW, "--tz", tz, *THRESHOLDS[name])
     src = rolled["source"]
     assert src["rollup_hours"] >= 30
     assert src["rollups"] == ("hourly" if name == "default" else "histograms")
@@ -106,7 +97,7 @@ def test_every_zone_and_threshold_reads_rollups_exactly(south_db, tz, name):
 
 @pytest.mark.parametrize("name", sorted(THRESHOLDS))
 def test_every_threshold_kind(south_db, name):
-    rolled, raw = both(south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata", *THRESHOLDS[name])
+    rolled, raw = rolled_and_raw(south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata", *THRESHOLDS[name])
     if name in BEYOND_CAPS:
         assert rolled["source"]["rollups"] == "none"
         assert "raw samples (the rollups keep utilization up to 50 % and memory up to 1024 MiB)" in (
@@ -126,7 +117,7 @@ def test_every_threshold_kind(south_db, name):
 def test_dst_in_the_north(north_db):
     for tz in ("America/St_Johns", "Asia/Kolkata", "America/New_York"):
         for name in ("default", "held 1023MiB"):
-            rolled, raw = both(north_db, *NORTH_WINDOW, "--tz", tz, *THRESHOLDS[name])
+            rolled, raw = rolled_and_raw(north_db, *NORTH_WINDOW, "--tz", tz, *THRESHOLDS[name])
             assert rolled["source"]["heatmap"] == ("hour" if tz == "America/New_York" else "quarter")
             assert rolled["heatmap"]["unplaced_known_ms"] == 0
             assert_same(rolled, raw)
@@ -135,13 +126,13 @@ def test_dst_in_the_north(north_db):
 @pytest.mark.parametrize("name", ["default", "active 50%", "held 1023MiB"])
 def test_sm_unknown_holders(mig_db, name):
     window = ("--since", "2024-04-05T07:30:00Z", "--until", "2024-04-05T23:30:00Z", "--tz", "Asia/Kathmandu")
-    rolled, raw = both(mig_db, *window, *THRESHOLDS[name])
+    rolled, raw = rolled_and_raw(mig_db, *window, *THRESHOLDS[name])
     assert rolled["data_quality"]["sm_unknown_ms"] > 0
     assert_same(rolled, raw)
 
 
 def test_gpu_and_user_filters(south_db):
-    rolled, raw = both(south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata", "--gpu", "2", "--gpu", "6",
+    rolled, raw = rolled_and_raw(south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata", "--gpu", "2", "--gpu", "6",
                        "--user", "bob", "--held-threshold", "1GB")
     assert rolled["source"]["rollups"] == "histograms"
     assert_same(rolled, raw)
@@ -149,7 +140,7 @@ def test_gpu_and_user_filters(south_db):
 
 def test_an_active_threshold_between_whole_percents_is_read_raw_and_says_so(south_db):
     """7.5 %: the histograms keep whole percents, so such a report reads raw rows, and says so."""
-    rolled, raw = both(south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata", "--active-threshold", "7.5")
+    rolled, raw = rolled_and_raw(south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata", "--active-threshold", "7.5")
     assert rolled["source"]["rollups"] == "none"
     note = rolled["rules"]["note"]
     assert "not a whole percent" in note and "raw samples" in note

@@ -9,11 +9,9 @@ compares the whole JSON but `source`.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from report_helpers import HOUR, run_report, sim_ticks
+from report_helpers import HOUR, rolled_and_raw, run_report, sim_ticks
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -60,13 +58,6 @@ def mig_db(tmp_path_factory) -> str:
     return build_sim(str(tmp_path_factory.mktemp("rollup_mig") / "gua.db"), "mig")
 
 
-def both(path: str, *args: str) -> tuple[dict, dict]:
-    out = []
-    for extra in ((), ("--no-rollups",)):
-        r = run_report("--db", path, "--format", "json", *args, *extra)
-        assert r.returncode == 0, r.stderr
-        out.append(json.loads(r.stdout))
-    return out[0], out[1]
 
 
 WINDOWS = [
@@ -82,7 +73,7 @@ WINDOWS = [
      "--gpu", "2", "--gpu", "6", "--user", "bob"),
 ])
 def test_rollup_equals_raw(sim_db, args):
-    rolled, raw = both(sim_db, *args)
+    rolled, raw = rolled_and_raw(sim_db, *args)
     assert rolled["source"]["rollup_hours"] > 10
     assert raw["source"]["rollup_hours"] == 0
     del rolled["source"], raw["source"]
@@ -92,7 +83,7 @@ def test_rollup_equals_raw(sim_db, args):
 @pytest.mark.parametrize("args", [*WINDOWS, ("--since", "2024-03-29T00:00Z", "--until", "2024-04-02T00:00Z",
                                              "--tz", "UTC", "--gpu", "0", "--user", "bob")])
 def test_rollup_equals_raw_with_sm_unknown(mig_db, args):
-    rolled, raw = both(mig_db, *args)
+    rolled, raw = rolled_and_raw(mig_db, *args)
     assert rolled["source"]["rollup_hours"] > 10
     assert rolled["data_quality"]["sm_unknown_ms"] > 0
     del rolled["source"], raw["source"]
@@ -100,7 +91,7 @@ def test_rollup_equals_raw_with_sm_unknown(mig_db, args):
 
 
 def test_mig_holders_are_sm_unknown_not_busy(mig_db):
-    rolled, _ = both(mig_db, "--since", "2024-03-29T00:00Z", "--until", "2024-04-02T00:00Z", "--tz", "UTC")
+    rolled, _ = rolled_and_raw(mig_db, "--since", "2024-03-29T00:00Z", "--until", "2024-04-02T00:00Z", "--tz", "UTC")
     users = {u["user"]: u for u in rolled["identities"]["users"]}
     # alice trains, bob idles, both on MIG instances: neither looks busy
     for name in ("alice", "bob"):
@@ -118,7 +109,7 @@ def test_mig_holders_are_sm_unknown_not_busy(mig_db):
 
 
 def test_sane_numbers(sim_db):
-    rolled, _ = both(sim_db, "--since", "2024-03-29T00:00Z", "--until", "2024-04-02T00:00Z", "--tz", "UTC")
+    rolled, _ = rolled_and_raw(sim_db, "--since", "2024-03-29T00:00Z", "--until", "2024-04-02T00:00Z", "--tz", "UTC")
     h = rolled["headline"]
     assert len(rolled["gpus"]) == 8
     assert h["active_ms"] > 0 and h["idle_held_ms"] > 0 and h["idle_ms"] > 0
@@ -135,7 +126,7 @@ def test_sane_numbers(sim_db):
                                   ("--active-threshold", "25", "--held-threshold", "0")])
 def test_other_thresholds_use_the_histograms(sim_db, args):
     """More in tests/test_report_hist.py."""
-    rolled, raw = both(sim_db, *WINDOWS[1], *args)
+    rolled, raw = rolled_and_raw(sim_db, *WINDOWS[1], *args)
     assert rolled["source"]["rollups"] == "histograms" and rolled["source"]["rollup_hours"] > 10
     assert rolled["rules"]["note"] is None
     del rolled["source"], raw["source"]
