@@ -70,8 +70,6 @@ def mig_db(tmp_path_factory) -> str:
     return build_store_db(path, "mig", SOUTH_START - 6 * HOUR, SOUTH_START + 12 * HOUR, INTERVAL)
 
 
-
-
 def assert_same(rolled: dict, raw: dict) -> None:
     assert raw["source"]["rollups"] == "none"
     a, b = dict(rolled), dict(raw)

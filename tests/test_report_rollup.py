@@ -58,8 +58,6 @@ def mig_db(tmp_path_factory) -> str:
     return build_sim(str(tmp_path_factory.mktemp("rollup_mig") / "gua.db"), "mig")
 
 
-
-
 WINDOWS = [
     ("--since", "2024-03-29T00:00Z", "--until", "2024-04-02T00:00Z", "--tz", "UTC"),
     ("--since", "2024-03-29T05:17:13Z", "--until", "2024-04-01T21:42:05Z", "--tz", "Europe/Berlin"),
