@@ -373,6 +373,21 @@ def backfill_sm_unknown(conn: sqlite3.Connection) -> None:
     `sm_unknown_since_hour` tells readers where the column starts to count.
     Runs inside ensure_schema's transaction: a kill leaves schema 1 untouched.
     """
+    _backfill(conn, (BACKFILL_ACCOUNT, BACKFILL_UNIT), "sm_unknown_since_hour")
+
+
+def backfill_hist(conn: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: the histograms of every rolled-up hour whose raw rows all remain.
+
+    Meta `hist_since_hour` tells readers where they start: earlier hours
+    have their hourly rollups only (classified with the rollup thresholds,
+    placed by UTC hour). Runs inside ensure_schema's transaction.
+    """
+    _backfill(conn, _HIST_ROLLUPS_V2, "hist_since_hour")
+
+
+def _backfill(conn: sqlite3.Connection, statements: tuple[str, ...], since_key: str) -> None:
+    """Run `statements` over the rolled-up hours whose raw rows all remain; record the first in meta `since_key`."""
     # Retention deletes whole ticks, oldest first, below raw_pruned_before_ms:
     # the hour holding that instant may have lost some, every later hour has
     # them all. (Only a wall clock set back between two prunes could make the
@@ -383,26 +398,9 @@ def backfill_sm_unknown(conn: sqlite3.Connection) -> None:
     next_hour = _meta(conn, "rollup_next_hour")
     if next_hour is not None and int(next_hour) > first:
         params = {"lo": first * HOUR_MS, "hi": int(next_hour) * HOUR_MS, **thresholds(conn)}
-        for statement in (BACKFILL_ACCOUNT, BACKFILL_UNIT):
+        for statement in statements:
             conn.execute(statement, params)
-    conn.execute(UPSERT_META, ("sm_unknown_since_hour", str(first)))
-
-
-def backfill_hist(conn: sqlite3.Connection) -> None:
-    """Schema 1 -> 2: the histograms of every rolled-up hour whose raw rows all remain.
-
-    Meta `hist_since_hour` tells readers where they start: earlier hours
-    have their hourly rollups only (classified with the rollup thresholds,
-    placed by UTC hour). Runs inside ensure_schema's transaction.
-    """
-    pruned = _meta(conn, "raw_pruned_before_ms")
-    first = -(-int(pruned) // HOUR_MS) if pruned else 0  # as in backfill_sm_unknown
-    next_hour = _meta(conn, "rollup_next_hour")
-    if next_hour is not None and int(next_hour) > first:
-        params = {"lo": first * HOUR_MS, "hi": int(next_hour) * HOUR_MS, **thresholds(conn)}
-        for statement in _HIST_ROLLUPS_V2:
-            conn.execute(statement, params)
-    conn.execute(UPSERT_META, ("hist_since_hour", str(first)))
+    conn.execute(UPSERT_META, (since_key, str(first)))
 
 
 def _meta(conn: sqlite3.Connection, key: str) -> str | None:
