@@ -353,7 +353,7 @@ class Report:
                  "users", "units", "heat", "first_tick_ms", "last_tick_ms", "holes", "holes_total",
                  "gap_events", "gap_events_total", "runs", "host_errors", "warnings", "sm_since_ms", "overlap",
                  "heat_unplaced_ms", "heat_unplaced_before_ms", "heat_unplaced_offsets", "threshold_note",
-                 "cpu_busy_pm", "starved_pm", "gpm_since_ms", "identity_starved_known")
+                 "cpu_busy_pm", "gpm", "gpm_since_ms", "identity_starved_known")
 
     def __init__(
         self, *, options: Options, plan: Plan, db_path: str, schema_version: int, created_ms: int | None,
@@ -364,7 +364,7 @@ class Report:
         sm_since_ms: int = 0, overlap: Overlap | None = None, heat_unplaced_ms: int = 0,
         heat_unplaced_before_ms: int | None = None, heat_unplaced_offsets: tuple[int, ...] = (),
         threshold_note: str | None = None, cpu_busy_pm: int = CPU_BUSY_PERMILLE,
-        starved_pm: int = query.STARVED_SM_PERMILLE, gpm_since_ms: int = 0, identity_starved_known: bool = True,
+        gpm: query.Gpm = query.CURRENT_GPM, gpm_since_ms: int = 0, identity_starved_known: bool = True,
     ) -> None:
         self.options = options
         self.plan = plan
@@ -404,7 +404,7 @@ class Report:
         # processes used at least this (permille of one core) in the tick.
         self.cpu_busy_pm = cpu_busy_pm
         # Active but starved: an active tick whose GPM SM activity was below this (permille).
-        self.starved_pm = starved_pm
+        self.gpm = gpm  # where the database records GPM: what a further read in the transaction needs
         # GPM is counted from this instant on (hours rolled up before schema 3: not recorded).
         self.gpm_since_ms = gpm_since_ms
         # False: some rolled-up hours came from histograms, which do not record an
@@ -442,6 +442,11 @@ class Report:
         return (f"hours {when}exist only as UTC-hour rollups of gua 0.1.0 (retention removed their raw "
                 f"samples before the upgrade); {zone} cannot place them in local hours, so "
                 f"{self.heat_unplaced_ms / HOUR_MS:.2f} GPU-h of known time is not in the heatmap")
+
+    @property
+    def starved_pm(self) -> int:
+        """The active-but-starved rule: SM activity below this (permille) while active."""
+        return self.gpm.starved_pm
 
     @property
     def gpm_recorded_since_ms(self) -> int | None:
@@ -860,7 +865,7 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
         if heat_unplaced else (),
         threshold_note=thresholds_note(meta, opts),
         cpu_busy_pm=cpu_busy_pm,
-        starved_pm=gpm.starved_pm,
+        gpm=gpm,
         gpm_since_ms=gpm.since_ms if gpm.raw else until,
         # The histograms do not record a holder's busy time on a starved GPU:
         # unknown when they were read and some GPU had GPM known (without GPM

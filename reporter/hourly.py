@@ -127,7 +127,7 @@ def series(conn: sqlite3.Connection, rep: Report) -> list[HourRow]:
         for gpu_id, cell, *values in rows:
             add(gpu_id, *_decode(cell), values)
 
-    gpm = query.gpm_facts(conn)
+    gpm = rep.gpm
     if plan.h1 > plan.h0 and gpu_ids:
         skip = set(plan.skip_hours)
         pruned = _pruned_before(conn)
