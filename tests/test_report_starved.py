@@ -208,3 +208,22 @@ def test_the_first_gpm_value_is_noted_and_a_database_without_one_reads_no_gpm_co
     rows = query.gpu_state_raw(Spy(), START, START + 3_600_000, 100, 10**8, None, None, gpm)
     assert "sm_active_permille" not in Spy.sql and rows
     assert rows == query.gpu_state_raw(conn, START, START + 3_600_000, 100, 10**8, None, None, query.CURRENT_GPM)
+
+
+def test_a_hostile_user_name_on_the_starved_line_is_escaped(gpm_db, tmp_path):
+    """carol renamed to control and bidi characters (a name from /proc, chosen by a local user): the
+    starved line shows it escaped, on one line, in 80 columns; JSON keeps it exact."""
+    from test_report_cli import EVIL_USER
+
+    path = str(tmp_path / "evil.db")
+    shutil.copy(gpm_db, path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("UPDATE account SET username = ? WHERE username = 'carol'", (EVIL_USER,)).rowcount == 1
+    r = run_report("--db", path, *WINDOW, "--tz", "UTC")
+    assert r.returncode == 0, r.stderr
+    line = next(line for line in r.stdout.splitlines() if "busy on a starved GPU" in line)
+    assert "\\x1b[2J" in line and "\\u202e" in line and "\\n" in line and len(line) <= 80
+    assert "\x1b" not in r.stdout and "\u202e" not in r.stdout
+    assert not any(other.startswith("FAKE LINE") for other in r.stdout.splitlines()), "no forged line"
+    users = {u["user"] for u in report(path)["identities"]["users"]}
+    assert EVIL_USER in users

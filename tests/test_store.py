@@ -292,3 +292,24 @@ def test_unit_rollups_go_after_unit_retention_a_day_at_a_time(tmp_path: Path) ->
     assert hours("hour_unit") == [] and dict(conn.execute("SELECT key, value FROM meta"))[
         "units_pruned_before_hour"] == str(START // 3_600_000 + 1 + 24)
     store.close()
+
+
+def test_a_clock_set_back_never_makes_a_process_look_older(tmp_path: Path) -> None:
+    """A process seen at 05:00, then (a new run, the wall clock set back) at 01:00: last_ms stays 05:00,
+    and retention cut at 03:00 keeps the process its 05:00 rows refer to."""
+    hour = 3_600_000
+    path = str(tmp_path / "gua.db")
+    store = Store.open(path, now_ms=START)
+    store.begin_run(START, 10_000, "test", "host", "0")
+    store.write_ticks([churn_tick(START + 5 * hour, (1,))])
+    store.close()
+    store = Store.open(path, now_ms=START)  # a new run: nothing cached
+    store.begin_run(START + hour, 10_000, "test", "host", "0")
+    store.write_ticks([churn_tick(START + hour, (1,)), churn_tick(START + 2 * hour + 10_000, (1,))])
+    while store.prune(START + 3 * hour):
+        pass
+    store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT last_ms FROM process").fetchall() == [(START + 5 * hour,)]
+    assert conn.execute("SELECT count(*) FROM proc_sample WHERE proc_id NOT IN (SELECT proc_id FROM process)"
+                        ).fetchone()[0] == 0
