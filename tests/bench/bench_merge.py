@@ -26,7 +26,6 @@ import copy
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 BIN = os.path.dirname(sys.executable)
+
+from benchlib import installed_copy, median_ms, time_runs  # noqa: E402
 
 
 def host_document(cache: str) -> dict:
@@ -82,34 +83,10 @@ def fleet_documents(doc: dict, hosts: int, target: str) -> list[str]:
     return paths
 
 
-def installed_copy(target: str) -> str:
-    """reporter/ copied to TARGET/gua_report, as a wheel lays it out, and byte-compiled."""
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(os.path.join(REPO, "reporter"), os.path.join(target, "gua_report"),
-                    ignore=shutil.ignore_patterns("__pycache__", "*.md"))
-    subprocess.run([sys.executable, "-m", "compileall", "-q", target], check=True)
-    return target
 
 
-def time_runs(cmd: list[str], env: dict[str, str], runs: int, stdin: str | None = None) -> tuple[list[float], list[float]]:
-    """Wall and CPU seconds (user + system, from wait4) of `runs` fresh processes."""
-    wall, cpu = [], []
-    for _ in range(runs):
-        with open(stdin or os.devnull, "rb") as inp:
-            t = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdin=inp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-            _, status, usage = os.wait4(proc.pid, 0)
-            wall.append(time.perf_counter() - t)
-        cpu.append(usage.ru_utime + usage.ru_stime)
-        err = proc.stderr.read().decode().strip()  # type: ignore[union-attr]
-        proc.stderr.close()  # type: ignore[union-attr]
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"{' '.join(cmd[:6])} ...: exit {os.waitstatus_to_exitcode(status)}: {err}")
-    return wall, cpu
 
 
-def _ms(values: list[float]) -> str:
-    return f"{statistics.median(values) * 1000:7.1f} ms"
 
 
 def main() -> None:
@@ -144,14 +121,14 @@ def main() -> None:
     for name, (exe, env) in variants.items():
         for form, extra in forms.items():
             wall, cpu = time_runs([*exe, "merge", *extra, *paths], env, args.runs)
-            print(f"{name:<10} {form:<12} {_ms(wall)} {min(wall) * 1000:7.1f} ms {max(wall) * 1000:7.1f} ms "
-                  f"{_ms(cpu)}")
+            print(f"{name:<10} {form:<12} {median_ms(wall)} {min(wall) * 1000:7.1f} ms {max(wall) * 1000:7.1f} ms "
+                  f"{median_ms(cpu)}")
         wall, cpu = time_runs([*exe, "merge", "--tz", "UTC", "-"], env, args.runs, stdin=stream)
-        print(f"{name:<10} {'text, stdin':<12} {_ms(wall)} {min(wall) * 1000:7.1f} ms {max(wall) * 1000:7.1f} ms "
-              f"{_ms(cpu)}")
+        print(f"{name:<10} {'text, stdin':<12} {median_ms(wall)} {min(wall) * 1000:7.1f} ms {max(wall) * 1000:7.1f} ms "
+              f"{median_ms(cpu)}")
     for name, (exe, env) in variants.items():
         wall, cpu = time_runs([*exe[:1], "-c", "pass"], env, args.runs)
-        print(f"{name:<10} python -c pass: {_ms(wall)} wall, {_ms(cpu)} CPU (interpreter start alone)")
+        print(f"{name:<10} python -c pass: {median_ms(wall)} wall, {median_ms(cpu)} CPU (interpreter start alone)")
     print(f"(cpu cores: {os.cpu_count()}; {args.system_python} for 'installed')")
 
 

@@ -31,8 +31,6 @@ import argparse
 import os
 import shutil
 import sqlite3
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,10 +39,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from benchlib import installed_copy, median_ms, time_runs, write_batched  # noqa: E402
+
 from report_helpers import DAY, sim_ticks  # noqa: E402
 
 INTERVAL_MS = 10_000
-BATCH = 360  # ticks per transaction while building (the collector writes one per tick)
 SCENARIO = "lab8"
 RSS_MIB = 2048  # the simulated /proc's resident memory of every process
 
@@ -86,14 +85,7 @@ def write(path: str, start_ms: int, end_ms: int, created_ms: int) -> None:
     store = Store.open(path, now_ms=created_ms)
     try:
         store.begin_run(start_ms, INTERVAL_MS, f"simulate:{SCENARIO}", "bench01", "bench")
-        batch = []
-        for tick in with_cpu(sim_ticks(start_ms, end_ms, INTERVAL_MS, SCENARIO)):
-            batch.append(tick)
-            if len(batch) >= BATCH:
-                store.write_ticks(batch)
-                batch = []
-        if batch:
-            store.write_ticks(batch)
+        write_batched(store, with_cpu(sim_ticks(start_ms, end_ms, INTERVAL_MS, SCENARIO)))
     finally:
         store.close()  # no end_run: a collector that is still running
 
@@ -118,41 +110,10 @@ def top_up(path: str) -> int:
     return now - newest
 
 
-def installed_copy(target: str) -> str:
-    """reporter/ copied to TARGET/gua_report, as a wheel lays it out (package-dir), and byte-compiled.
-
-    gua_report is standard library only, so this is what an installed package
-    runs; no build backend or network needed. Copied afresh on every run.
-    """
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(os.path.join(REPO, "reporter"), os.path.join(target, "gua_report"),
-                    ignore=shutil.ignore_patterns("__pycache__", "*.md"))
-    subprocess.run([sys.executable, "-m", "compileall", "-q", target], check=True)
-    return target
 
 
-def time_runs(cmd: list[str], env: dict[str, str], runs: int) -> tuple[list[float], list[float]]:
-    """Wall seconds and CPU seconds (user + system, from wait4) of `runs` fresh processes.
-
-    On a loaded machine the wall time includes waiting for a core; the CPU
-    time is what the process itself cost.
-    """
-    wall, cpu = [], []
-    for _ in range(runs):
-        t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall.append(time.perf_counter() - t)
-        cpu.append(usage.ru_utime + usage.ru_stime)
-        code = os.waitstatus_to_exitcode(status)
-        if code not in (0, 1, 2):  # --check may warn
-            raise SystemExit(f"{' '.join(cmd)}: exit {code}: {proc.stderr.read().decode().strip()}")  # type: ignore[union-attr]
-        proc.stderr.close()  # type: ignore[union-attr]
-    return wall, cpu
 
 
-def _ms(values: list[float]) -> str:
-    return f"{statistics.median(values) * 1000:7.1f} ms"
 
 
 def in_process(path: str, runs: int) -> tuple[list[float], list[float], int]:
@@ -225,16 +186,16 @@ def main() -> None:
     for name, (exe, env) in variants.items():
         for form, extra in forms.items():
             top_up(path)  # stay within three intervals of the present
-            wall, cpu = time_runs([*exe, "now", "--db", path, *extra], env, args.runs)
-            print(f"{name:<10} {form:<6} {_ms(wall)} {min(wall) * 1000:7.1f} ms {max(wall) * 1000:7.1f} ms "
-                  f"{_ms(cpu)}")
+            wall, cpu = time_runs([*exe, "now", "--db", path, *extra], env, args.runs, ok=(0, 1, 2))  # --check may warn
+            print(f"{name:<10} {form:<6} {median_ms(wall)} {min(wall) * 1000:7.1f} ms {max(wall) * 1000:7.1f} ms "
+                  f"{median_ms(cpu)}")
     top_up(path)
     whole, window, held = in_process(path, args.runs)
-    print(f"in process: open + read_now + render_text {_ms(whole)}, of which the CPU window query "
-          f"{_ms(window)} ({held} idle-held processes)")
+    print(f"in process: open + read_now + render_text {median_ms(whole)}, of which the CPU window query "
+          f"{median_ms(window)} ({held} idle-held processes)")
     for name, (exe, env) in variants.items():
         wall, cpu = time_runs([*exe[:1], "-c", "pass"], env, args.runs)
-        print(f"{name:<10} python -c pass: {_ms(wall)} wall, {_ms(cpu)} CPU (interpreter start alone)")
+        print(f"{name:<10} python -c pass: {median_ms(wall)} wall, {median_ms(cpu)} CPU (interpreter start alone)")
     print(f"(cpu cores: {os.cpu_count()}; {args.system_python} for 'installed')")
 
 

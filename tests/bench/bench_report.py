@@ -34,7 +34,6 @@ import os
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,10 +42,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from benchlib import console_script, installed_copy, time_runs, write_batched  # noqa: E402
+
 from report_helpers import DAY, T0, sim_ticks  # noqa: E402
 
 INTERVAL_MS = 10_000
-BATCH = 360  # ticks per transaction while building (the collector writes one per tick)
 END_BEFORE_LAST_MS = 7 * 60_000 + 17_000
 
 # Rows: (label, extra arguments). Zones: UTC, a +05:30 and a +05:45 one.
@@ -75,14 +75,7 @@ def build(path: str, days: int) -> float:
     store = Store.open(path + ".tmp", now_ms=T0)
     try:
         store.begin_run(T0, INTERVAL_MS, "simulate:lab8", "bench01", "bench")
-        batch = []
-        for tick in sim_ticks(T0, end_ms, INTERVAL_MS, "lab8"):
-            batch.append(tick)
-            if len(batch) >= BATCH:
-                store.write_ticks(batch)
-                batch = []
-        if batch:
-            store.write_ticks(batch)
+        write_batched(store, sim_ticks(T0, end_ms, INTERVAL_MS, "lab8"))
         store.end_run(end_ms)
     finally:
         store.close()
@@ -108,37 +101,11 @@ def columns(uri: str, create: bool = False) -> list[tuple[str, str]]:
         conn.close()
 
 
-def installed_copy(target: str, source: str) -> str:
-    """`source` (a reporter/ tree) copied to TARGET/gua_report and byte-compiled; returns the script.
-
-    gua_report is standard library only, so this is what an installed
-    package runs. The script is what pip writes for the console script.
-    """
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(source, os.path.join(target, "gua_report"),
-                    ignore=shutil.ignore_patterns("__pycache__", "*.md"))
-    script = os.path.join(target, "gua-report")
-    with open(script, "w", encoding="utf-8") as f:
-        f.write("import sys\nfrom gua_report.cli import main\nif __name__ == '__main__':\n    sys.exit(main())\n")
-    subprocess.run([PYTHON, "-m", "compileall", "-q", target], check=True)
-    return script
 
 
 PYTHON = shutil.which("python3", path="/usr/bin") or sys.executable
 
 
-def time_runs(cmd: list[str], env: dict[str, str], runs: int, give_up_s: float) -> list[float]:
-    """Wall seconds of up to `runs` fresh processes; stops repeating once one took over `give_up_s`."""
-    wall: list[float] = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, check=False)
-        wall.append(time.perf_counter() - t)
-        if proc.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)}: exit {proc.returncode}: {proc.stderr.decode().strip()}")
-        if wall[-1] > give_up_s:
-            break
-    return wall
 
 
 def main() -> None:
@@ -169,7 +136,7 @@ def main() -> None:
     until = last - END_BEFORE_LAST_MS
     until_iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(until // 1000)) + f".{until % 1000:03d}Z"
 
-    script = installed_copy(os.path.join(args.cache, "installed-report"), args.source)
+    script = console_script(installed_copy(os.path.join(args.cache, "installed-report"), args.source, PYTHON))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["PYTHONPATH"] = os.path.dirname(script)
     windows = args.windows.split(",")
@@ -180,7 +147,7 @@ def main() -> None:
     print(f"{'zone':<10} {'thresholds':<20}" + "".join(f" {w:>16}" for w in windows))
     for w in windows:  # untimed: the first run after a build or boot reads the file from disk
         time_runs([PYTHON, script, "--db", path, "--since", w, "--until", until_iso, "--format", "json",
-                   "--tz", "UTC"], env, 1, 0)
+                   "--tz", "UTC"], env, 1)
     base: dict[str, float] = {}
     for zone_label, zone in ZONES:
         for thr_label, thr in THRESHOLDS:
@@ -191,7 +158,7 @@ def main() -> None:
             for w in windows:
                 cmd = [PYTHON, script, "--db", path, "--since", w, "--until", until_iso, "--format", "json",
                        "--tz", zone, *thr]
-                runs = time_runs(cmd, env, args.runs, args.give_up)
+                runs = time_runs(cmd, env, args.runs, give_up_s=args.give_up)[0]
                 med = statistics.median(runs) * 1000
                 if zone == "UTC" and not thr:
                     base[w] = med
@@ -200,9 +167,9 @@ def main() -> None:
                 cells.append(f"{med:9.0f}{more:>3}{ratio:>5}")
             print(f"{zone_label:<10} {thr_label:<20}" + "".join(f" {c:>16}" for c in cells), flush=True)
     for what, extra in (("--version", ["--version"]), ("--help", ["--help"])):
-        runs = time_runs([PYTHON, script, *extra], env, args.runs * 2, args.give_up)
+        runs = time_runs([PYTHON, script, *extra], env, args.runs * 2, give_up_s=args.give_up)[0]
         print(f"gua-report {what}: {statistics.median(runs) * 1000:.0f} ms")
-    runs = time_runs([PYTHON, "-c", "pass"], env, args.runs * 2, args.give_up)
+    runs = time_runs([PYTHON, "-c", "pass"], env, args.runs * 2, give_up_s=args.give_up)[0]
     print(f"{PYTHON} -c pass: {statistics.median(runs) * 1000:.0f} ms (interpreter start alone)")
     print(f"(cpu cores: {os.cpu_count()}; (n): a cell over --give-up {args.give_up:g} s ran n times)")
 

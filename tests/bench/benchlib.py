@@ -1,0 +1,86 @@
+"""What the benchmarks share: the installed copy of gua-report, timed fresh processes, a database built in batches.
+
+Imported by the bench_*.py scripts, which run as `python tests/bench/bench_X.py`
+(this folder is then first on sys.path). Not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+BATCH = 360  # ticks per transaction while building (the collector writes one per tick)
+
+
+def installed_copy(target: str, source: str = os.path.join(REPO, "reporter"), python: str = sys.executable) -> str:
+    """`source` (a reporter/ tree) copied to TARGET/gua_report, as a wheel lays it out, byte-compiled by `python`.
+
+    gua_report is standard library only, so this is what an installed package
+    runs; no build backend or network needed. Copied afresh on every run.
+    Returns TARGET, the directory to put on PYTHONPATH.
+    """
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, os.path.join(target, "gua_report"), ignore=shutil.ignore_patterns("__pycache__", "*.md"))
+    subprocess.run([python, "-m", "compileall", "-q", target], check=True)
+    return target
+
+
+def console_script(target: str) -> str:
+    """TARGET/gua-report, what pip writes for the console script; returns its path."""
+    script = os.path.join(target, "gua-report")
+    with open(script, "w", encoding="utf-8") as f:
+        f.write("import sys\nfrom gua_report.cli import main\nif __name__ == '__main__':\n    sys.exit(main())\n")
+    return script
+
+
+def time_runs(cmd: list[str], env: dict[str, str], runs: int, *, stdin: str | None = None,
+              ok: tuple[int, ...] = (0,), give_up_s: float | None = None) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds (user + system, from wait4) of up to `runs` fresh processes.
+
+    On a loaded machine the wall time includes waiting for a core; the CPU
+    time is what the process itself cost. An exit status outside `ok` ends
+    the benchmark; once a run took over `give_up_s`, no more are started.
+    """
+    wall: list[float] = []
+    cpu: list[float] = []
+    for _ in range(runs):
+        with open(stdin or os.devnull, "rb") as inp:
+            t = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdin=inp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall.append(time.perf_counter() - t)
+        cpu.append(usage.ru_utime + usage.ru_stime)
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode().strip()
+        proc.stderr.close()
+        code = os.waitstatus_to_exitcode(status)
+        if code not in ok:
+            raise SystemExit(f"{' '.join(cmd[:6])} ...: exit {code}: {err}")
+        if give_up_s is not None and wall[-1] > give_up_s:
+            break
+    return wall, cpu
+
+
+def median_ms(values: list[float]) -> str:
+    """The median of seconds, as milliseconds in a 10-column cell."""
+    return f"{statistics.median(values) * 1000:7.1f} ms"
+
+
+def write_batched(store: Any, ticks: Iterable[Any], batch: int = BATCH) -> None:
+    """Write `ticks` through the collector's Store, `batch` to a transaction."""
+    pending: list[Any] = []
+    for tick in ticks:
+        pending.append(tick)
+        if len(pending) >= batch:
+            store.write_ticks(pending)
+            pending = []
+    if pending:
+        store.write_ticks(pending)
