@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 BIN = os.path.dirname(sys.executable)
 
-from benchlib import installed_copy, median_ms, time_runs  # noqa: E402
+from benchlib import installed_copy, print_interpreter_start, time_runs, timed_row  # noqa: E402
 
 
 def host_document(cache: str) -> dict:
@@ -120,16 +120,10 @@ def main() -> None:
           f"  (whole process, {args.runs} runs)")
     for name, (exe, env) in variants.items():
         for form, extra in forms.items():
-            wall, cpu = time_runs([*exe, "merge", *extra, *paths], env, args.runs)
-            print(f"{name:<10} {form:<12} {median_ms(wall)} {min(wall) * 1000:7.1f} ms {max(wall) * 1000:7.1f} ms "
-                  f"{median_ms(cpu)}")
-        wall, cpu = time_runs([*exe, "merge", "--tz", "UTC", "-"], env, args.runs, stdin=stream)
-        print(f"{name:<10} {'text, stdin':<12} {median_ms(wall)} {min(wall) * 1000:7.1f} ms {max(wall) * 1000:7.1f} ms "
-              f"{median_ms(cpu)}")
-    for name, (exe, env) in variants.items():
-        wall, cpu = time_runs([*exe[:1], "-c", "pass"], env, args.runs)
-        print(f"{name:<10} python -c pass: {median_ms(wall)} wall, {median_ms(cpu)} CPU (interpreter start alone)")
-    print(f"(cpu cores: {os.cpu_count()}; {args.system_python} for 'installed')")
+            print(timed_row(name, form, 12, *time_runs([*exe, "merge", *extra, *paths], env, args.runs)))
+        print(timed_row(name, "text, stdin", 12,
+                        *time_runs([*exe, "merge", "--tz", "UTC", "-"], env, args.runs, stdin=stream)))
+    print_interpreter_start(variants, args.runs, args.system_python)
 
 
 if __name__ == "__main__":

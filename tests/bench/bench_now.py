@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from benchlib import installed_copy, median_ms, time_runs, write_batched  # noqa: E402
+from benchlib import installed_copy, median_ms, print_interpreter_start, time_runs, timed_row, write_batched  # noqa: E402
 
 from report_helpers import DAY, sim_ticks  # noqa: E402
 
@@ -186,17 +186,13 @@ def main() -> None:
     for name, (exe, env) in variants.items():
         for form, extra in forms.items():
             top_up(path)  # stay within three intervals of the present
-            wall, cpu = time_runs([*exe, "now", "--db", path, *extra], env, args.runs, ok=(0, 1, 2))  # --check may warn
-            print(f"{name:<10} {form:<6} {median_ms(wall)} {min(wall) * 1000:7.1f} ms {max(wall) * 1000:7.1f} ms "
-                  f"{median_ms(cpu)}")
+            # --check may warn (1) or be critical (2)
+            print(timed_row(name, form, 6, *time_runs([*exe, "now", "--db", path, *extra], env, args.runs, ok=(0, 1, 2))))
     top_up(path)
     whole, window, held = in_process(path, args.runs)
     print(f"in process: open + read_now + render_text {median_ms(whole)}, of which the CPU window query "
           f"{median_ms(window)} ({held} idle-held processes)")
-    for name, (exe, env) in variants.items():
-        wall, cpu = time_runs([*exe[:1], "-c", "pass"], env, args.runs)
-        print(f"{name:<10} python -c pass: {median_ms(wall)} wall, {median_ms(cpu)} CPU (interpreter start alone)")
-    print(f"(cpu cores: {os.cpu_count()}; {args.system_python} for 'installed')")
+    print_interpreter_start(variants, args.runs, args.system_python)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,20 @@ def median_ms(values: list[float]) -> str:
     return f"{statistics.median(values) * 1000:7.1f} ms"
 
 
+def timed_row(name: str, form: str, width: int, wall: list[float], cpu: list[float]) -> str:
+    """A table row: variant, form, median / min / max wall and median CPU."""
+    return (f"{name:<10} {form:<{width}} {median_ms(wall)} {min(wall) * 1000:7.1f} ms {max(wall) * 1000:7.1f} ms "
+            f"{median_ms(cpu)}")
+
+
+def print_interpreter_start(variants: dict[str, tuple[list[str], dict[str, str]]], runs: int, system_python: str) -> None:
+    """What each variant's interpreter costs to start alone, and the machine."""
+    for name, (exe, env) in variants.items():
+        wall, cpu = time_runs([*exe[:1], "-c", "pass"], env, runs)
+        print(f"{name:<10} python -c pass: {median_ms(wall)} wall, {median_ms(cpu)} CPU (interpreter start alone)")
+    print(f"(cpu cores: {os.cpu_count()}; {system_python} for 'installed')")
+
+
 def write_batched(store: Any, ticks: Iterable[Any], batch: int = BATCH) -> None:
     """Write `ticks` through the collector's Store, `batch` to a transaction."""
     pending: list[Any] = []
