@@ -28,14 +28,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 BIN = os.path.dirname(sys.executable)
 
-from benchlib import installed_copy, print_interpreter_start, time_runs, timed_row  # noqa: E402
+from benchlib import add_variant_arguments, installed_copy, print_interpreter_start, time_runs, timed_row  # noqa: E402
 
 
 def host_document(cache: str) -> dict:
@@ -83,19 +82,10 @@ def fleet_documents(doc: dict, hosts: int, target: str) -> list[str]:
     return paths
 
 
-
-
-
-
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hosts", type=int, default=50)
-    ap.add_argument("--runs", type=int, default=21, help="runs per variant; the median is shown")
-    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "gua-bench"))
-    ap.add_argument("--system-python", default=shutil.which("python3", path="/usr/bin") or sys.executable,
-                    help="interpreter for the installed copy (default /usr/bin/python3)")
+    add_variant_arguments(ap)
     args = ap.parse_args()
     os.makedirs(args.cache, exist_ok=True)
     doc = host_document(args.cache)

@@ -29,17 +29,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sqlite3
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from benchlib import installed_copy, median_ms, print_interpreter_start, time_runs, timed_row, write_batched  # noqa: E402
+from benchlib import (  # noqa: E402
+    add_variant_arguments,
+    installed_copy,
+    median_ms,
+    print_interpreter_start,
+    time_runs,
+    timed_row,
+    write_batched,
+)
 
 from report_helpers import DAY, sim_ticks  # noqa: E402
 
@@ -110,12 +116,6 @@ def top_up(path: str) -> int:
     return now - newest
 
 
-
-
-
-
-
-
 def in_process(path: str, runs: int) -> tuple[list[float], list[float], int]:
     """Seconds of open + read_now + render_text, seconds of the CPU-window query alone, idle-held count."""
     from gua_report import now, now_render
@@ -145,10 +145,7 @@ def in_process(path: str, runs: int) -> tuple[list[float], list[float], int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--days", type=int, default=90)
-    ap.add_argument("--runs", type=int, default=21, help="runs per variant; the median is shown")
-    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "gua-bench"))
-    ap.add_argument("--system-python", default=shutil.which("python3", path="/usr/bin") or sys.executable,
-                    help="interpreter for the installed copy (default /usr/bin/python3)")
+    add_variant_arguments(ap)
     args = ap.parse_args()
     os.makedirs(args.cache, exist_ok=True)
     # "-cpu": databases cached before the benchmark wrote CPU are not reused

@@ -6,11 +6,13 @@ Imported by the bench_*.py scripts, which run as `python tests/bench/bench_X.py`
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -18,6 +20,14 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 BATCH = 360  # ticks per transaction while building (the collector writes one per tick)
+
+
+def add_variant_arguments(ap: argparse.ArgumentParser) -> None:
+    """--runs, --cache and --system-python, for the benchmarks that time an editable and an installed variant."""
+    ap.add_argument("--runs", type=int, default=21, help="runs per variant; the median is shown")
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "gua-bench"))
+    ap.add_argument("--system-python", default=shutil.which("python3", path="/usr/bin") or sys.executable,
+                    help="interpreter for the installed copy (default /usr/bin/python3)")
 
 
 def installed_copy(target: str, source: str = os.path.join(REPO, "reporter"), python: str = sys.executable) -> str:
