@@ -7,7 +7,6 @@ faults cannot leak into another's; the .debs are built once per session.
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import subprocess
@@ -17,8 +16,7 @@ from pathlib import Path
 
 import nspawn
 import pytest
-import rootfs
-from systest import ADMIN, CONF, DIST, DROPIN, DROPIN_TEXT, OUTSIDER, REPO, SOURCES, collector_conf, log
+from systest import ADMIN, CONF, DIST, DROPIN, DROPIN_TEXT, OUTSIDER, REPO, SOURCES, booted_container, collector_conf, log
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -98,32 +96,7 @@ def debs(host_ready: None, request: pytest.FixtureRequest) -> list[Path]:
 def container(host_ready: None, debs: list[Path],
               request: pytest.FixtureRequest) -> Iterator[nspawn.Container]:
     """A freshly booted copy of the cached root; always powered off after."""
-    try:
-        extra = rootfs.deb_dependencies(debs)
-        cached = rootfs.cached_root(extra, log=lambda s: log(request, s))
-    except rootfs.RootfsUnavailable as exc:
-        pytest.skip(f"cannot build the Debian root: {exc}")
-    for stale in rootfs.remove_stale_copies():
-        log(request, f"[gua-systest] removed {stale} left by an aborted run")
-    started = time.monotonic()
-    root = rootfs.fresh_copy(cached)
-    box = nspawn.Container(root, root.with_name(root.name + ".console.log"))
-    # Belt and braces: should pytest die without running finalizers (e.g.
-    # a second Ctrl-C), the interpreter's exit still powers the container off.
-    atexit.register(box.shutdown)
-    try:
-        try:
-            state = box.boot()
-        except nspawn.BootFailed as exc:
-            pytest.skip(f"systemd-nspawn cannot boot a container here: {exc}")
-        log(request, f"[gua-systest] container copied and booted in "
-                     f"{time.monotonic() - started:.2f} s ({state})")
-        yield box
-    finally:
-        box.shutdown()
-        atexit.unregister(box.shutdown)
-        rootfs.remove_copy(root)
-        box.log_path.unlink(missing_ok=True)
+    yield from booted_container(request, debs)
 
 
 @pytest.fixture(scope="module")

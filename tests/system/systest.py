@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import nspawn
 import pytest
+import rootfs
 
 REPO = Path(__file__).resolve().parents[2]
 # GUA_SYSTEST_DIST: take (or build) the .debs in another folder than dist/.
@@ -82,3 +86,36 @@ def service_state(box: nspawn.Container) -> dict[str, str]:
     """The collector unit's properties the tests look at."""
     return box.show(UNIT, "ActiveState", "SubState", "Type", "NRestarts", "Result",
                     "ExecMainStatus", "MainPID", "StatusText")
+
+
+def booted_container(request: pytest.FixtureRequest, debs: list[Path], extra: tuple[str, ...] = (),
+                     prepare: Callable[[Path], None] | None = None) -> Iterator[nspawn.Container]:
+    """A freshly booted copy of the cached root (with `extra` Debian packages), `prepare`d before boot;
+    always powered off after. Skips, with the reason, where the root cannot be built or booted."""
+    try:
+        cached = rootfs.cached_root(rootfs.deb_dependencies(debs) + list(extra), log=lambda s: log(request, s))
+    except rootfs.RootfsUnavailable as exc:
+        pytest.skip(f"cannot build the Debian root{' with ' + ', '.join(extra) if extra else ''}: {exc}")
+    for stale in rootfs.remove_stale_copies():
+        log(request, f"[gua-systest] removed {stale} left by an aborted run")
+    started = time.monotonic()
+    root = rootfs.fresh_copy(cached)
+    if prepare is not None:
+        prepare(root)
+    box = nspawn.Container(root, root.with_name(root.name + ".console.log"))
+    # Belt and braces: should pytest die without running finalizers (e.g.
+    # a second Ctrl-C), the interpreter's exit still powers the container off.
+    atexit.register(box.shutdown)
+    try:
+        try:
+            state = box.boot()
+        except nspawn.BootFailed as exc:
+            pytest.skip(f"systemd-nspawn cannot boot a container here: {exc}")
+        log(request, f"[gua-systest] container copied and booted in "
+                     f"{time.monotonic() - started:.2f} s ({state})")
+        yield box
+    finally:
+        box.shutdown()
+        atexit.unregister(box.shutdown)
+        rootfs.remove_copy(root)
+        box.log_path.unlink(missing_ok=True)

@@ -25,7 +25,6 @@ Run as root:  python -m pytest -m system -v -rs tests/system/test_node_exporter.
 
 from __future__ import annotations
 
-import atexit
 import re
 import socket
 import time
@@ -34,8 +33,7 @@ from pathlib import Path
 
 import nspawn
 import pytest
-import rootfs
-from systest import CONF, OUTSIDER, UNIT, collector_conf, log, service_state
+from systest import CONF, OUTSIDER, UNIT, booted_container, collector_conf, service_state
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(600)]
 
@@ -57,30 +55,11 @@ PORT = _free_port()
 @pytest.fixture(scope="module")
 def container(host_ready: None, debs: list[Path], request: pytest.FixtureRequest) -> Iterator[nspawn.Container]:
     """conftest's container, from a root that also holds Debian's prometheus-node-exporter."""
-    try:
-        extra = rootfs.deb_dependencies(debs) + ["prometheus-node-exporter"]
-        cached = rootfs.cached_root(extra, log=lambda s: log(request, s))
-    except rootfs.RootfsUnavailable as exc:
-        pytest.skip(f"cannot build the Debian root with prometheus-node-exporter: {exc}")
-    rootfs.remove_stale_copies()
-    started = time.monotonic()
-    root = rootfs.fresh_copy(cached)
-    (root / "etc/default/prometheus-node-exporter").write_text(
-        f'ARGS="--web.listen-address=127.0.0.1:{PORT} --collector.disable-defaults --collector.textfile"\n')
-    box = nspawn.Container(root, root.with_name(root.name + ".console.log"))
-    atexit.register(box.shutdown)
-    try:
-        try:
-            state = box.boot()
-        except nspawn.BootFailed as exc:
-            pytest.skip(f"systemd-nspawn cannot boot a container here: {exc}")
-        log(request, f"[gua-systest] node-exporter container booted in {time.monotonic() - started:.2f} s ({state})")
-        yield box
-    finally:
-        box.shutdown()
-        atexit.unregister(box.shutdown)
-        rootfs.remove_copy(root)
-        box.log_path.unlink(missing_ok=True)
+    def listen_on_loopback(root: Path) -> None:
+        (root / "etc/default/prometheus-node-exporter").write_text(
+            f'ARGS="--web.listen-address=127.0.0.1:{PORT} --collector.disable-defaults --collector.textfile"\n')
+
+    yield from booted_container(request, debs, ("prometheus-node-exporter",), listen_on_loopback)
 
 
 def metrics(box: nspawn.Container) -> str:
