@@ -44,6 +44,7 @@ EVIL_HOST = "@gpu\r01"
 EVIL_GAP = "-gap hidden"
 EVIL_NVML = "@err"
 EVIL_INIT = "\tinit"
+EVIL_UUID = "=GPU-evil\r1"  # from the driver: every table that names a GPU by UUID must neutralise it
 _NUMBER = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
 
@@ -59,7 +60,7 @@ def hand_db(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("hand") / "gua.db")
     db = HandDb(path)
     g0 = db.gpu(0, name=EVIL_GPU)
-    g1 = db.gpu(1)
+    g1 = db.gpu(1, uuid=EVIL_UUID)
     evil = db.account(EVIL_USER, 6666)
     alice = db.account("alice", 1001)
     db.account("carol", 1003)  # known, never on a GPU
@@ -107,6 +108,11 @@ def value(cell: str) -> object:
 def by_name(rows: list[list[str]]) -> list[dict[str, Any]]:
     header, *body = rows
     return [{c: value(x) for c, x in zip(header, row)} for row in body]
+
+
+def as_sheet_text(text: str) -> str:
+    """`text` as a CSV cell holds it: with the leading "'" that keeps a formula from running."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def get(obj: dict, dotted: str) -> object:
@@ -253,8 +259,8 @@ def test_event_table_agrees_with_the_json_and_carries_the_zone_offset(lab_db, ha
         assert gaps == [(g["start_ms"], g["end_ms"], g["run_id"]) for g in dq["gap_events"]]
         errors = [(r["kind"], r["gpu_uuid"], r["count"], r["start_ms"], r["end_ms"]) for r in rows
                   if r["kind"] not in ("run", "hole", "gap")]
-        expected = [(e["kind"], g["uuid"], e["count"], e["first_ms"], e["last_ms"]) for g in d["gpus"]
-                    for e in g["errors"]]
+        expected = [(e["kind"], as_sheet_text(g["uuid"]), e["count"], e["first_ms"], e["last_ms"])
+                    for g in d["gpus"] for e in g["errors"]]
         expected += [(e["kind"], None, e["count"], e["first_ms"], e["last_ms"]) for e in dq["host_errors"]]
         assert sorted(errors, key=repr) == sorted(expected, key=repr)
         if db == lab_db:  # the crash: an unclean run, a hole of 40 minutes, a clean run
@@ -288,6 +294,7 @@ def test_text_cells_are_neutralised_in_every_table(hand_db):
     assert [r["user"] for r in identity] == ["'" + EVIL_USER, "alice"]
     assert "'" + EVIL_USER in cells["unit"] and "'" + EVIL_UNIT in cells["unit"]
     assert "'" + EVIL_GPU in cells["gpu"]
+    assert all("'" + EVIL_UUID in cells[name] for name in ("gpu", "hour", "event"))
     assert {"'" + EVIL_GAP, "'" + EVIL_NVML, "'" + EVIL_INIT} <= cells["event"]
     assert any(EVIL_HOST in c for c in cells["event"])  # in the run's detail, not at its start: no formula
 
