@@ -78,12 +78,12 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 def _exit_code_line(code: int, text: str) -> str:
     """One row of the exit code table, wrapped under its text to fit 80 columns."""
-    line = f"  {code}  {text}"
+    line = f"{code:>3}  {text}"
     if len(line) <= 80:
         return line
     import textwrap  # only for a long row; start-up stays cheap
 
-    return textwrap.fill(text, 80, initial_indent=f"  {code}  ", subsequent_indent=" " * (4 + len(str(code))))
+    return textwrap.fill(text, 80, initial_indent=f"{code:>3}  ", subsequent_indent=" " * 5)
 
 
 def _epilog() -> str:

@@ -20,6 +20,8 @@ class Exit(IntEnum):
     CORRUPT = 7
     EMPTY_WINDOW = 8
     NOT_RECORDING = 9  # gua-report now: the newest tick is too old to call "now"
+    BAD_DOCUMENT = 10  # merge: a FILE is not a gua-report JSON document
+    NO_HOST = 11  # merge, --ssh: the report was written, but no host could be added to the fleet
 
 
 EXIT_TABLE = (
@@ -32,7 +34,11 @@ EXIT_TABLE = (
     (Exit.CORRUPT, "database file is corrupt"),
     (Exit.EMPTY_WINDOW, "no samples in the requested window"),
     (Exit.NOT_RECORDING, "collector not recording (gua-report now: newest tick too old)"),
+    (Exit.BAD_DOCUMENT, "merge: a FILE is unreadable or not a gua-report JSON document"),
+    (Exit.NO_HOST, "merge, --ssh: fleet report written, but no host could be added to it"),
 )
+# Codes a plain window report never returns; `now --help` leaves these out.
+FLEET_ONLY = (Exit.BAD_DOCUMENT, Exit.NO_HOST)
 
 
 class ReportError(Exception):

@@ -35,10 +35,11 @@ FLEET_FORMAT_VERSION = 1
 # Window report versions this merge reads (JSON.md): 1 lacks sm_unknown_ms.
 KNOWN_HOST_VERSIONS = (1, 2)
 
-# Exit codes of `merge` and `--ssh` beyond the report's (errors.Exit); 9 is
-# `gua-report now`'s. Listed in `gua-report merge --help`, JSON.md, the man page.
-EXIT_BAD_DOCUMENT = 10  # a FILE is not a gua-report JSON document
-EXIT_NO_HOST = 11  # the report was written, but no host could be added to the fleet
+# Exit codes of `merge` and `--ssh` beyond the report's (errors.Exit, where all
+# codes live so that `gua-report --help` lists them). Also in
+# `gua-report merge --help`, JSON.md and the man page.
+EXIT_BAD_DOCUMENT = int(Exit.BAD_DOCUMENT)
+EXIT_NO_HOST = int(Exit.NO_HOST)
 
 MAX_DOCUMENT_BYTES = 64 * 2**20  # a year of 1000 GPUs is a few MB; more is not a report
 MAX_AMOUNT = 2**53  # ms, mJ, MiB x ms: beyond this a number is not a gua amount

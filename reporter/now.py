@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import tzinfo
 
 from . import __version__
-from .errors import EXIT_TABLE, Exit, ReportError, escape
+from .errors import EXIT_TABLE, FLEET_ONLY, Exit, ReportError, escape
 from .opendb import open_readonly
 from .window import DAY_MS, WindowError, fmt_duration, fmt_local, parse_duration_ms, zone
 
@@ -428,7 +428,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _epilog() -> str:
-    codes = "\n".join(f"  {int(c)}  {text}" for c, text in EXIT_TABLE if c != Exit.EMPTY_WINDOW)
+    codes = "\n".join(f"  {int(c)}  {text}" for c, text in EXIT_TABLE
+                      if c != Exit.EMPTY_WINDOW and c not in FLEET_ONLY)
     return (
         "From the newest tick: each GPU's state, the host's CPU, and each process\n"
         "holding GPU memory (GPU, pid, user, unit, command, memory, SM, CPU and\n"

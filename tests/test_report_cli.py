@@ -278,7 +278,8 @@ def test_help_fits_80_columns_and_documents_the_options():
     assert max(len(x) for x in r.stdout.splitlines()) <= 80
     for needle in ("--color {auto,always,never}", "NO_COLOR", "TERM", "yesterday", "-2h",
                    "'YYYY-MM-DD HH:MM[:SS]'", "only 0 may", "identities section only",
-                   '"error": {"code"', "unknown --gpu or --user"):
+                   '"error": {"code"', "unknown --gpu or --user", " 10  merge: a FILE",
+                   " 11  merge, --ssh"):
         assert needle in r.stdout, needle
 
 

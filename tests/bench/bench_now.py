@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from benchlib import (  # noqa: E402
     add_variant_arguments,
+    drop_stale_cache,
     installed_copy,
     median_ms,
     print_interpreter_start,
@@ -150,15 +151,10 @@ def main() -> None:
     os.makedirs(args.cache, exist_ok=True)
     # "-cpu": databases cached before the benchmark wrote CPU are not reused
     path = os.path.join(args.cache, f"bench-now-{args.days}d-cpu.db")
+    drop_stale_cache(path)
     if not os.path.exists(path):
         build(path, args.days)
-    try:
-        gap = top_up(path)
-    except sqlite3.OperationalError as error:  # cached by an older development schema
-        print(f"cannot extend {path} ({error}): rebuilding", file=sys.stderr, flush=True)
-        os.unlink(path)
-        build(path, args.days)
-        gap = top_up(path)
+    gap = top_up(path)
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     samples = conn.execute("SELECT count(*) FROM gpu_sample").fetchone()[0]
     span = conn.execute("SELECT (max(ts_ms) - min(ts_ms)) / 86400000.0 FROM tick").fetchone()[0]

@@ -42,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from benchlib import console_script, installed_copy, time_runs, write_batched  # noqa: E402
+from benchlib import console_script, drop_stale_cache, installed_copy, time_runs, write_batched  # noqa: E402
 
 from report_helpers import DAY, T0, sim_ticks  # noqa: E402
 
@@ -88,24 +88,7 @@ def build(path: str, days: int) -> float:
     return time.monotonic() - start
 
 
-def columns(uri: str, create: bool = False) -> list[tuple[str, str]]:
-    """(name, DDL) of every table and index: a cached database from an older development schema differs."""
-    from gua_collector import schema
-
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None)
-    try:
-        if create:
-            schema.ensure_schema(conn, T0)
-        return conn.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
-    finally:
-        conn.close()
-
-
-
-
 PYTHON = shutil.which("python3", path="/usr/bin") or sys.executable
-
-
 
 
 def main() -> None:
@@ -123,9 +106,7 @@ def main() -> None:
     args = ap.parse_args()
     os.makedirs(args.cache, exist_ok=True)
     path = os.path.join(args.cache, f"bench-{args.days}d.db")
-    if os.path.exists(path) and columns(f"file:{path}?mode=ro") != columns(":memory:", create=True):
-        print(f"{path} is from an older development schema: rebuilding", file=sys.stderr)
-        os.unlink(path)
+    drop_stale_cache(path)
     if not os.path.exists(path):
         secs = build(path, args.days)
         print(f"built {args.days} d in {secs:.0f} s: {path}", file=sys.stderr, flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -108,3 +109,24 @@ def write_batched(store: Any, ticks: Iterable[Any], batch: int = BATCH) -> None:
             pending = []
     if pending:
         store.write_ticks(pending)
+
+
+def _tables(uri: str, create: bool = False) -> list[tuple[str, str]]:
+    from gua_collector import schema
+
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+    try:
+        if create:
+            schema.ensure_schema(conn, 0)
+        return conn.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+    finally:
+        conn.close()
+
+
+def drop_stale_cache(path: str) -> None:
+    """Remove a cached database whose tables differ from a new one's (built by an older development schema)."""
+    if os.path.exists(path) and _tables(f"file:{path}?mode=ro") != _tables(":memory:", create=True):
+        print(f"{path} is from an older development schema: rebuilding", file=sys.stderr, flush=True)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.unlink(path + suffix)
