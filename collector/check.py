@@ -80,7 +80,8 @@ def render(findings: list[Finding], width: int = 80) -> str:
             lines += textwrap.wrap(f"fix: {f.fix}", width, initial_indent=" " * 6, subsequent_indent=" " * 11)
     failed = sum(1 for f in findings if f.level == FAIL)
     warned = sum(1 for f in findings if f.level == WARN)
-    lines.append(f"{failed} failed, {warned} warnings, {len(findings) - failed - warned} ok")
+    warnings = "1 warning" if warned == 1 else f"{warned} warnings"
+    lines.append(f"{failed} failed, {warnings}, {len(findings) - failed - warned} ok")
     return "\n".join(lines) + "\n"
 
 

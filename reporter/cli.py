@@ -39,10 +39,18 @@ TABLES = ("gpu", "identity", "unit", "hour", "heatmap", "event")
 _KNOWN_USERS_SHOWN = 20  # an error line names at most this many users
 
 
+# Words that select a command of their own when they come first (run()).
+COMMANDS = ("now", "merge")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with its usage errors as our one-line format (exit 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        words = message.split(": ", 1)[-1].split() if message.startswith("unrecognized arguments") else []
+        command = next((w for w in words if w in COMMANDS), None)
+        if command:  # `gua-report --db X now`: the command word must come first, as with git
+            message += f" (the command comes first: {self.prog} {command} [OPTIONS], e.g. --db after it)"
         # The message quotes what was typed, which may hold terminal controls.
         self.exit(Exit.BAD_ARGS, f"{self.prog}: error: {escape(message, ascii_only=False)}\n")
 

@@ -296,3 +296,13 @@ def test_man_page_fits_80_columns_and_documents_the_options():
                    "today", "-2h", "YYYY-MM-DD HH:MM", "ago", "refused", "no unit", "escape",
                    "formula", "whole GPUs", '"error"', "format_version"):
         assert needle in flat, needle
+
+
+def test_a_command_word_after_the_options_says_that_the_command_comes_first(tmp_path):
+    """`gua-report --db X now` is exit 2 with the way to say it, not a bare 'unrecognized arguments'."""
+    for command in ("now", "merge"):
+        r = run_report("--db", str(tmp_path / "gua.db"), command)
+        assert r.returncode == 2
+        assert r.stderr.count("\n") == 1 and f"the command comes first: gua-report {command} [OPTIONS]" in r.stderr
+    r = run_report("--db", str(tmp_path / "gua.db"), "--since", "now")  # a value, not the command
+    assert r.returncode == 2 and "command comes first" not in r.stderr
