@@ -195,9 +195,9 @@ ROLLUP_UNIT = f"INSERT INTO hour_unit ({_UNIT_COLUMNS}{_GPM_COLUMNS}){_holders(T
 # (SCHEMA.md), exactly so for an active threshold in whole percent, since
 # util_permille >= 10 * p exactly when util_permille / 10 >= p. Rows of an
 # unknown state have util_pct -1 (and mem_mib 0: it does not matter there).
-# Both keys are capped (schema 3): utilization at schema.HIST_PCT_CAP percent,
-# memory at schema.HIST_MIB_CAP MiB, so that an hour holds a few rows per GPU,
-# not one per tick, however much a busy GPU's utilization wanders.
+# Both keys are exact up to caps and in steps above them (schema.hist_pct_key,
+# schema.hist_mib_key), so that an hour holds a few rows per GPU, not one per
+# tick, however much a busy GPU's utilization wanders.
 _GPU_HIST = """
 WITH held AS (
     -- As in ROLLUP_GPU: driven from tick_ts.
@@ -214,9 +214,9 @@ bucketed AS (
            CASE WHEN g.status = 0 THEN g.sm_active_permille END AS sm,
            CASE WHEN g.status = 0 THEN g.tensor_active_permille END AS tc,
            CASE WHEN g.status != 0 OR g.util_permille IS NULL THEN -1
-                ELSE min(g.util_permille / 10, {pct_cap}) END AS util_pct,
+                ELSE {util_key} END AS util_pct,
            CASE WHEN g.status != 0 OR g.util_permille IS NULL THEN 0
-                ELSE min(coalesce(h.mem, 0), {mib_cap}) END AS mem
+                ELSE {mem_key} END AS mem
     FROM tick AS t
     JOIN gpu_sample AS g ON g.tick_id = t.tick_id
     LEFT JOIN held AS h ON h.tick_id = g.tick_id AND h.gpu_id = g.gpu_id
@@ -239,16 +239,16 @@ _GPU_HIST_GPM_SUMS = f""",
 
 def _gpu_hist(gpm: bool) -> str:
     return _GPU_HIST.format(
-        pct_cap=schema.HIST_PCT_CAP, mib_cap=schema.HIST_MIB_CAP,
+        util_key=schema.hist_pct_key("(g.util_permille / 10)"), mem_key=schema.hist_mib_key("coalesce(h.mem, 0)"),
         gpm_columns=_GPU_HIST_GPM_COLUMNS if gpm else "", gpm_sums=_GPU_HIST_GPM_SUMS if gpm else "")
 # The heatmap's grain: a GPU's known time per UTC quarter hour by utilization
-# in whole percent, capped as above (active time at any threshold up to the
-# cap). A quarter hour falls
+# in whole percent, keyed as above (active time at any threshold the keys
+# answer). A quarter hour falls
 # into one local hour in every zone in use (+05:30, +05:45, +12:45, and the
 # instants they change), where a UTC hour may straddle two.
 ROLLUP_QUARTER_GPU = f"""
 INSERT INTO quarter_gpu (quarter, gpu_id, util_pct, ms)
-SELECT t.ts_ms / 900000, g.gpu_id, min(g.util_permille / 10, {schema.HIST_PCT_CAP}), sum(t.duration_ms)
+SELECT t.ts_ms / 900000, g.gpu_id, {schema.hist_pct_key("(g.util_permille / 10)")}, sum(t.duration_ms)
 FROM tick AS t
 JOIN gpu_sample AS g ON g.tick_id = t.tick_id
 WHERE t.ts_ms >= :lo AND t.ts_ms < :hi AND g.status = 0 AND g.util_permille IS NOT NULL
@@ -256,17 +256,16 @@ GROUP BY 1, 2, 3
 """
 # One row per hour, GPU, holder, its SM (the sum over its compute processes,
 # in percent; -1 when one is NULL) and its compute memory (-1 when one is
-# NULL): whether it held the GPU and idled follows for any thresholds up to
-# the caps, since sm and memory are integers. Both are capped as the GPU's
-# (schema.HIST_PCT_CAP, schema.HIST_MIB_CAP); mem_mib_ms stays exact. Every holder row counts, held
+# NULL): whether it held the GPU and idled follows for the thresholds the
+# keys answer (schema.hist_pct_key, schema.hist_mib_key, as the GPU's), since
+# sm and memory are integers; mem_mib_ms stays exact. Every holder row counts, held
 # at the rollup thresholds or not; cpu_busy_ms and cpu_unknown_ms split its
 # time as idle_cpu_busy_ms and idle_cpu_unknown_ms split idle-held time.
 _HOLDER_HIST = _HOUR_TICKS + """per AS (
     SELECT t.hour, t.d, ps.gpu_id, p.account_id, {unit} AS unit,
-           CASE WHEN max(ps.mem_mib IS NULL) THEN -1 ELSE min(coalesce(sum(ps.mem_mib), 0), {mib_cap}) END
-               AS mem_key,
+           CASE WHEN max(ps.mem_mib IS NULL) THEN -1 ELSE {mem_key} END AS mem_key,
            coalesce(sum(ps.mem_mib), 0) AS mem,
-           CASE WHEN max(ps.sm_util IS NULL) THEN -1 ELSE min(coalesce(sum(ps.sm_util), 0), {pct_cap}) END AS sm,
+           CASE WHEN max(ps.sm_util IS NULL) THEN -1 ELSE {sm_key} END AS sm,
            max(ps.cpu_permille IS NULL AND NOT ps.kind & 4) AS cpu_unknown,
            coalesce(sum(ps.cpu_permille), 0) AS cpu
     FROM t
@@ -283,13 +282,15 @@ SELECT hour, gpu_id, account_id, {select_unit}
 FROM per
 GROUP BY hour, gpu_id, account_id, {select_unit} sm, mem_key
 """
+_HOLDER_KEYS = {"mem_key": schema.hist_mib_key("coalesce(sum(ps.mem_mib), 0)"),
+                "sm_key": schema.hist_pct_key("coalesce(sum(ps.sm_util), 0)")}
 ROLLUP_ACCOUNT_HIST = _HOLDER_HIST.format(
     unit="''", where="", select_unit="", table="hour_account_hist",
-    pct_cap=schema.HIST_PCT_CAP, mib_cap=schema.HIST_MIB_CAP,
+    **_HOLDER_KEYS,
     columns="hour, gpu_id, account_id, sm_pct, mem_mib, ms, mem_mib_ms, cpu_busy_ms, cpu_unknown_ms")
 ROLLUP_UNIT_HIST = _HOLDER_HIST.format(
     unit="p.unit", where="AND p.unit != ''", select_unit="unit,", table="hour_unit_hist",
-    pct_cap=schema.HIST_PCT_CAP, mib_cap=schema.HIST_MIB_CAP,
+    **_HOLDER_KEYS,
     columns="hour, gpu_id, account_id, unit, sm_pct, mem_mib, ms, mem_mib_ms, cpu_busy_ms, cpu_unknown_ms")
 ROLLUP_GPU_HIST = _gpu_hist(True)
 HIST_ROLLUPS = (ROLLUP_GPU_HIST, ROLLUP_QUARTER_GPU, ROLLUP_ACCOUNT_HIST, ROLLUP_UNIT_HIST)

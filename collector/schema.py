@@ -10,7 +10,7 @@ import sqlite3
 from collections.abc import Callable
 
 # PRAGMA user_version. Bump it and add a step to MIGRATIONS for every change.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Written into meta so the reporter can tell a gua DB from any other SQLite file.
 APPLICATION = "gua"
@@ -348,6 +348,40 @@ INSERT INTO meta (key, value)
 HIST_PCT_CAP = 50
 HIST_MIB_CAP = 1024
 
+# Schema 4: above the caps the keys go on in steps instead of stopping:
+# utilization and SM in tens of percent (50, 60, ... 100; "100" is 100 and
+# more, for summed SM), memory rounded up to a whole HIST_MIB_STEP (2048 is
+# 1025..2048 MiB, 3072 is 2049..3072, ...). A histogram then classifies
+# exactly for any whole-percent active threshold up to the cap or a multiple
+# of HIST_PCT_STEP above it (60 %, 70 %, ...), and a held threshold up to the
+# cap or a multiple of HIST_MIB_STEP (2 GiB, 8 GiB, ...): a value is above a
+# threshold exactly when its key is. A busy GPU's hour gains a few rows, not
+# one per value. Hours rolled up from meta hist_steps_since_hour on have them.
+HIST_PCT_STEP = 10
+HIST_MIB_STEP = 1024
+
+
+def hist_pct_key(x: str) -> str:
+    """SQL for the histogram key of an integer percentage expression x (utilization, summed SM)."""
+    return (f"CASE WHEN {x} < {HIST_PCT_CAP} THEN {x} "
+            f"ELSE min({x} - {x} % {HIST_PCT_STEP}, 100) END")
+
+
+def hist_mib_key(x: str) -> str:
+    """SQL for the histogram key of an integer MiB expression x (memory held), rounded up above the cap."""
+    return (f"CASE WHEN {x} <= {HIST_MIB_CAP} THEN {x} "
+            f"ELSE ({x} + {HIST_MIB_STEP - 1}) / {HIST_MIB_STEP} * {HIST_MIB_STEP} END")
+
+
+_V4 = """
+INSERT INTO meta (key, value) VALUES ('hist_pct_step', '{pct_step}'), ('hist_mib_step', '{mib_step}')
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+-- Hours rolled up before this step keep keys that stop at the caps.
+INSERT INTO meta (key, value)
+    SELECT 'hist_steps_since_hour', coalesce((SELECT value FROM meta WHERE key = 'rollup_next_hour'), '0') WHERE true
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+"""
+
 # Active but starved (schema 3): a GPU tick that is active (util_permille >=
 # the active threshold) while GPM says its SMs were busy less than this
 # (sm_active_permille, 0..1000: 5 %): the kernel keeps one SM, or the memory
@@ -443,7 +477,8 @@ Migration = str | Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[n] takes a database at version n to n + 1; a new database runs them all.
 MIGRATIONS: dict[int, Migration] = {
-    0: _V1, 1: _v1_to_v2, 2: _V3.format(pct=HIST_PCT_CAP, mib=HIST_MIB_CAP, starved=STARVED_SM_PERMILLE)}
+    0: _V1, 1: _v1_to_v2, 2: _V3.format(pct=HIST_PCT_CAP, mib=HIST_MIB_CAP, starved=STARVED_SM_PERMILLE),
+    3: _V4.format(pct_step=HIST_PCT_STEP, mib_step=HIST_MIB_STEP)}
 
 
 class SchemaError(Exception):

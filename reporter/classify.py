@@ -497,6 +497,14 @@ def make_plan(meta: dict[str, str], opts: Options, segments: Sequence[Segment]) 
         if max(hist_since, sm_since) > h0:
             h0 = max(hist_since, sm_since)
             late = "no histograms before the upgrade to schema 2"
+        # Thresholds beyond the caps: answered by hours rolled up with steps.
+        try:
+            steps_since = hist_steps(meta, opts)
+        except (KeyError, ValueError):
+            return Plan(0, 0, whole, "raw", "unreadable rollup meta")
+        if steps_since is not None and steps_since > h0:
+            h0 = steps_since
+            late = "these thresholds are read from histograms only since the upgrade to schema 4"
     h1 = min(until // HOUR_MS, next_hour)
     if h1 <= h0:
         return Plan(0, 0, whole, "raw", "no whole rolled-up hour in the window", hist=not same)
@@ -522,6 +530,24 @@ THRESHOLDS_NO_HIST = ("thresholds other than the rollups' are classified from ra
                       "rollups were written by gua 0.1.0, without histograms)")
 THRESHOLDS_BEYOND_HIST = ("an active threshold above {pct} % or a held threshold of {mib} MiB or more is classified "
                           "from raw samples (the rollups keep utilization up to {pct} % and memory up to {mib} MiB)")
+THRESHOLDS_BETWEEN_STEPS = ("an active threshold above {pct} % that is not a multiple of {pct_step} %, or a held "
+                            "threshold above {mib} MiB that is not a multiple of {mib_step} MiB, is classified from "
+                            "raw samples (the rollups keep utilization in {pct_step} % steps above {pct} % and "
+                            "memory in {mib_step} MiB steps above {mib} MiB)")
+
+
+def hist_steps(meta: dict[str, str], opts: Options) -> int | None:
+    """The first hour whose histograms answer these thresholds only through schema 4's steps; None: no need.
+
+    None also when the thresholds are within the caps (or no caps exist).
+    Raises ValueError for unreadable meta.
+    """
+    if "hist_pct_cap" not in meta:
+        return None
+    pct, mib = int(meta["hist_pct_cap"]), int(meta["hist_mib_cap"])
+    if opts.active_pm <= 10 * pct and opts.held_bytes // 1_048_576 < mib:
+        return None
+    return int(meta["hist_steps_since_hour"])
 
 
 def thresholds_note(meta: dict[str, str], opts: Options) -> str | None:
@@ -546,9 +572,21 @@ def thresholds_note(meta: dict[str, str], opts: Options) -> str | None:
         pct, mib = int(meta["hist_pct_cap"]), int(meta["hist_mib_cap"])
     except (KeyError, ValueError):
         return THRESHOLDS_NO_HIST
-    # Exact while a_pct <= pct (util_pct >= a_pct) and held_mib < mib (mem_mib > held_mib).
-    if opts.active_pm > 10 * pct or opts.held_bytes // 1_048_576 >= mib:
+    # Exact while a_pct <= pct (util_pct >= a_pct) and held_mib < mib (mem_mib > held_mib);
+    # beyond, through schema 4's steps for a multiple of a step (schema.py, HIST_*_STEP).
+    held_mib = opts.held_bytes // 1_048_576
+    if opts.active_pm <= 10 * pct and held_mib < mib:
+        return None
+    if "hist_steps_since_hour" not in meta:
         return THRESHOLDS_BEYOND_HIST.format(pct=pct, mib=mib)
+    try:
+        pct_step, mib_step = int(meta["hist_pct_step"]), int(meta["hist_mib_step"])
+        int(meta["hist_steps_since_hour"])
+    except (KeyError, ValueError):
+        return THRESHOLDS_NO_HIST
+    if ((opts.active_pm > 10 * pct and opts.active_pm % (10 * pct_step))
+            or (held_mib > mib and held_mib % mib_step)):
+        return THRESHOLDS_BETWEEN_STEPS.format(pct=pct, mib=mib, pct_step=pct_step, mib_step=mib_step)
     return None
 
 

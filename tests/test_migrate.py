@@ -90,8 +90,9 @@ def as_read(tables: dict[str, list[tuple]]) -> dict[str, list[tuple]]:
          + (None if r[7] is not None else r[6],) + r[7:])
         for r in tables["gpu_sample"])
     out["process"] = sorted((r[:7] for r in tables["process"]), key=repr)
-    # schema 3: GPM counts in the rollups from here; an upgrade starts it at its next hour (no GPM before)
-    out["meta"] = [r for r in tables["meta"] if r[0] != "gpm_since_hour"]
+    # schema 3: GPM counts in the rollups from here; an upgrade starts it at its next hour (no GPM before);
+    # schema 4: so do the histograms' steps above the caps
+    out["meta"] = [r for r in tables["meta"] if r[0] not in ("gpm_since_hour", "hist_steps_since_hour")]
     return out
 
 
@@ -121,7 +122,7 @@ def test_fresh_database_is_current(tmp_path: Path) -> None:
     path = str(tmp_path / "gua.db")
     Store.open(path, now_ms=START).close()
     with sqlite3.connect(path) as conn:
-        assert schema.read_version(conn) == schema.SCHEMA_VERSION == 3
+        assert schema.read_version(conn) == schema.SCHEMA_VERSION == 4
         meta = dict(conn.execute("SELECT key, value FROM meta"))
     assert meta["sm_unknown_since_hour"] == "0"  # recorded from the start
     assert meta["hist_since_hour"] == "0"  # histograms too
@@ -186,6 +187,7 @@ def test_v1_upgrades_in_place(native: str, v1: str) -> None:
         assert table not in before and after[table], table
     assert dict(after["meta"])["hist_since_hour"] == "0"
     assert dict(after["meta"])["gpm_since_hour"] == dict(after["meta"])["rollup_next_hour"]
+    assert dict(after["meta"])["hist_steps_since_hour"] == dict(after["meta"])["rollup_next_hour"]
     assert dict(after["meta"])["proc_state_since_ms"] == "0"  # all raw rows within a day: complete
     assert sum(r[SM_UNKNOWN] for r in after["hour_unit"]) == 0  # units: carol's job, SM known
     assert sum(r[SM_UNKNOWN] for r in after["hour_account"]) > 0

@@ -42,10 +42,15 @@ THRESHOLDS = {
     "held 8GiB exactly": ("--held-threshold", "8GiB"),  # bob's notebook holds exactly 8 GiB: not above it
     "held 300MB, active 25%": ("--active-threshold", "25", "--held-threshold", "300MB"),
     "held 12 GB + 1 B": ("--held-threshold", "12000000001B"),
-    "held 1023MiB": ("--held-threshold", "1023MiB"),  # the largest the capped histograms answer
+    "held 1023MiB": ("--held-threshold", "1023MiB"),
+    "active 60%": ("--active-threshold", "60"),  # schema 4: tens of percent above the cap
+    "active 55%": ("--active-threshold", "55"),
+    "held 2GiB": ("--held-threshold", "2GiB"),  # schema 4: whole GiB above the cap
+    "held 2GB": ("--held-threshold", "2GB"),
 }
-# Beyond the histograms' caps (schema 3: utilization 50 %, memory 1024 MiB): raw rows, said so.
-BEYOND_CAPS = {"active 100%", "held 1GiB", "held 8GiB exactly", "held 12 GB + 1 B"}
+# Above the histograms' caps (utilization 50 %, memory 1024 MiB) and between their steps
+# (10 %, 1024 MiB): raw rows, said so.
+BETWEEN_STEPS = {"active 55%", "held 2GB", "held 12 GB + 1 B"}
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +101,10 @@ def test_every_zone_and_threshold_reads_rollups_exactly(south_db, tz, name):
 @pytest.mark.parametrize("name", sorted(THRESHOLDS))
 def test_every_threshold_kind(south_db, name):
     rolled, raw = rolled_and_raw(south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata", *THRESHOLDS[name])
-    if name in BEYOND_CAPS:
+    if name in BETWEEN_STEPS:
         assert rolled["source"]["rollups"] == "none"
-        assert "raw samples (the rollups keep utilization up to 50 % and memory up to 1024 MiB)" in (
-            rolled["rules"]["note"])
+        assert "raw samples (the rollups keep utilization in 10 % steps above 50 % and memory in 1024 MiB " \
+            "steps above 1024 MiB)" in rolled["rules"]["note"]
     else:
         assert rolled["source"]["rollup_hours"] >= 30
         assert rolled["rules"]["note"] is None
@@ -149,10 +154,12 @@ def test_an_active_threshold_between_whole_percents_is_read_raw_and_says_so(sout
     default_text = run_report("--db", south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata",
                               "--held-threshold", "1000MB").stdout
     assert "Note:" not in default_text
-    for held in ("1GiB", "12000000001B"):  # the rules line names a size no unit divides, in 80 columns too
+    for held in ("1.5GiB", "12000000001B"):  # the rules line names a size no unit divides, in 80 columns too
         beyond = run_report("--db", south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata", "--held-threshold", held).stdout
-        assert "Note: an active threshold above 50 % or a held threshold of 1024 MiB or more" in beyond
+        assert "Note: an active threshold above 50 % that is not a multiple of 10 %" in beyond
         assert all(len(line) <= 80 for line in beyond.splitlines()), beyond
+    for fast in (("--held-threshold", "1GiB"), ("--held-threshold", "64GiB"), ("--active-threshold", "90")):
+        assert "Note:" not in run_report("--db", south_db, *SOUTH_WINDOW, "--tz", "Asia/Kolkata", *fast).stdout
 
 
 def test_histograms_equal_the_raw_rows_hour_by_hour(south_db):
@@ -259,3 +266,48 @@ def test_a_clock_set_back_rolls_the_hour_up_again(tmp_path):
     # the replayed hour holds both runs' ticks (60 and 30 per GPU)
     first = [r for r in got["hour_gpu_hist"] if r[0] == SOUTH_START // HOUR and r[1] == 1]
     assert sum(r[4] for r in first) == 60 + 30
+
+
+def test_thresholds_beyond_the_caps_use_only_hours_rolled_up_with_steps(tmp_path):
+    """A schema 3 database upgraded to 4: its older histograms stop at the caps (util 50 %, 1024 MiB), so a
+    report at 60 % or 2 GiB reads those hours raw and the later, stepped ones from the histograms; exact."""
+    from gua_collector.store import Store
+    from report_helpers import sim_ticks, store_run
+
+    path = str(tmp_path / "gua.db")
+    upgrade = SOUTH_START + 6 * HOUR
+    build_store_db(path, "lab8", SOUTH_START, upgrade, INTERVAL)
+    # Make it what schema 3 wrote: keys stopped at the caps, no step meta, user_version 3.
+    conn = sqlite3.connect(path, isolation_level=None)
+    capped = {"util_pct": "min(util_pct, 50)", "sm_pct": "min(sm_pct, 50)", "mem_mib": "min(mem_mib, 1024)"}
+    for table in ("hour_gpu_hist", "quarter_gpu", "hour_account_hist", "hour_unit_hist"):
+        cols = conn.execute(f"SELECT name, pk FROM pragma_table_info('{table}')").fetchall()
+        keys = [capped.get(c, c) for c, pk in cols if pk]
+        select = ", ".join(capped.get(c, c) if pk else f"sum({c})" for c, pk in cols)
+        conn.execute(f"CREATE TEMP TABLE old AS SELECT {select} FROM {table} GROUP BY {', '.join(keys)}")
+        conn.execute(f"DELETE FROM {table}")
+        conn.execute(f"INSERT INTO {table} SELECT * FROM old")
+        conn.execute("DROP TABLE old")
+    conn.execute("DELETE FROM meta WHERE key IN ('hist_pct_step', 'hist_mib_step', 'hist_steps_since_hour')")
+    conn.execute("PRAGMA user_version = 3")
+    next_hour = int(conn.execute("SELECT value FROM meta WHERE key = 'rollup_next_hour'").fetchone()[0])
+    conn.close()
+    store = Store.open(path, now_ms=upgrade)  # the upgrade to schema 4
+    store_run(store, sim_ticks(upgrade, upgrade + 8 * HOUR, INTERVAL, "lab8", cpu=True), started_ms=upgrade,
+              interval_ms=INTERVAL)
+    store.close()
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    conn.close()
+    assert (meta["hist_steps_since_hour"], meta["hist_pct_step"], meta["hist_mib_step"]) == (
+        str(next_hour), "10", "1024")
+    window = ("--since", "2024-04-05T12:30:00Z", "--until", "2024-04-06T01:30:00Z", "--tz", "Asia/Kolkata")
+    for thresholds in (("--active-threshold", "60"), ("--held-threshold", "2GiB"), ("--active-threshold", "40")):
+        rolled, raw = rolled_and_raw(path, *window, *thresholds)
+        assert_same(rolled, raw)
+        hours = rolled["source"]["rollup_hours"]
+        if thresholds[1] == "40":  # within the caps: every whole hour from the histograms
+            assert hours == 12
+        else:  # 13:00 .. 17:00 UTC raw (capped), from the upgrade's hour on stepped
+            assert hours == 12 - (next_hour - SOUTH_START // HOUR - 1), rolled["source"]
+            assert "since the upgrade to schema 4" in rolled["source"]["note"]

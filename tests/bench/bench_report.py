@@ -51,9 +51,10 @@ END_BEFORE_LAST_MS = 7 * 60_000 + 17_000
 
 # Rows: (label, extra arguments). Zones: UTC, a +05:30 and a +05:45 one.
 # Thresholds: the defaults (10 %, 100 MB: the hourly rollups), other whole
-# percents and sizes (the histograms, up to their caps of 50 % and 1024 MiB),
-# and thresholds the histograms cannot serve (raw rows, said in the report):
-# one between whole percents, one beyond the memory cap.
+# percents and sizes (the histograms: up to their caps of 50 % and 1024 MiB,
+# and in steps of 10 % and 1 GiB above), and thresholds the histograms cannot
+# serve (raw rows, said in the report): one between whole percents, one
+# between the memory steps.
 ZONES = (("UTC", "UTC"), ("Kolkata", "Asia/Kolkata"), ("Kathmandu", "Asia/Kathmandu"))
 THRESHOLDS = (
     ("default", ()),
@@ -61,8 +62,9 @@ THRESHOLDS = (
     ("held 1000MiB", ("--held-threshold", "1000MiB")),
     ("active 25% held 1GB", ("--active-threshold", "25", "--held-threshold", "1GB")),
     ("held 300MB", ("--held-threshold", "300MB")),
+    ("active 80% held 2GiB", ("--active-threshold", "80", "--held-threshold", "2GiB")),
     ("active 7.5% (raw)", ("--active-threshold", "7.5")),
-    ("held 2GiB (raw)", ("--held-threshold", "2GiB")),
+    ("held 2GB (raw)", ("--held-threshold", "2GB")),
 )
 WINDOWS = ("1h", "7d", "365d")
 

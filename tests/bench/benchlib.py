@@ -118,13 +118,14 @@ def _tables(uri: str, create: bool = False) -> list[tuple[str, str]]:
     try:
         if create:
             schema.ensure_schema(conn, 0)
-        return conn.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        return [("user_version", str(version)), *conn.execute("SELECT name, sql FROM sqlite_master ORDER BY name")]
     finally:
         conn.close()
 
 
 def drop_stale_cache(path: str) -> None:
-    """Remove a cached database whose tables differ from a new one's (built by an older development schema)."""
+    """Remove a cached database of another schema version or other tables (an older development schema)."""
     if os.path.exists(path) and _tables(f"file:{path}?mode=ro") != _tables(":memory:", create=True):
         print(f"{path} is from an older development schema: rebuilding", file=sys.stderr, flush=True)
         for suffix in ("", "-wal", "-shm"):
