@@ -82,8 +82,11 @@ class ProcessLookup(Protocol):
     def hidden(self) -> str:
         """Why other users' processes may be invisible ('' when they are not)."""
 
-    def usage(self, process: ProcessInfo) -> ProcUsage | None:
-        """CPU time and RSS of that very process now; None when gone, reused or unreadable."""
+    def usage(self, process: ProcessInfo, skip: frozenset[int] = frozenset()) -> ProcUsage | None:
+        """CPU time (with its descendants but those in skip) and RSS of that very process now.
+
+        None when gone, reused or unreadable.
+        """
 
     def host_cpu(self) -> tuple[int, int] | None:
         """(busy ms, total ms) of all CPUs since boot; None when unreadable."""

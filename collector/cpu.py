@@ -40,13 +40,15 @@ class CpuMeter:
     def annotate(self, samples: list[GpuSample], duration_ms: int) -> list[GpuSample]:
         """The samples with each running process's CPU (per mille of one core) and RSS over this tick."""
         usage: dict[Key, ProcUsage | None] = {}
+        # A GPU process's child that is a GPU process too is measured on its own, not in its parent's tree.
+        on_gpu = frozenset(p.process.pid for s in samples for p in s.procs if not p.kind & schema.KIND_EXITED)
         for sample in samples:
             for proc in sample.procs:
                 key = (proc.process.pid, proc.process.start_ms)
                 if key not in usage and not proc.kind & schema.KIND_EXITED:
-                    usage[key] = self._lookup.usage(proc.process)
+                    usage[key] = self._lookup.usage(proc.process, on_gpu - {proc.process.pid})
         rates = {key: self._rate(key, used, duration_ms) for key, used in usage.items()}
-        self._procs = {key: used.cpu_ms for key, used in usage.items() if used is not None}
+        self._procs = {key: used.cpu_ms for key, used in usage.items() if used is not None and used.cpu_ms is not None}
         return [self._with_rates(sample, rates) for sample in samples]
 
     def _rate(self, key: Key, used: ProcUsage | None, duration_ms: int) -> tuple[int | None, int | None]:
@@ -54,7 +56,7 @@ class CpuMeter:
             return None, None
         rss = None if used.rss_bytes is None else round(used.rss_bytes / MIB)
         previous = self._procs.get(key)
-        if previous is None or duration_ms <= 0 or used.cpu_ms < previous:
+        if used.cpu_ms is None or previous is None or duration_ms <= 0 or used.cpu_ms < previous:
             return None, rss  # first sight of it: no interval to measure over
         return round((used.cpu_ms - previous) * 1000 / duration_ms), rss
 

@@ -31,6 +31,12 @@ def parse_stat_usage(text: str) -> tuple[int, int, int]:
     return int(rest[11]) + int(rest[12]), int(rest[21]), int(rest[19])
 
 
+def parse_stat_tree_cpu(text: str) -> int:
+    """utime + stime + cutime + cstime (fields 14-17, clock ticks): a process's CPU with its reaped children's."""
+    rest = text[text.rindex(")") + 2 :].split()
+    return int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])
+
+
 def parse_host_cpu(stat_text: str) -> tuple[int, int] | None:
     """(busy, total) clock ticks of all CPUs from the first line of /proc/stat.
 
@@ -53,6 +59,12 @@ def parse_real_uid(status_text: str) -> int | None:
         if line.startswith("Uid:"):
             return int(line.split()[1])
     return None
+
+
+# Files read per GPU process and tick for its descendants' CPU (each thread's
+# children list, each descendant's stat): a process tree larger than this has
+# its CPU unknown rather than costing the collector's tick without bound.
+MAX_TREE_READS = 1024
 
 
 def _read(path: str) -> str:
@@ -144,17 +156,64 @@ class ProcReader:
         except OSError:
             return None
 
-    def usage(self, process: ProcessInfo) -> ProcUsage | None:
-        """CPU time and RSS of that process, if the pid still is that process."""
+    def usage(self, process: ProcessInfo, skip: frozenset[int] = frozenset()) -> ProcUsage | None:
+        """CPU time and RSS of that process, if the pid still is that process.
+
+        The CPU time is the process's with its descendants' (live ones, and
+        those it has waited for): a training process whose DataLoader workers
+        load data does little itself while its GPU waits, and is not
+        abandoned. Descendants in `skip` (GPU processes measured on their
+        own) are left out, with their subtrees.
+        """
         if process.start_ms == 0:
             return None  # identity unknown (hidepid): cannot tell a reused pid
         try:
-            cpu_ticks, rss_pages, start_ticks = parse_stat_usage(_read(f"{self._root}/{process.pid}/stat"))
+            text = _read(f"{self._root}/{process.pid}/stat")
+            _, rss_pages, start_ticks = parse_stat_usage(text)
+            cpu_ticks: int | None = parse_stat_tree_cpu(text)
         except (OSError, ValueError, IndexError):
             return None
         if self._boot_ms + start_ticks * 1000 // self._ticks_per_s != process.start_ms:
             return None  # the pid now belongs to another process
-        return ProcUsage(cpu_ticks * 1000 // self._ticks_per_s, rss_pages * self._page_size)
+        workers = self._descendants_cpu(process.pid, skip)
+        cpu_ticks = None if workers is None or cpu_ticks is None else cpu_ticks + workers
+        return ProcUsage(None if cpu_ticks is None else cpu_ticks * 1000 // self._ticks_per_s,
+                         rss_pages * self._page_size)
+
+    def _descendants_cpu(self, pid: int, skip: frozenset[int]) -> int | None:
+        """Clock ticks of pid's live descendants and their reaped children; None past MAX_TREE_READS.
+
+        A descendant that exits is then counted in its parent's cutime and
+        cstime once reaped, so the sum only grows. Without the kernel's
+        children files (CONFIG_PROC_CHILDREN) this is 0: the process alone.
+        """
+        total, reads, seen, todo = 0, 0, {pid}, [pid]
+        while todo:
+            parent = todo.pop()
+            try:
+                threads = os.listdir(f"{self._root}/{parent}/task")
+            except OSError:
+                continue  # gone meanwhile
+            children: list[int] = []
+            for tid in threads:
+                reads += 1
+                try:
+                    children += [int(c) for c in _read(f"{self._root}/{parent}/task/{tid}/children").split()]
+                except (OSError, ValueError):
+                    continue
+            for child in children:
+                if child in seen or child in skip:
+                    continue
+                seen.add(child)
+                reads += 1
+                try:
+                    total += parse_stat_tree_cpu(_read(f"{self._root}/{child}/stat"))
+                except (OSError, ValueError, IndexError):
+                    continue  # exited between the two reads: its parent's cutime has it once reaped
+                todo.append(child)
+            if reads > MAX_TREE_READS:
+                return None
+        return total
 
     def host_cpu(self) -> tuple[int, int] | None:
         """(busy ms, total ms) of all CPUs since boot."""

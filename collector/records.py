@@ -34,7 +34,9 @@ class ProcessInfo:
 class ProcUsage:
     """A process's CPU time and resident memory, read from /proc at one instant."""
 
-    cpu_ms: int  # user + system time since the process started
+    # User + system time since the process started, with its child processes'
+    # (DataLoader workers); None when the tree was too large to read in a tick.
+    cpu_ms: int | None
     rss_bytes: int | None
 
 

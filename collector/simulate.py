@@ -318,7 +318,8 @@ class SimLookup:
     def lookup(self, pid: int) -> ProcessInfo | None:
         return self._live.get(pid)
 
-    def usage(self, process: ProcessInfo) -> ProcUsage | None:
+    def usage(self, process: ProcessInfo, skip: frozenset[int] = frozenset()) -> ProcUsage | None:
+        # The simulator models each process's CPU with its workers' as one rate.
         known = self._live.get(process.pid)
         if known is None or known.start_ms != process.start_ms or process.pid not in self._cpu:
             return None

@@ -228,7 +228,7 @@ def render_text(rep: NowReport) -> str:
              f"servers never are. IDLE: time since it last reached {ACTIVE_PERMILLE / 10:g} % on that GPU (or "
              f"was first seen, had SM unknown, or went unobserved > 5 min); SINCE: when, in {tz}. SM unknown: "
              "NVML does not report it (MIG, unsupported), never counted as idle. CPU: % of one core over the "
-             "newest tick; "
+             "newest tick, its child processes (DataLoader workers) included; "
              "VRAM: GPU memory, RSS: resident host memory (M, G: MiB, GiB).")
     source = ("meta rollup_cpu_busy_permille" if rep.cpu_busy_from_meta
               else "the collector's default; meta does not set rollup_cpu_busy_permille")

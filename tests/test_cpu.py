@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from gua_collector import schema
 from gua_collector.clock import SimClock
 from gua_collector.cpu import CpuMeter
@@ -49,6 +51,83 @@ def test_reader_usage_refuses_a_reused_pid(tmp_path: Path) -> None:
     assert reader.host_cpu() == (20 * 1000 // HZ, 100 * 1000 // HZ)
 
 
+def tree_stat(pid: int, utime: int, stime: int = 0, cutime: int = 0, cstime: int = 0, start: int = 10) -> str:
+    """A /proc/PID/stat line with the four CPU fields 14-17 (clock ticks) and a start time."""
+    fields = (["S"] + ["0"] * 10 + [str(utime), str(stime), str(cutime), str(cstime)] + ["0"] * 4
+              + [str(start * HZ), "0", "100"])
+    return f"{pid} (worker) " + " ".join(fields)
+
+
+def fake_tree(root: Path, stats: dict[int, str], threads: dict[int, dict[int, list[int]]]) -> None:
+    """/proc with a stat per pid and, per pid, its threads' children files (CONFIG_PROC_CHILDREN)."""
+    (root / "stat").write_text("cpu  10 0 10 80 0 0 0 0 0 0\nbtime 1700000000\n")
+    for pid, text in stats.items():
+        (root / str(pid)).mkdir(exist_ok=True)
+        (root / str(pid) / "stat").write_text(text)
+    for pid, tasks in threads.items():
+        for tid, children in tasks.items():
+            task = root / str(pid) / "task" / str(tid)
+            task.mkdir(parents=True, exist_ok=True)
+            (task / "children").write_text("".join(f"{c} " for c in children))
+
+
+TRAINER = ProcessInfo(500, 1_700_000_010_000, 1001, "alice", "python", "", "")
+
+
+def test_a_process_s_cpu_includes_its_workers_but_not_a_child_on_a_gpu(tmp_path: Path) -> None:
+    """DataLoader workers (children of any thread, and theirs) count for the GPU process that started them;
+    a child that is itself a GPU process (in skip) is measured on its own, with its subtree."""
+    stats = {500: tree_stat(500, HZ, cutime=2 * HZ), 600: tree_stat(600, 10 * HZ, HZ),
+             601: tree_stat(601, 5 * HZ), 700: tree_stat(700, 3 * HZ, cstime=HZ),
+             602: tree_stat(602, 50 * HZ), 800: tree_stat(800, 40 * HZ)}
+    fake_tree(tmp_path, stats, {500: {500: [600, 601], 501: [602]}, 600: {600: [700]}, 602: {602: [800]}})
+    reader = ProcReader(str(tmp_path))
+    used = reader.usage(TRAINER, frozenset({602}))
+    # own 1 + reaped 2, workers 600 (11) and 601 (5), 600's child 700 (3 + reaped 1); not 602 nor 800
+    assert used is not None and used.cpu_ms == (1 + 2 + 11 + 5 + 4) * 1000
+    assert reader.usage(TRAINER).cpu_ms == (23 + 50 + 40) * 1000  # type: ignore[union-attr]
+    # Worker 601 exits and is reaped: its time moves to the trainer's cutime, the sum stays.
+    (tmp_path / "500" / "stat").write_text(tree_stat(500, HZ, cutime=2 * HZ + 5 * HZ))
+    (tmp_path / "500" / "task" / "500" / "children").write_text("600 ")
+    assert reader.usage(TRAINER, frozenset({602})).cpu_ms == 23_000  # type: ignore[union-attr]
+
+
+def test_without_children_files_a_process_is_measured_alone(tmp_path: Path) -> None:
+    fake_tree(tmp_path, {500: tree_stat(500, 4 * HZ, cstime=HZ)}, {})
+    assert ProcReader(str(tmp_path)).usage(TRAINER).cpu_ms == 5_000  # type: ignore[union-attr]
+
+
+def test_a_process_tree_too_large_to_read_in_a_tick_has_its_cpu_unknown(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from gua_collector import procinfo
+
+    monkeypatch.setattr(procinfo, "MAX_TREE_READS", 6)
+    kids = list(range(600, 610))
+    fake_tree(tmp_path, {500: tree_stat(500, HZ), **{k: tree_stat(k, HZ) for k in kids}}, {500: {500: kids}})
+    used = ProcReader(str(tmp_path)).usage(TRAINER)
+    assert used is not None and used.cpu_ms is None and used.rss_bytes is not None
+    counters = Counters()
+    meter = CpuMeter(counters)  # type: ignore[arg-type]
+    counters.usage = lambda process, skip=frozenset(): used  # type: ignore[method-assign]
+    for duration in (0, 10_000):
+        assert meter.annotate([sample(ProcSample(who(500), 1, 100, 0))], duration)[0].procs[0].cpu_permille is None
+
+
+def test_a_trainer_waiting_on_its_dataloader_is_waiting_on_cpu_not_abandoned(tmp_path: Path) -> None:
+    """The meter over the real /proc reader: the trainer itself sleeps, its four workers load data."""
+    kids = [600, 601, 602, 603]
+    tree = {500: tree_stat(500, 0), **{k: tree_stat(k, 0) for k in kids}}
+    fake_tree(tmp_path, tree, {500: {500: kids}})
+    meter = CpuMeter(ProcReader(str(tmp_path)))
+    held = ProcSample(TRAINER, schema.KIND_COMPUTE, 20_000, 0)
+    meter.annotate([sample(held)], 0)
+    for k in kids:  # each worker one core for the 10 s tick
+        (tmp_path / str(k) / "stat").write_text(tree_stat(k, 10 * HZ))
+    (tmp_path / "500" / "stat").write_text(tree_stat(500, HZ // 10 or 1))
+    cpu = meter.annotate([sample(held)], 10_000)[0].procs[0].cpu_permille
+    assert cpu is not None and cpu >= 4000 >= schema.ROLLUP_CPU_BUSY_PERMILLE
+
+
 class Counters:
     """A ProcessLookup whose counters the test moves by hand."""
 
@@ -56,7 +135,7 @@ class Counters:
         self.cpu: dict[int, int] = {}
         self.host: tuple[int, int] | None = None
 
-    def usage(self, process: ProcessInfo) -> ProcUsage | None:
+    def usage(self, process: ProcessInfo, skip: frozenset[int] = frozenset()) -> ProcUsage | None:
         return ProcUsage(self.cpu[process.pid], 3 * 1024 * 1024) if process.pid in self.cpu else None
 
     def host_cpu(self) -> tuple[int, int] | None:

@@ -118,7 +118,7 @@ class NoLookup:
     def hidden(self):
         return ""
 
-    def usage(self, process):
+    def usage(self, process, skip=frozenset()):
         return None
 
     def host_cpu(self):
@@ -229,7 +229,7 @@ class People:
     def hidden(self) -> str:
         return ""
 
-    def usage(self, process: ProcessInfo) -> None:
+    def usage(self, process: ProcessInfo, skip: frozenset[int] = frozenset()) -> None:
         return None  # CPU is not what these tests are about
 
     def host_cpu(self) -> None:

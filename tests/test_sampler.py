@@ -101,7 +101,7 @@ class FakeLookup:
     def hidden(self) -> str:
         return self.why_hidden
 
-    def usage(self, process: ProcessInfo) -> ProcUsage | None:
+    def usage(self, process: ProcessInfo, skip: frozenset[int] = frozenset()) -> ProcUsage | None:
         return self.cpu_ms.get(process.pid) if self.people.get(process.pid) == process else None
 
     def host_cpu(self) -> tuple[int, int] | None:
@@ -356,7 +356,7 @@ class Timeline:
     def hidden(self) -> str:
         return ""
 
-    def usage(self, process: ProcessInfo) -> None:
+    def usage(self, process: ProcessInfo, skip: frozenset[int] = frozenset()) -> None:
         return None  # CPU is not what these tests are about
 
     def host_cpu(self) -> None:
