@@ -194,6 +194,8 @@ class ProcReader:
                 threads = os.listdir(f"{self._root}/{parent}/task")
             except OSError:
                 continue  # gone meanwhile
+            if reads + len(threads) > MAX_TREE_READS:
+                return None
             children: list[int] = []
             for tid in threads:
                 reads += 1

@@ -106,6 +106,10 @@ def test_a_process_tree_too_large_to_read_in_a_tick_has_its_cpu_unknown(tmp_path
     fake_tree(tmp_path, {500: tree_stat(500, HZ), **{k: tree_stat(k, HZ) for k in kids}}, {500: {500: kids}})
     used = ProcReader(str(tmp_path)).usage(TRAINER)
     assert used is not None and used.cpu_ms is None and used.rss_bytes is not None
+    many_threads = tmp_path / "threads"
+    many_threads.mkdir()
+    fake_tree(many_threads, {500: tree_stat(500, HZ)}, {500: {tid: [] for tid in range(500, 510)}})
+    assert ProcReader(str(many_threads)).usage(TRAINER).cpu_ms is None  # type: ignore[union-attr]
     counters = Counters()
     meter = CpuMeter(counters)  # type: ignore[arg-type]
     counters.usage = lambda process, skip=frozenset(): used  # type: ignore[method-assign]
