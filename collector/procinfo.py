@@ -31,10 +31,11 @@ def parse_stat_usage(text: str) -> tuple[int, int, int]:
     return int(rest[11]) + int(rest[12]), int(rest[21]), int(rest[19])
 
 
-def parse_stat_tree_cpu(text: str) -> int:
-    """utime + stime + cutime + cstime (fields 14-17, clock ticks): a process's CPU with its reaped children's."""
+def parse_stat_tree_cpu(text: str) -> tuple[int, int]:
+    """(utime + stime + cutime + cstime, ppid): fields 14-17 in clock ticks, a process's CPU with its
+    reaped children's, and field 4."""
     rest = text[text.rindex(")") + 2 :].split()
-    return int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])
+    return int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14]), int(rest[1])
 
 
 def parse_host_cpu(stat_text: str) -> tuple[int, int] | None:
@@ -170,7 +171,7 @@ class ProcReader:
         try:
             text = _read(f"{self._root}/{process.pid}/stat")
             _, rss_pages, start_ticks = parse_stat_usage(text)
-            cpu_ticks: int | None = parse_stat_tree_cpu(text)
+            cpu_ticks: int | None = parse_stat_tree_cpu(text)[0]
         except (OSError, ValueError, IndexError):
             return None
         if self._boot_ms + start_ticks * 1000 // self._ticks_per_s != process.start_ms:
@@ -209,9 +210,12 @@ class ProcReader:
                 seen.add(child)
                 reads += 1
                 try:
-                    total += parse_stat_tree_cpu(_read(f"{self._root}/{child}/stat"))
+                    cpu, ppid = parse_stat_tree_cpu(_read(f"{self._root}/{child}/stat"))
                 except (OSError, ValueError, IndexError):
                     continue  # exited between the two reads: its parent's cutime has it once reaped
+                if ppid != parent:
+                    continue  # exited and its pid reused meanwhile: another process's CPU since its start
+                total += cpu
                 todo.append(child)
             if reads > MAX_TREE_READS:
                 return None

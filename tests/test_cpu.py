@@ -51,9 +51,10 @@ def test_reader_usage_refuses_a_reused_pid(tmp_path: Path) -> None:
     assert reader.host_cpu() == (20 * 1000 // HZ, 100 * 1000 // HZ)
 
 
-def tree_stat(pid: int, utime: int, stime: int = 0, cutime: int = 0, cstime: int = 0, start: int = 10) -> str:
-    """A /proc/PID/stat line with the four CPU fields 14-17 (clock ticks) and a start time."""
-    fields = (["S"] + ["0"] * 10 + [str(utime), str(stime), str(cutime), str(cstime)] + ["0"] * 4
+def tree_stat(pid: int, utime: int, stime: int = 0, cutime: int = 0, cstime: int = 0, start: int = 10,
+              ppid: int = 1) -> str:
+    """A /proc/PID/stat line with its parent, the four CPU fields 14-17 (clock ticks) and a start time."""
+    fields = (["S", str(ppid)] + ["0"] * 9 + [str(utime), str(stime), str(cutime), str(cstime)] + ["0"] * 4
               + [str(start * HZ), "0", "100"])
     return f"{pid} (worker) " + " ".join(fields)
 
@@ -77,9 +78,9 @@ TRAINER = ProcessInfo(500, 1_700_000_010_000, 1001, "alice", "python", "", "")
 def test_a_process_s_cpu_includes_its_workers_but_not_a_child_on_a_gpu(tmp_path: Path) -> None:
     """DataLoader workers (children of any thread, and theirs) count for the GPU process that started them;
     a child that is itself a GPU process (in skip) is measured on its own, with its subtree."""
-    stats = {500: tree_stat(500, HZ, cutime=2 * HZ), 600: tree_stat(600, 10 * HZ, HZ),
-             601: tree_stat(601, 5 * HZ), 700: tree_stat(700, 3 * HZ, cstime=HZ),
-             602: tree_stat(602, 50 * HZ), 800: tree_stat(800, 40 * HZ)}
+    stats = {500: tree_stat(500, HZ, cutime=2 * HZ), 600: tree_stat(600, 10 * HZ, HZ, ppid=500),
+             601: tree_stat(601, 5 * HZ, ppid=500), 700: tree_stat(700, 3 * HZ, cstime=HZ, ppid=600),
+             602: tree_stat(602, 50 * HZ, ppid=500), 800: tree_stat(800, 40 * HZ, ppid=602)}
     fake_tree(tmp_path, stats, {500: {500: [600, 601], 501: [602]}, 600: {600: [700]}, 602: {602: [800]}})
     reader = ProcReader(str(tmp_path))
     used = reader.usage(TRAINER, frozenset({602}))
@@ -90,6 +91,9 @@ def test_a_process_s_cpu_includes_its_workers_but_not_a_child_on_a_gpu(tmp_path:
     (tmp_path / "500" / "stat").write_text(tree_stat(500, HZ, cutime=2 * HZ + 5 * HZ))
     (tmp_path / "500" / "task" / "500" / "children").write_text("600 ")
     assert reader.usage(TRAINER, frozenset({602})).cpu_ms == 23_000  # type: ignore[union-attr]
+    # Worker 600 exits and its pid is reused by an unrelated process between the two reads: not counted.
+    (tmp_path / "600" / "stat").write_text(tree_stat(600, 900 * HZ, ppid=1))
+    assert reader.usage(TRAINER, frozenset({602})).cpu_ms == 8_000  # type: ignore[union-attr]
 
 
 def test_without_children_files_a_process_is_measured_alone(tmp_path: Path) -> None:
@@ -103,7 +107,8 @@ def test_a_process_tree_too_large_to_read_in_a_tick_has_its_cpu_unknown(tmp_path
 
     monkeypatch.setattr(procinfo, "MAX_TREE_READS", 6)
     kids = list(range(600, 610))
-    fake_tree(tmp_path, {500: tree_stat(500, HZ), **{k: tree_stat(k, HZ) for k in kids}}, {500: {500: kids}})
+    fake_tree(tmp_path, {500: tree_stat(500, HZ), **{k: tree_stat(k, HZ, ppid=500) for k in kids}},
+              {500: {500: kids}})
     used = ProcReader(str(tmp_path)).usage(TRAINER)
     assert used is not None and used.cpu_ms is None and used.rss_bytes is not None
     many_threads = tmp_path / "threads"
@@ -120,13 +125,13 @@ def test_a_process_tree_too_large_to_read_in_a_tick_has_its_cpu_unknown(tmp_path
 def test_a_trainer_waiting_on_its_dataloader_is_waiting_on_cpu_not_abandoned(tmp_path: Path) -> None:
     """The meter over the real /proc reader: the trainer itself sleeps, its four workers load data."""
     kids = [600, 601, 602, 603]
-    tree = {500: tree_stat(500, 0), **{k: tree_stat(k, 0) for k in kids}}
+    tree = {500: tree_stat(500, 0), **{k: tree_stat(k, 0, ppid=500) for k in kids}}
     fake_tree(tmp_path, tree, {500: {500: kids}})
     meter = CpuMeter(ProcReader(str(tmp_path)))
     held = ProcSample(TRAINER, schema.KIND_COMPUTE, 20_000, 0)
     meter.annotate([sample(held)], 0)
     for k in kids:  # each worker one core for the 10 s tick
-        (tmp_path / str(k) / "stat").write_text(tree_stat(k, 10 * HZ))
+        (tmp_path / str(k) / "stat").write_text(tree_stat(k, 10 * HZ, ppid=500))
     (tmp_path / "500" / "stat").write_text(tree_stat(500, HZ // 10 or 1))
     cpu = meter.annotate([sample(held)], 10_000)[0].procs[0].cpu_permille
     assert cpu is not None and cpu >= 4000 >= schema.ROLLUP_CPU_BUSY_PERMILLE
