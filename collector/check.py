@@ -63,6 +63,7 @@ def run_checks(
     """Every check, in the order an admin would fix things."""
     findings = _nvml(backend)
     findings += _proc(host)
+    findings.append(_child_lists(host))
     findings += _database(os.path.abspath(db), interval_ms, now_ms, host)
     if textfile:
         findings.append(_textfile(textfile, host))
@@ -149,6 +150,21 @@ def _proc(host: Host) -> list[Finding]:
                         f"{host.service_user}, so attribution is incomplete",
                         f"remount /proc with gid=<gid of {host.service_user}>")]
     return [Finding(OK, "/proc", "other users' processes are visible (no hidepid restriction)")]
+
+
+def _child_lists(host: Host) -> Finding:
+    """Whether the kernel lists each thread's children (CONFIG_PROC_CHILDREN): a GPU process's CPU needs them."""
+    task = f"{host.proc_root}/self/task"
+    try:
+        threads = os.listdir(task)
+    except OSError as error:
+        return Finding(WARN, "process CPU", f"cannot list {task}: {error.strerror}")
+    if any(os.path.exists(f"{task}/{tid}/children") for tid in threads):
+        return Finding(OK, "process CPU", "child processes are listed: DataLoader workers' CPU counts for their "
+                       "GPU process")
+    return Finding(WARN, "process CPU", "the kernel lists no child processes (/proc/PID/task/TID/children): "
+                   "a GPU process waiting on its DataLoader workers may be called abandoned",
+                   "a kernel built with CONFIG_PROC_CHILDREN (Debian's, Ubuntu's and RHEL's are)")
 
 
 def _service_groups(user: str) -> set[int]:

@@ -139,6 +139,18 @@ def test_hidepid_proc_is_a_warning(tmp_path: Path) -> None:
     assert found["/proc"].level == WARN and "hidepid=2" in found["/proc"].detail and "gid=" in found["/proc"].fix
 
 
+def test_child_process_lists_are_checked(tmp_path: Path) -> None:
+    """This kernel lists each thread's children (DataLoader workers' CPU counts); one that does not is a warning."""
+    assert levels(checks(tmp_path / "gua.db"))["process CPU"] == OK
+    task = tmp_path / "proc" / "self" / "task" / "42"
+    task.mkdir(parents=True)
+    (tmp_path / "proc" / "self" / "mountinfo").write_text("23 28 0:21 / /proc rw - proc proc rw\n")
+    found = {f.subject: f for f in checks(tmp_path / "gua.db", proc_root=str(tmp_path / "proc"))}
+    assert found["process CPU"].level == WARN and "CONFIG_PROC_CHILDREN" in found["process CPU"].fix
+    (task / "children").write_text("")
+    assert levels(checks(tmp_path / "gua.db", proc_root=str(tmp_path / "proc")))["process CPU"] == OK
+
+
 def test_textfile_directory_and_clock(tmp_path: Path) -> None:
     found = levels(checks(tmp_path / "gua.db", textfile=str(tmp_path / "nowhere" / "gua.prom"), synced=False))
     assert found["textfile"] == FAIL and found["clock"] == WARN
