@@ -138,6 +138,47 @@ class HandDb:
         self.conn.close()
 
 
+@dataclass(frozen=True)
+class Hostile:
+    """Strings that other users, the driver and the host choose, as a database stores them."""
+
+    user: str
+    unit: str
+    host: str
+    gap: str
+    nvml: str
+    init: str
+
+
+def hostile_db(path: str, s: Hostile, gpu0: dict[str, str], gpu1: dict[str, str], evil_on: int,
+               created_ms: int = T0 - DAY, nvml_at_ms: int = T0 + 1000) -> str:
+    """Two GPUs, s.user's process beside alice's (carol: known, never on a GPU), all strings from s.
+
+    GPU 0 idles with its holder at SM 0, GPU 1 works with its holder at SM 50;
+    s.user's process (3000 MiB) is on GPU `evil_on`, alice's (2000 MiB) on the
+    other. 300 s of ticks, a 15-minute hole the collector explains, 300 s
+    more; an NVML error on GPU 1 and a failed init.
+    """
+    db = HandDb(path, created_ms=created_ms)
+    gpus = (db.gpu(0, **gpu0), db.gpu(1, **gpu1))
+    evil = db.account(s.user, 6666)
+    alice = db.account("alice", 1001)
+    db.account("carol", 1003)
+    p_evil, p_alice = db.process(100, evil, unit=s.unit), db.process(101, alice)
+    mem = {p_evil: 3000, p_alice: 2000}
+    on = (p_evil, p_alice) if evil_on == 0 else (p_alice, p_evil)
+    rows = (G(gpus[0], util=0, procs=(P(on[0], mem=mem[on[0]], sm=0),)),
+            G(gpus[1], util=500, procs=(P(on[1], mem=mem[on[1]], sm=50),)))
+    r = db.run(T0, hostname=s.host)
+    db.ticks(r, T0, 30, 10_000, *rows, first_duration=0)
+    db.event(T0 + 300_000, "gap", r, end_ms=T0 + 20 * 60_000, detail=s.gap)
+    db.ticks(r, T0 + 20 * 60_000, 30, 10_000, *rows)
+    db.event(nvml_at_ms, "nvml_error", r, gpu_id=gpus[1], detail=s.nvml)
+    db.event(T0 + 2_000, "init_failed", r, detail=s.init)
+    db.close()
+    return path
+
+
 def run_report(*args: str, env: dict[str, str] | None = None,
                user: Sequence[str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m gua_report ARGS` (optionally wrapped, e.g. in setpriv)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from gua_report.render_json import FORMAT_VERSION
-from report_helpers import HOUR, T0, G, HandDb, P, run_report
+from report_helpers import HOUR, T0, G, HandDb, Hostile, P, hostile_db, run_report
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,30 +39,15 @@ EVIL_GAP = "-gap\x1b[8m hidden\u202e"
 EVIL_NVML = "+err\x1b[5m\u2069" + BIDI
 EVIL_INIT = "@init\x1b[0m\n  FAKE: ok\x7f"
 EVIL = (EVIL_USER, EVIL_UNIT, EVIL_GPU, EVIL_HOST, EVIL_GAP, EVIL_NVML, EVIL_INIT)
+EVIL_STRINGS = Hostile(EVIL_USER, EVIL_UNIT, EVIL_HOST, EVIL_GAP, EVIL_NVML, EVIL_INIT)
 
 
 @pytest.fixture(scope="module")
 def evil_db(tmp_path_factory) -> str:
     """A database whose every string is hostile, beside ordinary rows to compare with."""
-    path = str(tmp_path_factory.mktemp("evil") / "gua.db")
-    db = HandDb(path, created_ms=-1500)  # a negative number: must stay a number in CSV
-    g0 = db.gpu(0, name="NVIDIA H100 80GB HBM3")
-    g1 = db.gpu(1, name=EVIL_GPU)
-    evil = db.account(EVIL_USER, 6666)
-    alice = db.account("alice", 1001)
-    db.account("carol", 1003)  # known, but never on a GPU
-    p_evil = db.process(100, evil, unit=EVIL_UNIT)
-    p_alice = db.process(101, alice)
-    r = db.run(T0, hostname=EVIL_HOST)
-    gpus = (G(g0, util=0, procs=(P(p_alice, mem=2000, sm=0),)), G(g1, util=500, procs=(P(p_evil, mem=3000, sm=50),)))
-    db.ticks(r, T0, 30, 10_000, *gpus, first_duration=0)
-    # 300 s of ticks, a 15-minute hole the collector explains, then more ticks.
-    db.event(T0 + 300_000, "gap", r, end_ms=T0 + 20 * 60_000, detail=EVIL_GAP)
-    db.ticks(r, T0 + 20 * 60_000, 30, 10_000, *gpus)
-    db.event(T0 + 1000, "nvml_error", r, gpu_id=g1, detail=EVIL_NVML)
-    db.event(T0 + 2000, "init_failed", r, detail=EVIL_INIT)
-    db.close()
-    return path
+    # created_ms negative: a number that must stay a number in CSV
+    return hostile_db(str(tmp_path_factory.mktemp("evil") / "gua.db"), EVIL_STRINGS, {}, {"name": EVIL_GPU},
+                      evil_on=1, created_ms=-1500)
 
 
 def _inert(text: str) -> None:

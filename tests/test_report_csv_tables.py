@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from gua_report import render_table
-from report_helpers import HOUR, T0, G, HandDb, P, build_store_db, run_report
+from report_helpers import HOUR, T0, Hostile, build_store_db, hostile_db, run_report
 from test_report_startup import COSTLY, modules_after
 
 pytestmark = pytest.mark.timeout(120)
@@ -57,24 +57,9 @@ def lab_db(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def hand_db(tmp_path_factory) -> str:
     """Names that other users and the host chose, made to look like formulas; a gap and errors."""
-    path = str(tmp_path_factory.mktemp("hand") / "gua.db")
-    db = HandDb(path)
-    g0 = db.gpu(0, name=EVIL_GPU)
-    g1 = db.gpu(1, uuid=EVIL_UUID)
-    evil = db.account(EVIL_USER, 6666)
-    alice = db.account("alice", 1001)
-    db.account("carol", 1003)  # known, never on a GPU
-    p_evil = db.process(100, evil, unit=EVIL_UNIT)
-    p_alice = db.process(101, alice)
-    r = db.run(T0, hostname=EVIL_HOST)
-    gpus = (G(g0, util=0, procs=(P(p_evil, mem=3000, sm=0),)), G(g1, util=500, procs=(P(p_alice, mem=2000, sm=50),)))
-    db.ticks(r, T0, 30, 10_000, *gpus, first_duration=0)
-    db.event(T0 + 300_000, "gap", r, end_ms=T0 + 20 * 60_000, detail=EVIL_GAP)
-    db.ticks(r, T0 + 20 * 60_000, 30, 10_000, *gpus)
-    db.event(T0 + 1_500, "nvml_error", r, gpu_id=g1, detail=EVIL_NVML)
-    db.event(T0 + 2_000, "init_failed", r, detail=EVIL_INIT)
-    db.close()
-    return path
+    strings = Hostile(EVIL_USER, EVIL_UNIT, EVIL_HOST, EVIL_GAP, EVIL_NVML, EVIL_INIT)
+    return hostile_db(str(tmp_path_factory.mktemp("hand") / "gua.db"), strings, {"name": EVIL_GPU},
+                      {"uuid": EVIL_UUID}, evil_on=0, nvml_at_ms=T0 + 1_500)
 
 
 def table(db: str, name: str, *args: str) -> list[list[str]]:
