@@ -26,9 +26,12 @@ def parse_stat_starttime(text: str) -> int:
 
 
 def parse_stat_usage(text: str) -> tuple[int, int, int]:
-    """(utime + stime in clock ticks, rss in pages, starttime in ticks): fields 14, 15, 24 and 22."""
+    """(utime + stime + cutime + cstime in clock ticks, rss in pages, starttime in ticks): fields 14-17, 24, 22.
+
+    The CPU is the process's with the children it has reaped (parse_stat_tree_cpu's).
+    """
     rest = text[text.rindex(")") + 2 :].split()
-    return int(rest[11]) + int(rest[12]), int(rest[21]), int(rest[19])
+    return int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14]), int(rest[21]), int(rest[19])
 
 
 def parse_stat_tree_cpu(text: str) -> tuple[int, int]:
@@ -169,16 +172,13 @@ class ProcReader:
         if process.start_ms == 0:
             return None  # identity unknown (hidepid): cannot tell a reused pid
         try:
-            text = _read(f"{self._root}/{process.pid}/stat")
-            _, rss_pages, start_ticks = parse_stat_usage(text)
-            cpu_ticks: int | None = parse_stat_tree_cpu(text)[0]
+            cpu_ticks, rss_pages, start_ticks = parse_stat_usage(_read(f"{self._root}/{process.pid}/stat"))
         except (OSError, ValueError, IndexError):
             return None
         if self._boot_ms + start_ticks * 1000 // self._ticks_per_s != process.start_ms:
             return None  # the pid now belongs to another process
         workers = self._descendants_cpu(process.pid, skip)
-        cpu_ticks = None if workers is None or cpu_ticks is None else cpu_ticks + workers
-        return ProcUsage(None if cpu_ticks is None else cpu_ticks * 1000 // self._ticks_per_s,
+        return ProcUsage(None if workers is None else (cpu_ticks + workers) * 1000 // self._ticks_per_s,
                          rss_pages * self._page_size)
 
     def _descendants_cpu(self, pid: int, skip: frozenset[int]) -> int | None:

@@ -536,16 +536,18 @@ THRESHOLDS_BETWEEN_STEPS = ("an active threshold above {pct} % that is not a mul
                             "memory in {mib_step} MiB steps above {mib} MiB)")
 
 
+def _within_caps(opts: Options, pct: int, mib: int) -> bool:
+    """Thresholds the capped keys answer: util_pct >= a_pct for a_pct <= pct, mem_mib > held_mib for held_mib < mib."""
+    return opts.active_pm <= 10 * pct and opts.held_bytes // 1_048_576 < mib
+
+
 def hist_steps(meta: dict[str, str], opts: Options) -> int | None:
     """The first hour whose histograms answer these thresholds only through schema 4's steps; None: no need.
 
     None also when the thresholds are within the caps (or no caps exist).
     Raises ValueError for unreadable meta.
     """
-    if "hist_pct_cap" not in meta:
-        return None
-    pct, mib = int(meta["hist_pct_cap"]), int(meta["hist_mib_cap"])
-    if opts.active_pm <= 10 * pct and opts.held_bytes // 1_048_576 < mib:
+    if "hist_pct_cap" not in meta or _within_caps(opts, int(meta["hist_pct_cap"]), int(meta["hist_mib_cap"])):
         return None
     return int(meta["hist_steps_since_hour"])
 
@@ -572,11 +574,10 @@ def thresholds_note(meta: dict[str, str], opts: Options) -> str | None:
         pct, mib = int(meta["hist_pct_cap"]), int(meta["hist_mib_cap"])
     except (KeyError, ValueError):
         return THRESHOLDS_NO_HIST
-    # Exact while a_pct <= pct (util_pct >= a_pct) and held_mib < mib (mem_mib > held_mib);
-    # beyond, through schema 4's steps for a multiple of a step (schema.py, HIST_*_STEP).
-    held_mib = opts.held_bytes // 1_048_576
-    if opts.active_pm <= 10 * pct and held_mib < mib:
+    # Beyond the caps, exact through schema 4's steps for a multiple of a step (schema.py, HIST_*_STEP).
+    if _within_caps(opts, pct, mib):
         return None
+    held_mib = opts.held_bytes // 1_048_576
     if "hist_steps_since_hour" not in meta:
         return THRESHOLDS_BEYOND_HIST.format(pct=pct, mib=mib)
     try:
