@@ -52,11 +52,11 @@ def test_reader_usage_refuses_a_reused_pid(tmp_path: Path) -> None:
 
 
 def tree_stat(pid: int, utime: int, stime: int = 0, cutime: int = 0, cstime: int = 0, start: int = 10,
-              ppid: int = 1) -> str:
+              ppid: int = 1, comm: str = "worker") -> str:
     """A /proc/PID/stat line with its parent, the four CPU fields 14-17 (clock ticks) and a start time."""
     fields = (["S", str(ppid)] + ["0"] * 9 + [str(utime), str(stime), str(cutime), str(cstime)] + ["0"] * 4
               + [str(start * HZ), "0", "100"])
-    return f"{pid} (worker) " + " ".join(fields)
+    return f"{pid} ({comm}) " + " ".join(fields)
 
 
 def fake_tree(root: Path, stats: dict[int, str], threads: dict[int, dict[int, list[int]]]) -> None:
@@ -94,6 +94,17 @@ def test_a_process_s_cpu_includes_its_workers_but_not_a_child_on_a_gpu(tmp_path:
     # Worker 600 exits and its pid is reused by an unrelated process between the two reads: not counted.
     (tmp_path / "600" / "stat").write_text(tree_stat(600, 900 * HZ, ppid=1))
     assert reader.usage(TRAINER, frozenset({602})).cpu_ms == 8_000  # type: ignore[union-attr]
+
+
+def test_a_worker_s_chosen_name_and_a_garbled_children_list_change_nothing(tmp_path: Path) -> None:
+    """comm is the process's own choice: ') 1 999 999 (' must not shift the fields read after it; a children
+    list that is not numbers (never from the kernel) is skipped, not fatal."""
+    hostile = ") 1 999 999 999 999 ("
+    assert parse_stat_usage(tree_stat(7, 3, 1, 2, 4, ppid=5, comm=hostile))[0] == 10
+    fake_tree(tmp_path, {500: tree_stat(500, HZ, comm=hostile), 600: tree_stat(600, 2 * HZ, ppid=500, comm=hostile)},
+              {500: {500: [600], 501: []}})
+    (tmp_path / "500" / "task" / "501" / "children").write_text("12 x\n")
+    assert ProcReader(str(tmp_path)).usage(TRAINER).cpu_ms == 3_000  # type: ignore[union-attr]
 
 
 def test_without_children_files_a_process_is_measured_alone(tmp_path: Path) -> None:
