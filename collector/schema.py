@@ -10,7 +10,7 @@ import sqlite3
 from collections.abc import Callable
 
 # PRAGMA user_version. Bump it and add a step to MIGRATIONS for every change.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Written into meta so the reporter can tell a gua DB from any other SQLite file.
 APPLICATION = "gua"
@@ -382,6 +382,23 @@ INSERT INTO meta (key, value)
     ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 """
 
+# Schema 5: compacted raw rows. An hour that is rolled up and at least
+# compact.HEAD_HOURS older than the newest tick moves out of gpu_sample and
+# proc_sample into one row here: the same rows in rawchunk's format (a few
+# bytes per GPU-tick instead of ~55). tick stays as it is: every range a
+# report reads starts there. Readers of raw rows decode the chunks of the
+# hours they read (gua_report.rawload). meta compact_next_tick: where the
+# collector's walk over the fact tables goes on.
+_V5 = """
+CREATE TABLE IF NOT EXISTS raw_chunk (
+    chunk_id INTEGER PRIMARY KEY,
+    hour     INTEGER NOT NULL,             -- UTC hour (ts_ms / 3600000) of the ticks whose rows it holds
+    data     BLOB NOT NULL                 -- rawchunk format 1: gpu_sample and proc_sample rows
+);
+-- A report loads the chunks of the hours it reads raw; retention drops old hours.
+CREATE INDEX IF NOT EXISTS raw_chunk_hour ON raw_chunk (hour);
+"""
+
 # Active but starved (schema 3): a GPU tick that is active (util_permille >=
 # the active threshold) while GPM says its SMs were busy less than this
 # (sm_active_permille, 0..1000: 5 %): the kernel keeps one SM, or the memory
@@ -478,7 +495,7 @@ Migration = str | Callable[[sqlite3.Connection], None]
 # MIGRATIONS[n] takes a database at version n to n + 1; a new database runs them all.
 MIGRATIONS: dict[int, Migration] = {
     0: _V1, 1: _v1_to_v2, 2: _V3.format(pct=HIST_PCT_CAP, mib=HIST_MIB_CAP, starved=STARVED_SM_PERMILLE),
-    3: _V4.format(pct_step=HIST_PCT_STEP, mib_step=HIST_MIB_STEP)}
+    3: _V4.format(pct_step=HIST_PCT_STEP, mib_step=HIST_MIB_STEP), 4: _V5}
 
 
 class SchemaError(Exception):

@@ -6,6 +6,7 @@ import os
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TextIO
@@ -425,20 +426,30 @@ class Service:
             self._log.error(f"could not record event: {error}")
 
     def _prune(self, now_ms: int) -> bool:
-        """One batch of retention (raw rows first, then per-unit rollups); True when the pass is done.
+        """One batch of retention (raw rows, per-unit rollups), then of compaction; True when the pass is done.
 
         A batch short of PRUNE_BATCH ends the raw part: at 10 s ticks a tick
         ages out every tick, so "nothing removed" would never come, and the
-        pass would run at every tick.
+        pass would run at every tick. Compaction goes an hour a batch.
         """
         try:
             if self._store.prune(now_ms - self._settings.retention_ms) >= PRUNE_BATCH:
                 return False
-            if self._settings.unit_retention_ms is not None:
-                return not self._store.prune_units(now_ms - self._settings.unit_retention_ms)
+            if self._settings.unit_retention_ms is not None and self._store.prune_units(
+                    now_ms - self._settings.unit_retention_ms):
+                return False
         except sqlite3.Error as error:
             self._log.error(f"retention pruning failed: {error}")
-        return True
+            return True
+        try:
+            step = self._store.compact()
+        except sqlite3.Error as error:
+            self._log.error(f"compacting raw rows failed: {error}")
+            return True
+        if step is not None and step.kept:
+            hour = time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(step.hour * 3600))
+            self._log.warning(f"raw rows of the hour {hour} kept as rows, not compacted: {step.kept}")
+        return step is None
 
     # --- time and gaps --------------------------------------------------------------------
     def _stamp(self, wall_ms: int, duration_ms: int) -> int:

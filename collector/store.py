@@ -1,4 +1,4 @@
-"""The collector's only writer to SQLite: open safely, write ticks, roll up, prune.
+"""The collector's only writer to SQLite: open safely, write ticks, roll up, compact, prune.
 
 All of the collector's data-changing SQL is in this module; the DDL is in
 schema.py. Every write is one short transaction: nothing is held across a
@@ -15,7 +15,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import schema
+from . import compact, schema
 from .records import Event, GpuInfo, ProcessInfo, Tick
 from .rollup import HOUR_MS, Rollups
 
@@ -388,6 +388,7 @@ class Store:
                     self._conn.execute(statement, (as_json,))
                 self._rollups.set_meta("raw_pruned_before_ms", str(before_ms))
             if len(ids) < batch:
+                self._conn.execute(compact.DELETE_CHUNKS, (before_ms // HOUR_MS,))
                 self._conn.execute(DELETE_PROC_STATE, {"before": before_ms, "keep": PROC_STATE_KEEP_MS})
                 gone = self._conn.execute(
                     DELETE_PROCESSES, {"before": before_ms, "step": schema.PROCESS_LAST_STEP_MS}
@@ -395,6 +396,11 @@ class Store:
                 if gone:
                     self._procs.clear()  # a pruned id must never be written again
         return len(ids)
+
+    def compact(self, head_hours: int = compact.HEAD_HOURS) -> compact.Compacted | None:
+        """Compact the oldest raw hour that may be (compact.py), in its own transaction; None when none may."""
+        with self._transaction():
+            return compact.compact_oldest(self._conn, head_hours)
 
     def prune_units(self, before_ms: int) -> bool:
         """Delete a day's per-unit rollups older than before_ms (hour_unit, hour_unit_hist); True while older remain.

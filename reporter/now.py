@@ -33,6 +33,7 @@ from datetime import tzinfo
 from . import __version__
 from .errors import EXIT_TABLE, FLEET_ONLY, Exit, ReportError, escape
 from .opendb import open_readonly
+from .rawload import ensure
 from .window import DAY_MS, WindowError, fmt_duration, fmt_local, parse_duration_ms, zone
 
 DEFAULT_DB = "/var/lib/gua/gua.db"
@@ -346,6 +347,7 @@ def read_now(conn: sqlite3.Connection, path: str, schema_version: int, now_ms: i
             rep.cpu_busy_permille, rep.cpu_busy_from_meta = _cpu_rule(
                 _meta(conn, "rollup_cpu_busy_permille"), rep.warnings)
         rep.cpu_window_ms = max(CPU_WINDOW_MS, CPU_WINDOW_TICKS * (interval or 0))
+        ensure(conn, as_of - rep.cpu_window_ms, as_of + 1)  # rows of compacted hours, if it reaches one
         gpus: dict[int, GpuNow] = {}
         for (gpu_id, uuid, index, name, total, parent_uuid, parent_index, slot,
              status, util, mem) in conn.execute(Q_GPUS, (tick_id,)):

@@ -31,7 +31,7 @@ import time
 
 from .errors import Exit, ReportError
 
-SCHEMA_VERSION = 4  # the newest gua schema this reporter understands
+SCHEMA_VERSION = 5  # the newest gua schema this reporter understands
 APPLICATION = "gua"
 _MAGIC = b"SQLite format 3\x00"
 _HEADER_BYTES = 100

@@ -16,6 +16,10 @@ hold the facts the classification reads, counted but not classified: the
 *_hist queries classify them here with the report's thresholds, by the same
 rules as the raw queries, so they give the raw queries' numbers exactly
 when the active threshold is a whole percent (tests/test_report_hist.py).
+
+Every query of gpu_sample or proc_sample first calls rawload.ensure for its
+range: hours the collector compacted (schema 5) are decoded into temp
+tables of the same names, and the SQL below reads them unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
+from .rawload import ensure
 from .window import HOUR_MS, QUARTER_MS, Segment
 
 # Columns of a GPU-state aggregate, in the order both GPU queries return them
@@ -271,6 +276,7 @@ def _state_raw(
     gpu_ids: Sequence[int] | None, cell: str, gpm: Gpm | None,
 ) -> list[tuple]:
     """gpu_state_raw with `cell` (an SQL expression of t.ts_ms) as the cell key."""
+    ensure(conn, lo, hi)
     gpm = _gpm(gpm)
     rows = f"""
             SELECT g.gpu_id AS gpu_id,
@@ -508,6 +514,7 @@ def identity_raw(
     rest). `has_cpu` False: a schema 1 database, without CPU columns.
     Every tick counts its whole duration: where ticks overlap use identity_clipped.
     """
+    ensure(conn, lo, hi)
     unit_col = "p.unit" if by_unit else "''"
     unit_where = " AND p.unit != ''" if by_unit else ""
     gpm_cols, gpm_join = _holder_gpm(_gpm(gpm), "t.ts_ms")
@@ -653,6 +660,7 @@ def _state_clipped(
     gpu_ids: Sequence[int] | None, cell: str, gpm: Gpm | None,
 ) -> list[tuple]:
     """gpu_state_clipped with `cell` (an SQL expression of c.ts) as the cell key."""
+    ensure(conn, lo, hi, look_back=True)
     gpm = _gpm(gpm)
     rows = f"""
             SELECT c.gpu_id AS gpu_id,
@@ -677,6 +685,7 @@ def identity_clipped(
     has_cpu: bool = True, gpm: Gpm | None = None,
 ) -> list[tuple]:
     """identity_raw for [lo, hi), with each GPU's tick counted as in gpu_state_clipped."""
+    ensure(conn, lo, hi, look_back=True)
     unit_col = "p.unit" if by_unit else "''"
     unit_where = " AND p.unit != ''" if by_unit else ""
     gpm_cols, gpm_join = _holder_gpm(_gpm(gpm), "c.ts")
@@ -701,6 +710,7 @@ def gpu_hour_cover_raw(conn: sqlite3.Connection, h0: int, h1: int) -> list[tuple
     The same number as max(total_ms) over hour_gpu (hour_cover_rollup) where
     the hour is rolled up and its raw rows remain.
     """
+    ensure(conn, h0 * HOUR_MS, h1 * HOUR_MS)
     return conn.execute(
         f"""
         SELECT hour, max(ms)
@@ -791,6 +801,7 @@ def first_last_tick(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[int | N
 
 def last_status(conn: sqlite3.Connection, lo: int, hi: int) -> dict[int, int]:
     """gpu_id -> status in the last tick of the window (one tick, by index)."""
+    ensure(conn, lo, hi)
     return dict(
         conn.execute(
             """

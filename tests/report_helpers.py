@@ -328,6 +328,35 @@ def prune_raw(path: str, before_ms: int, now_ms: int) -> None:
         store.close()
 
 
+def compact_all(path: str, now_ms: int, head_hours: int | None = None) -> int:
+    """Run the collector's compaction on `path` until no hour is left to compact; the hours compacted."""
+    from gua_collector import compact
+    from gua_collector.store import Store
+
+    store = Store.open(path, now_ms=now_ms)
+    hours = 0
+    try:
+        while (step := store.compact(compact.HEAD_HOURS if head_hours is None else head_hours)) is not None:
+            hours += not step.kept
+    finally:
+        store.close()
+    return hours
+
+
+def expand_chunks(path: str) -> None:
+    """Put every compacted hour's rows back into gpu_sample and proc_sample (a test's plain twin)."""
+    from gua_collector import rawchunk
+
+    conn = sqlite3.connect(path)
+    with conn:
+        for (data,) in conn.execute("SELECT data FROM raw_chunk").fetchall():
+            for t in rawchunk.decode(data):
+                conn.executemany(f"INSERT INTO {t.name} ({', '.join(t.columns)}) "
+                                 f"VALUES ({', '.join('?' * len(t.columns))})", t.rows)
+        conn.execute("DELETE FROM raw_chunk")
+    conn.close()
+
+
 def make_v1(src: str, dst: str) -> None:
     """Write `src`'s rows into a new file with the schema 1 DDL, as gua 0.1.0 left it."""
     conn = sqlite3.connect(dst, isolation_level=None)

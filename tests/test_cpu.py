@@ -14,6 +14,7 @@ from gua_collector.procinfo import ProcReader, parse_host_cpu, parse_stat_usage
 from gua_collector.records import GpuInfo, GpuSample, ProcessInfo, ProcSample, ProcUsage
 from gua_collector.sampler import Sampler
 from gua_collector.simulate import SimBackend
+from report_helpers import expand_chunks
 
 HZ = os.sysconf("SC_CLK_TCK")
 START = 1_772_438_400_000
@@ -237,6 +238,7 @@ def test_rollups_split_idle_held_by_cpu_as_the_raw_rows_say(tmp_path: Path) -> N
                       threading.Event(), None)
     assert service.run() == 0
     store.close()
+    expand_chunks(str(tmp_path / "gua.db"))  # every hour's rows, compacted or not, as rows
     conn = sqlite3.connect(tmp_path / "gua.db")
     per: dict[tuple[int, int, int], list[tuple[int, int, int | None, int | None, int]]] = defaultdict(list)
     hours = {}

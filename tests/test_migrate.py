@@ -122,7 +122,7 @@ def test_fresh_database_is_current(tmp_path: Path) -> None:
     path = str(tmp_path / "gua.db")
     Store.open(path, now_ms=START).close()
     with sqlite3.connect(path) as conn:
-        assert schema.read_version(conn) == schema.SCHEMA_VERSION == 4
+        assert schema.read_version(conn) == schema.SCHEMA_VERSION == 5
         meta = dict(conn.execute("SELECT key, value FROM meta"))
     assert meta["sm_unknown_since_hour"] == "0"  # recorded from the start
     assert meta["hist_since_hour"] == "0"  # histograms too

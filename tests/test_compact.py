@@ -1,0 +1,259 @@
+"""Compacted raw rows (schema 5): the collector moves old hours into raw_chunk; reports do not change.
+
+Every report here runs on a compacted database and on its twin whose rows
+stayed rows (the same file before compaction, or with its chunks expanded
+back), and the two JSON documents must be equal but for the path: windows
+with partial edge hours, half-hour zones, thresholds the histograms answer
+and ones only raw rows answer, --no-rollups, overlapping ticks (the clipped
+queries that look back past a window's start), retention, the CSV time
+series. Then what a broken host or a damaged file can make of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+
+import pytest
+
+from collector_helpers import run_collector
+from gua_collector import compact
+from report_helpers import (
+    HOUR,
+    T0,
+    build_store_db,
+    compact_all,
+    expand_chunks,
+    prune_raw,
+    report_json,
+    run_report,
+)
+from test_report_edges_overlap import step_back_db
+
+pytestmark = pytest.mark.timeout(180)
+
+INTERVAL = 60_000
+START = 1_712_318_400_000  # 2024-04-05 12:00 UTC: Adelaide leaves DST 2024-04-06
+END = START + 30 * HOUR
+WINDOWS = {
+    "whole": ("--since", "2024-04-05T12:00Z", "--until", "2024-04-06T18:00Z"),
+    "partial edges": ("--since", "2024-04-05T13:17:13Z", "--until", "2024-04-06T11:42:05Z"),
+    "inside one hour": ("--since", "2024-04-05T15:05Z", "--until", "2024-04-05T15:35Z"),
+}
+ARGS = {
+    "default": (),
+    "Adelaide": ("--tz", "Australia/Adelaide"),
+    "Kathmandu, active 50%": ("--tz", "Asia/Kathmandu", "--active-threshold", "50"),
+    "active 7.5% (raw)": ("--active-threshold", "7.5"),
+    "held 2GB (raw)": ("--held-threshold", "2GB"),
+    "no rollups": ("--no-rollups",),
+    "bob": ("--user", "bob", "--tz", "Asia/Kolkata"),
+}
+
+
+def used_pages(path: str) -> int:
+    conn = sqlite3.connect(path)
+    used = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+    conn.close()
+    return used
+
+
+def without_path(doc: dict) -> dict:
+    doc = dict(doc)
+    doc["database"] = {k: v for k, v in doc["database"].items() if k != "path"}
+    return doc
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory) -> tuple[str, str]:
+    """30 hours of lab8 with a crash and a 40 min hole: as written, and compacted but for the last two hours."""
+    d = tmp_path_factory.mktemp("twins")
+    plain = build_store_db(str(d / "plain.db"), "lab8", START, END, INTERVAL, hole_at_ms=START + 17 * HOUR + 1_234_567)
+    packed = str(d / "packed.db")
+    shutil.copy(plain, packed)
+    assert compact_all(packed, now_ms=END) == 28
+    return plain, packed
+
+
+def test_compaction_leaves_the_last_two_hours_as_rows(twins):
+    plain, packed = twins
+    conn = sqlite3.connect(packed)
+    newest_hour = conn.execute("SELECT max(ts_ms) FROM tick").fetchone()[0] // HOUR
+    row_hours = {h for (h,) in conn.execute(
+        "SELECT DISTINCT t.ts_ms / 3600000 FROM gpu_sample g JOIN tick t USING (tick_id)")}
+    proc_hours = {h for (h,) in conn.execute(
+        "SELECT DISTINCT t.ts_ms / 3600000 FROM proc_sample p JOIN tick t USING (tick_id)")}
+    chunk_hours = [h for (h,) in conn.execute("SELECT hour FROM raw_chunk ORDER BY hour")]
+    assert row_hours == proc_hours == {newest_hour - 1, newest_hour}
+    # The 40 min hole ends inside an hour: every hour has its chunk, once.
+    assert chunk_hours == list(range(START // HOUR, newest_hour - 1))
+    rows_now = conn.execute("SELECT count(*) FROM gpu_sample").fetchone()[0]
+    conn.close()
+    before = sqlite3.connect(plain)
+    assert before.execute("SELECT count(*) FROM gpu_sample").fetchone()[0] > 10 * rows_now
+    before.close()
+    # The file keeps its size (freed pages are reused by the ticks to come); the pages in use are fewer.
+    assert used_pages(packed) < used_pages(plain) / 2
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("args", ARGS)
+def test_reports_on_compacted_hours_are_unchanged(twins, window, args):
+    plain, packed = twins
+    a = report_json(plain, *WINDOWS[window], *ARGS[args])
+    b = report_json(packed, *WINDOWS[window], *ARGS[args])
+    assert a["headline"]["known_ms"] > 0
+    assert without_path(a) == without_path(b)
+
+
+def test_the_hourly_csv_series_is_unchanged(twins):
+    plain, packed = twins
+    out = []
+    for db in twins:
+        r = run_report("--db", db, *WINDOWS["partial edges"], "--format", "csv", "--table", "hour",
+                       "--tz", "Asia/Kolkata", "--active-threshold", "7.5")
+        assert r.returncode == 0, r.stderr
+        out.append(r.stdout)
+    assert out[0] == out[1] and out[0].count("\n") > 8 * 20
+
+
+def test_a_report_that_decodes_chunks_writes_nothing(twins, tmp_path):
+    _, packed = twins
+    db = tmp_path / "gua.db"
+    shutil.copy(packed, db)
+    digest = hashlib.sha256(db.read_bytes()).hexdigest()
+    os.chmod(db, 0o440)
+    os.chmod(tmp_path, 0o550)
+    try:
+        doc = report_json(str(db), *WINDOWS["partial edges"], "--no-rollups")
+    finally:
+        os.chmod(tmp_path, 0o750)
+    assert doc["headline"]["known_ms"] > 0
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gua.db"]
+
+
+@pytest.mark.parametrize("shift_ms", [0, -5_000])
+def test_overlapping_ticks_read_the_same_from_chunks(tmp_path, shift_ms):
+    """The clipped queries look back from a window's first tick: across into a compacted hour."""
+    plain, packed = str(tmp_path / "plain.db"), str(tmp_path / "packed.db")
+    step_back_db(plain, shift_ms)
+    shutil.copy(plain, packed)
+    assert compact_all(packed, now_ms=T0 + 2 * HOUR, head_hours=0) == 2
+    for window in (("--since", "2024-01-01T00:00Z", "--until", "2024-01-01T02:00Z"),
+                   ("--since", "2024-01-01T01:00:03Z", "--until", "2024-01-01T01:40Z")):
+        for extra in ((), ("--no-rollups",)):
+            a, b = report_json(plain, *window, *extra), report_json(packed, *window, *extra)
+            assert a["data_quality"] == b["data_quality"]
+            assert without_path(a) == without_path(b)
+
+
+def test_retention_drops_whole_compacted_hours(twins, tmp_path):
+    plain, packed = str(tmp_path / "plain.db"), str(tmp_path / "packed.db")
+    shutil.copy(twins[0], plain)
+    shutil.copy(twins[1], packed)
+    cut = START + 5 * HOUR + 1_800_000  # inside an hour: that hour's chunk stays, its ticks before the cut go
+    for db in (plain, packed):
+        prune_raw(db, cut, now_ms=END)
+    conn = sqlite3.connect(packed)
+    assert conn.execute("SELECT min(hour) FROM raw_chunk").fetchone()[0] == cut // HOUR
+    conn.close()
+    window = ("--since", "2024-04-05T15:10Z", "--until", "2024-04-06T02:00Z", "--no-rollups")
+    assert without_path(report_json(plain, *window)) == without_path(report_json(packed, *window))
+
+
+def test_expanding_the_chunks_gives_back_the_original_rows(twins, tmp_path):
+    twin = str(tmp_path / "expanded.db")
+    shutil.copy(twins[1], twin)
+    expand_chunks(twin)
+    query = ("SELECT * FROM gpu_sample ORDER BY tick_id, gpu_id",
+             "SELECT * FROM proc_sample ORDER BY tick_id, gpu_id, proc_id")
+    got, want = sqlite3.connect(twin), sqlite3.connect(twins[0])
+    for q in query:
+        assert got.execute(q).fetchall() == want.execute(q).fetchall()
+
+
+def test_an_hour_that_cannot_be_encoded_stays_rows_and_the_next_is_compacted(twins, tmp_path):
+    """A REAL where an integer belongs (a hand-edited or damaged row): kept as rows, never lost or rounded."""
+    plain, packed = str(tmp_path / "plain.db"), str(tmp_path / "packed.db")
+    shutil.copy(twins[0], plain)
+    conn = sqlite3.connect(plain)
+    tick = conn.execute("SELECT min(tick_id) FROM tick WHERE ts_ms >= ?", (START + HOUR,)).fetchone()[0]
+    conn.execute("UPDATE gpu_sample SET energy_mj = 123.25 WHERE tick_id = ? AND gpu_id = 1", (tick,))
+    conn.commit()
+    conn.close()
+    shutil.copy(plain, packed)
+    from gua_collector.store import Store
+
+    store = Store.open(packed, now_ms=END)
+    try:
+        first, second, third = store.compact(), store.compact(), store.compact()
+    finally:
+        store.close()
+    assert first and second and third
+    assert not first.kept and first.hour == START // HOUR
+    assert second.hour == START // HOUR + 1 and "gpu_sample.energy_mj: float value" in second.kept
+    assert not third.kept and third.hour == START // HOUR + 2
+    conn = sqlite3.connect(packed)
+    assert conn.execute("SELECT energy_mj FROM gpu_sample WHERE tick_id = ? AND gpu_id = 1", (tick,)).fetchone() \
+        == (123.25,)
+    conn.close()
+    window = ("--since", "2024-04-05T12:30Z", "--until", "2024-04-05T15:30Z", "--no-rollups")
+    assert without_path(report_json(plain, *window)) == without_path(report_json(packed, *window))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "text"])
+def test_a_damaged_chunk_is_a_corrupt_database_in_one_line(twins, tmp_path, damage):
+    db = str(tmp_path / "gua.db")
+    shutil.copy(twins[1], db)
+    conn = sqlite3.connect(db)
+    hour = START // HOUR + 3
+    if damage == "text":
+        conn.execute("UPDATE raw_chunk SET data = 'not a blob' WHERE hour = ?", (hour,))
+    else:
+        data = conn.execute("SELECT data FROM raw_chunk WHERE hour = ?", (hour,)).fetchone()[0]
+        bad = os.urandom(len(data)) if damage == "garbage" else data[: len(data) // 2]
+        conn.execute("UPDATE raw_chunk SET data = ? WHERE hour = ?", (bad, hour))
+    conn.commit()
+    conn.close()
+    r = run_report("--db", db, "--since", "2024-04-05T15:10Z", "--until", "2024-04-05T15:50Z")
+    assert r.returncode == 7, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "is corrupt" in r.stderr and "raw_chunk of the hour 2024-04-05T15:00Z" in r.stderr
+    # Hours away from the damage still report.
+    ok = run_report("--db", db, "--since", "2024-04-06T01:10Z", "--until", "2024-04-06T01:50Z")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_the_collector_compacts_as_it_runs(tmp_path):
+    """Through the real service loop: a day of lab8 at 10 s ticks; every GPU-tick is stored once."""
+    db = tmp_path / "gua.db"
+    r = run_collector("--db", str(db), "--backend", "simulate:lab8", "--interval", "10s", "--ticks", "8640",
+                      "--start", "2026-01-01T00:00:00Z", timeout=120)
+    assert r.returncode == 0, r.stderr
+    conn = sqlite3.connect(db)
+    newest_hour = conn.execute("SELECT max(ts_ms) FROM tick").fetchone()[0] // HOUR
+    rows = conn.execute("SELECT count(*) FROM gpu_sample").fetchone()[0]
+    chunks = conn.execute("SELECT hour, data FROM raw_chunk ORDER BY hour").fetchall()
+    oldest_row_hour = conn.execute(
+        "SELECT min(t.ts_ms) / 3600000 FROM gpu_sample g JOIN tick t USING (tick_id)").fetchone()[0]
+    conn.close()
+    from gua_collector import rawchunk
+
+    in_chunks = sum(len(t.rows) for _, data in chunks for t in rawchunk.decode(data) if t.name == "gpu_sample")
+    assert rows + in_chunks == 8640 * 8
+    # Maintenance runs hourly: the oldest hour still rows is at most one more than the two kept.
+    assert newest_hour - 1 - compact.HEAD_HOURS + 1 <= oldest_row_hour <= newest_hour - 1
+    assert [h for h, _ in chunks] == list(range(chunks[0][0], oldest_row_hour))
+    expanded = str(tmp_path / "expanded.db")
+    shutil.copy(db, expanded)
+    expand_chunks(expanded)
+    window = ("--since", "2026-01-01T00:00Z", "--until", "2026-01-01T23:59:50Z", "--active-threshold", "7.5")
+    a, b = report_json(str(db), *window), report_json(expanded, *window)
+    assert a["source"]["rollups"] == "none"  # 7.5 %: every hour read raw, most of them from chunks
+    assert without_path(a) == without_path(b)
+    assert json.dumps(a).count("idle_held") > 0
+    assert used_pages(str(db)) < used_pages(expanded) / 2
