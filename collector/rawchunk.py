@@ -139,7 +139,7 @@ def _decode_column(payload: bytes, pos: int, n: int) -> tuple[list[Value], int]:
     raw.frombytes(buf)
     if sys.byteorder == "big":
         raw.byteswap()
-    values: list[Value] = list(accumulate(raw)) if flags & FLAG_DELTA else raw.tolist()
+    values: list[Value] = list(accumulate(raw)) if flags & FLAG_DELTA else list(raw)
     if mask:
         values = [None if m else v for v, m in zip(values, mask)]
     return values, pos + 8 * n

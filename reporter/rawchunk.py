@@ -74,7 +74,7 @@ def _column(payload: bytes, pos: int, n: int) -> tuple[list[int | None], int]:
     raw.frombytes(buf)
     if sys.byteorder == "big":
         raw.byteswap()
-    values: list[int | None] = list(accumulate(raw)) if flags & FLAG_DELTA else raw.tolist()
+    values: list[int | None] = list(accumulate(raw)) if flags & FLAG_DELTA else list(raw)
     if mask:
         values = [None if m else v for v, m in zip(values, mask)]
     return values, pos + 8 * n
