@@ -1,9 +1,10 @@
 """Compaction (schema 5): an old hour's raw rows become one raw_chunk blob.
 
-Rows stay rows while the collector may still read them: the hour in progress
-(rollups, `gua-report now`) and the one before it. An hour is compacted once
-it is rolled up (rollup_next_hour is past it) and the newest tick is at
-least HEAD_HOURS hours later. The blob is decoded and compared with the rows
+Rows stay rows while anything reads them often: the collector (rollups, the
+hour in progress) and the reports of the last day, which an admin runs at
+any threshold without paying for decoding. An hour is compacted once it is
+rolled up (rollup_next_hour is past it) and the newest tick is at least
+HEAD_HOURS hours later. The blob is decoded and compared with the rows
 before they are deleted, in the same transaction: a chunk that would not read
 back equal is never written, and its hour stays rows.
 """
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 from . import rawchunk
 
 HOUR_MS = 3_600_000
-# The hour in progress and the one before it stay rows (see the docstring).
-HEAD_HOURS = 2
+# The last day stays rows (see the docstring): on a 90-day database about 1 %
+# of the ticks, ~0.6 B more per GPU-tick than compacting all but the last hour.
+HEAD_HOURS = 24
 
 # Compaction walks the fact tables' primary keys from meta compact_next_tick:
 # the oldest tick that still has rows there, then every tick of its UTC hour

@@ -141,5 +141,7 @@ def _decode_column(payload: bytes, pos: int, n: int) -> tuple[list[Value], int]:
         raw.byteswap()
     values: list[Value] = list(accumulate(raw)) if flags & FLAG_DELTA else list(raw)
     if mask:
+        if mask.count(0) + mask.count(1) != n:
+            raise ChunkError("damaged NULL mask")
         values = [None if m else v for v, m in zip(values, mask)]
     return values, pos + 8 * n

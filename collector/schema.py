@@ -383,7 +383,7 @@ INSERT INTO meta (key, value)
 """
 
 # Schema 5: compacted raw rows. An hour that is rolled up and at least
-# compact.HEAD_HOURS older than the newest tick moves out of gpu_sample and
+# compact.HEAD_HOURS (a day) older than the newest tick moves out of gpu_sample and
 # proc_sample into one row here: the same rows in rawchunk's format (a few
 # bytes per GPU-tick instead of ~55). tick stays as it is: every range a
 # report reads starts there. Readers of raw rows decode the chunks of the

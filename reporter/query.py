@@ -27,7 +27,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from .rawload import ensure
+from .rawload import ensure, slices
 from .window import HOUR_MS, QUARTER_MS, Segment
 
 # Columns of a GPU-state aggregate, in the order both GPU queries return them
@@ -276,7 +276,6 @@ def _state_raw(
     gpu_ids: Sequence[int] | None, cell: str, gpm: Gpm | None,
 ) -> list[tuple]:
     """gpu_state_raw with `cell` (an SQL expression of t.ts_ms) as the cell key."""
-    ensure(conn, lo, hi)
     gpm = _gpm(gpm)
     rows = f"""
             SELECT g.gpu_id AS gpu_id,
@@ -291,7 +290,20 @@ def _state_raw(
             JOIN gpu_sample AS g ON g.tick_id = t.tick_id
             WHERE t.ts_ms >= :lo AND t.ts_ms < :hi{_in_clause('g.gpu_id', gpu_ids)}"""
     sql = _state_sums(rows, gpm)
-    return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes}).fetchall()
+    return _by_slices(conn, lo, hi, sql, {"active": active_pm, "held": held_bytes})
+
+
+def _by_slices(conn: sqlite3.Connection, lo: int, hi: int, sql: str, params: dict[str, int]) -> list[tuple]:
+    """The rows of `sql` over [:lo, :hi), run on rawload's slices of the range when it is long.
+
+    For queries whose rows add up over any split of the range: the callers
+    sum rows with the same key, so the slices' rows are simply concatenated.
+    """
+    out: list[tuple] = []
+    for a, b in slices(conn, lo, hi):
+        ensure(conn, a, b)
+        out += conn.execute(sql, {**params, "lo": a, "hi": b}).fetchall()
+    return out
 
 
 def _rollup_gpm(gpm: Gpm | None, conn: sqlite3.Connection, hist: bool = False) -> str:
@@ -514,7 +526,6 @@ def identity_raw(
     rest). `has_cpu` False: a schema 1 database, without CPU columns.
     Every tick counts its whole duration: where ticks overlap use identity_clipped.
     """
-    ensure(conn, lo, hi)
     unit_col = "p.unit" if by_unit else "''"
     unit_where = " AND p.unit != ''" if by_unit else ""
     gpm_cols, gpm_join = _holder_gpm(_gpm(gpm), "t.ts_ms")
@@ -530,8 +541,8 @@ def identity_raw(
               AND ps.kind & 1{unit_where}{_in_clause('ps.gpu_id', gpu_ids)}
             GROUP BY ps.tick_id, ps.gpu_id, p.account_id, {unit_col}"""
     sql = _identity_sums(rows, _gpm(gpm))
-    return conn.execute(sql, {"lo": lo, "hi": hi, "active": active_pm, "held": held_bytes,
-                              "sm_since": sm_since_ms, "cpu_busy": cpu_busy_pm}).fetchall()
+    return _by_slices(conn, lo, hi, sql, {"active": active_pm, "held": held_bytes, "sm_since": sm_since_ms,
+                                          "cpu_busy": cpu_busy_pm})
 
 
 def identity_rollup(

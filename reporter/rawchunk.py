@@ -25,8 +25,25 @@ class ChunkError(ValueError):
     """A blob is not a chunk the collector wrote (damaged, or a newer format)."""
 
 
-def decode(blob: bytes) -> list[tuple[str, tuple[str, ...], list[tuple[int | None, ...]]]]:
+Rows = list[tuple[int | None, ...]]
+Flat = tuple[str, tuple[str, ...], int, list[int | None]]
+
+
+def decode(blob: bytes) -> list[tuple[str, tuple[str, ...], Rows]]:
     """[(table name, columns, rows)] of a chunk; rows are tuples of int or None."""
+    out: list[tuple[str, tuple[str, ...], Rows]] = []
+    for name, columns, n, flat in decode_flat(blob):
+        k = len(columns)
+        out.append((name, columns, [tuple(flat[i * k:(i + 1) * k]) for i in range(n)] if k else []))
+    return out
+
+
+def decode_flat(blob: bytes) -> list[Flat]:
+    """[(table name, columns, rows, values)] of a chunk, the values row after row in one list.
+
+    The form an INSERT of many rows at once binds (rawload), built by slice
+    assignment rather than a tuple per row.
+    """
     try:
         payload = zlib.decompress(blob)
     except (zlib.error, TypeError) as error:
@@ -40,13 +57,16 @@ def decode(blob: bytes) -> list[tuple[str, tuple[str, ...], list[tuple[int | Non
         specs = [(str(t["name"]), tuple(str(c) for c in t["columns"]), int(t["rows"])) for t in header["tables"]]
     except (ValueError, TypeError, KeyError) as error:
         raise ChunkError(f"damaged header ({error})") from None
-    tables: list[tuple[str, tuple[str, ...], list[tuple[int | None, ...]]]] = []
+    tables: list[Flat] = []
     for name, columns, n in specs:
-        values: list[list[int | None]] = []
-        for _ in columns:
+        k = len(columns)
+        if n < 0 or pos + k * (1 + 8 * n) > len(payload):
+            raise ChunkError("shorter than its header says")
+        flat: list[int | None] = [None] * (n * k)
+        for j in range(k):
             column, pos = _column(payload, pos, n)
-            values.append(column)
-        tables.append((name, columns, list(zip(*values)) if columns else []))
+            flat[j::k] = column
+        tables.append((name, columns, n if k else 0, flat))
     if pos != len(payload):
         raise ChunkError("length does not match its header")
     return tables
@@ -75,6 +95,16 @@ def _column(payload: bytes, pos: int, n: int) -> tuple[list[int | None], int]:
     if sys.byteorder == "big":
         raw.byteswap()
     values: list[int | None] = list(accumulate(raw)) if flags & FLAG_DELTA else list(raw)
-    if mask:
+    nulls = mask.count(1)
+    if mask and nulls + mask.count(0) != n:
+        raise ChunkError("damaged NULL mask")
+    if nulls == n:
+        values = [None] * n
+    elif nulls * 8 < n:  # a few: find them
+        i = mask.find(1)
+        while i >= 0:
+            values[i] = None
+            i = mask.find(1, i + 1)
+    elif nulls:
         values = [None if m else v for v, m in zip(values, mask)]
     return values, pos + 8 * n

@@ -354,6 +354,7 @@ def expand_chunks(path: str) -> None:
                 conn.executemany(f"INSERT INTO {t.name} ({', '.join(t.columns)}) "
                                  f"VALUES ({', '.join('?' * len(t.columns))})", t.rows)
         conn.execute("DELETE FROM raw_chunk")
+        conn.execute("DELETE FROM meta WHERE key = 'compact_next_tick'")
     conn.close()
 
 

@@ -69,27 +69,48 @@ def without_path(doc: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory) -> tuple[str, str]:
-    """30 hours of lab8 with a crash and a 40 min hole: as written, and compacted but for the last two hours."""
+    """30 hours of lab8 with a crash and a 40 min hole: as written, and compacted but for the last two hours.
+
+    (The collector keeps the last compact.HEAD_HOURS as rows; keeping two
+    here puts nearly every window of these tests on decoded chunks.)
+    """
     d = tmp_path_factory.mktemp("twins")
     plain = build_store_db(str(d / "plain.db"), "lab8", START, END, INTERVAL, hole_at_ms=START + 17 * HOUR + 1_234_567)
     packed = str(d / "packed.db")
     shutil.copy(plain, packed)
-    assert compact_all(packed, now_ms=END) == 28
+    assert compact_all(packed, now_ms=END, head_hours=2) == 28
     return plain, packed
 
 
-def test_compaction_leaves_the_last_two_hours_as_rows(twins):
-    plain, packed = twins
-    conn = sqlite3.connect(packed)
+def hours_of(path: str) -> tuple[set[int], set[int], list[int], int]:
+    """(hours with gpu_sample rows, hours with proc_sample rows, chunk hours in order, newest tick's hour)."""
+    conn = sqlite3.connect(path)
     newest_hour = conn.execute("SELECT max(ts_ms) FROM tick").fetchone()[0] // HOUR
     row_hours = {h for (h,) in conn.execute(
         "SELECT DISTINCT t.ts_ms / 3600000 FROM gpu_sample g JOIN tick t USING (tick_id)")}
     proc_hours = {h for (h,) in conn.execute(
         "SELECT DISTINCT t.ts_ms / 3600000 FROM proc_sample p JOIN tick t USING (tick_id)")}
     chunk_hours = [h for (h,) in conn.execute("SELECT hour FROM raw_chunk ORDER BY hour")]
-    assert row_hours == proc_hours == {newest_hour - 1, newest_hour}
+    conn.close()
+    return row_hours, proc_hours, chunk_hours, newest_hour
+
+
+def test_compaction_keeps_the_last_day_as_rows(twins, tmp_path):
+    db = str(tmp_path / "gua.db")
+    shutil.copy(twins[0], db)
+    assert compact_all(db, now_ms=END) == 30 - compact.HEAD_HOURS
+    rows, procs, chunks, newest = hours_of(db)
+    assert rows == procs == set(range(newest - compact.HEAD_HOURS + 1, newest + 1))
     # The 40 min hole ends inside an hour: every hour has its chunk, once.
-    assert chunk_hours == list(range(START // HOUR, newest_hour - 1))
+    assert chunks == list(range(START // HOUR, newest - compact.HEAD_HOURS + 1))
+
+
+def test_compacted_hours_hold_every_row_once(twins):
+    plain, packed = twins
+    rows, procs, chunks, newest = hours_of(packed)
+    assert rows == procs == {newest - 1, newest}
+    assert chunks == list(range(START // HOUR, newest - 1))
+    conn = sqlite3.connect(packed)
     rows_now = conn.execute("SELECT count(*) FROM gpu_sample").fetchone()[0]
     conn.close()
     before = sqlite3.connect(plain)
@@ -229,9 +250,9 @@ def test_a_damaged_chunk_is_a_corrupt_database_in_one_line(twins, tmp_path, dama
 
 
 def test_the_collector_compacts_as_it_runs(tmp_path):
-    """Through the real service loop: a day of lab8 at 10 s ticks; every GPU-tick is stored once."""
+    """Through the real service loop: two days of lab8 at 30 s ticks; every GPU-tick is stored once."""
     db = tmp_path / "gua.db"
-    r = run_collector("--db", str(db), "--backend", "simulate:lab8", "--interval", "10s", "--ticks", "8640",
+    r = run_collector("--db", str(db), "--backend", "simulate:lab8", "--interval", "30s", "--ticks", "5760",
                       "--start", "2026-01-01T00:00:00Z", timeout=120)
     assert r.returncode == 0, r.stderr
     conn = sqlite3.connect(db)
@@ -244,16 +265,48 @@ def test_the_collector_compacts_as_it_runs(tmp_path):
     from gua_collector import rawchunk
 
     in_chunks = sum(len(t.rows) for _, data in chunks for t in rawchunk.decode(data) if t.name == "gpu_sample")
-    assert rows + in_chunks == 8640 * 8
-    # Maintenance runs hourly: the oldest hour still rows is at most one more than the two kept.
-    assert newest_hour - 1 - compact.HEAD_HOURS + 1 <= oldest_row_hour <= newest_hour - 1
+    assert rows + in_chunks == 5760 * 8
+    # Maintenance runs hourly: at most one hour more than the day kept is still rows.
+    assert newest_hour - compact.HEAD_HOURS <= oldest_row_hour <= newest_hour - compact.HEAD_HOURS + 1
     assert [h for h, _ in chunks] == list(range(chunks[0][0], oldest_row_hour))
+    assert len(chunks) >= 23
     expanded = str(tmp_path / "expanded.db")
     shutil.copy(db, expanded)
     expand_chunks(expanded)
-    window = ("--since", "2026-01-01T00:00Z", "--until", "2026-01-01T23:59:50Z", "--active-threshold", "7.5")
+    window = ("--since", "2026-01-01T00:00Z", "--until", "2026-01-02T23:59:30Z", "--active-threshold", "7.5")
     a, b = report_json(str(db), *window), report_json(expanded, *window)
-    assert a["source"]["rollups"] == "none"  # 7.5 %: every hour read raw, most of them from chunks
+    assert a["source"]["rollups"] == "none"  # 7.5 %: every hour read raw, the first day from chunks
     assert without_path(a) == without_path(b)
     assert json.dumps(a).count("idle_held") > 0
-    assert used_pages(str(db)) < used_pages(expanded) / 2
+    assert used_pages(str(db)) < used_pages(expanded) * 0.7  # half the ticks are still rows (the day kept)
+
+
+def summed(rows: list[tuple], keys: int) -> dict:
+    out: dict = {}
+    for row in rows:
+        k, values = row[:keys], row[keys:]
+        old = out.get(k)
+        out[k] = values if old is None else tuple(
+            None if a is None and b is None else (a or 0) + (b or 0) for a, b in zip(old, values))
+    return out
+
+
+def test_a_long_raw_range_is_read_a_slice_at_a_time(twins, monkeypatch):
+    """Past rawload.MAX_LOADED_HOURS the temp tables hold one slice at a time; the sums are the same."""
+    from gua_report import query, rawload
+
+    plain, packed = twins
+    lo, hi = START + 1_234_567, END - 2 * HOUR - 999
+    results = []
+    for db, most in ((plain, rawload.MAX_LOADED_HOURS), (packed, rawload.MAX_LOADED_HOURS), (packed, 5)):
+        monkeypatch.setattr(rawload, "MAX_LOADED_HOURS", most)
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
+        conn.execute("BEGIN")
+        state = query.gpu_state_raw(conn, lo, hi, 75, 2_000_000_000, None, None)
+        ident = query.identity_raw(conn, lo, hi, 75, 2_000_000_000, None, False)
+        loaded = conn.execute("SELECT count(*) FROM temp.gua_loaded_hour").fetchone()[0] if db == packed else 0
+        conn.close()
+        results.append((summed(state, 2), summed(ident, 3)))
+        assert loaded <= max(most, 1) + 1
+    assert results[0] == results[1] == results[2]
+    assert len(results[0][0]) == 8 and len(results[0][1]) > 3  # per GPU (no heatmap cells); per holder

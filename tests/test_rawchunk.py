@@ -105,6 +105,8 @@ DAMAGED = {
     "unknown column flags": _payload({"tables": [{"name": "t", "columns": ["a"], "rows": 1}]}, b"\x08" + bytes(8)),
     "bytes after the last column": _payload({"tables": [{"name": "t", "columns": ["a"], "rows": 1}]}, b"\x02" + bytes(9)),
     "truncated": _good_blob()[:-7],
+    "NULL mask not 0 or 1": _payload({"tables": [{"name": "t", "columns": ["a"], "rows": 2}]},
+                                     b"\x03\x01\x02" + bytes(16)),
 }
 
 

@@ -113,7 +113,7 @@ def main() -> None:
         secs = build(path, args.days)
         print(f"built {args.days} d in {secs:.0f} s: {path}", file=sys.stderr, flush=True)
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    samples = conn.execute("SELECT count(*) FROM gpu_sample").fetchone()[0]
+    samples = conn.execute("SELECT count(*) FROM tick").fetchone()[0] * 8  # rows and compacted alike
     last = conn.execute("SELECT max(ts_ms) FROM tick").fetchone()[0]
     conn.close()
     until = last - END_BEFORE_LAST_MS

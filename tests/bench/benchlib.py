@@ -100,15 +100,24 @@ def print_interpreter_start(variants: dict[str, tuple[list[str], dict[str, str]]
 
 
 def write_batched(store: Any, ticks: Iterable[Any], batch: int = BATCH) -> None:
-    """Write `ticks` through the collector's Store, `batch` to a transaction."""
+    """Write `ticks` through the collector's Store, `batch` to a transaction.
+
+    After each batch, the collector's compaction of the hours it may compact
+    (schema 5), as the service runs it between ticks: the file then has the
+    size a collector's has, not that of rows written and compacted later.
+    """
     pending: list[Any] = []
     for tick in ticks:
         pending.append(tick)
         if len(pending) >= batch:
             store.write_ticks(pending)
             pending = []
+            while store.compact() is not None:
+                pass
     if pending:
         store.write_ticks(pending)
+    while store.compact() is not None:
+        pass
 
 
 def _tables(uri: str, create: bool = False) -> list[tuple[str, str]]:
