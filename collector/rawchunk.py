@@ -36,6 +36,9 @@ from itertools import accumulate
 MAGIC = b"GUA\x01"
 FLAG_NULLS = 1
 FLAG_DELTA = 2
+# No hour of rows comes near this (1 s ticks, 64 GPUs, 10 processes each:
+# ~200 MiB); a blob that unpacks to more is not the collector's.
+MAX_PAYLOAD = 1 << 30
 ZLIB_LEVEL = 6
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 _LEN = struct.Struct("<I")
@@ -67,7 +70,10 @@ def encode(tables: list[Table]) -> bytes:
             raise ChunkError(f"{t.name}: rows have {len(columns)} values, not {len(t.columns)}")
         for name, values in zip(t.columns, columns):
             parts.append(_encode_column(f"{t.name}.{name}", values))
-    return zlib.compress(b"".join(parts), ZLIB_LEVEL)
+    payload = b"".join(parts)
+    if len(payload) > MAX_PAYLOAD:
+        raise ChunkError(f"{len(payload) >> 20} MiB: larger than a chunk may be")
+    return zlib.compress(payload, ZLIB_LEVEL)
 
 
 def _encode_column(name: str, values: tuple[Value, ...]) -> bytes:
@@ -96,7 +102,12 @@ def _encode_column(name: str, values: tuple[Value, ...]) -> bytes:
 def decode(blob: bytes) -> list[Table]:
     """The tables of a chunk; ChunkError when it is damaged or not one."""
     try:
-        payload = zlib.decompress(blob)
+        inflate = zlib.decompressobj()
+        payload = inflate.decompress(blob, MAX_PAYLOAD)
+        if inflate.unconsumed_tail:
+            raise ChunkError(f"larger than {MAX_PAYLOAD >> 20} MiB unpacked")
+        if not inflate.eof or inflate.unused_data:
+            raise ChunkError("not a zlib stream (truncated, or bytes after its end)")
     except (zlib.error, TypeError) as error:
         raise ChunkError(f"not a zlib stream ({error})") from None
     if payload[:4] != MAGIC or len(payload) < 8:

@@ -715,15 +715,7 @@ def identity_clipped(
                               "sm_since": sm_since_ms, "cpu_busy": cpu_busy_pm}).fetchall()
 
 
-def gpu_hour_cover_raw(conn: sqlite3.Connection, h0: int, h1: int) -> list[tuple[int, int]]:
-    """(UTC hour, the largest per-GPU sum of tick durations) for hours [h0, h1), from raw rows.
-
-    The same number as max(total_ms) over hour_gpu (hour_cover_rollup) where
-    the hour is rolled up and its raw rows remain.
-    """
-    ensure(conn, h0 * HOUR_MS, h1 * HOUR_MS)
-    return conn.execute(
-        f"""
+_GPU_HOUR_COVER = f"""
         SELECT hour, max(ms)
         FROM (
             SELECT t.ts_ms / {HOUR_MS} AS hour, sum(t.duration_ms) AS ms
@@ -733,9 +725,17 @@ def gpu_hour_cover_raw(conn: sqlite3.Connection, h0: int, h1: int) -> list[tuple
             GROUP BY hour, g.gpu_id
         )
         GROUP BY hour
-        """,
-        {"lo": h0 * HOUR_MS, "hi": h1 * HOUR_MS},
-    ).fetchall()
+        """
+
+
+def gpu_hour_cover_raw(conn: sqlite3.Connection, h0: int, h1: int) -> list[tuple[int, int]]:
+    """(UTC hour, the largest per-GPU sum of tick durations) for hours [h0, h1), from raw rows.
+
+    The same number as max(total_ms) over hour_gpu (hour_cover_rollup) where
+    the hour is rolled up and its raw rows remain.
+    """
+    # Keyed by whole UTC hours: rawload's slices (on hour boundaries) split no key.
+    return _by_slices(conn, h0 * HOUR_MS, h1 * HOUR_MS, _GPU_HOUR_COVER, {})
 
 
 def hour_gpu_totals(conn: sqlite3.Connection, hours: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -812,19 +812,12 @@ def first_last_tick(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[int | N
 
 def last_status(conn: sqlite3.Connection, lo: int, hi: int) -> dict[int, int]:
     """gpu_id -> status in the last tick of the window (one tick, by index)."""
-    ensure(conn, lo, hi)
-    return dict(
-        conn.execute(
-            """
-            SELECT g.gpu_id, g.status
-            FROM gpu_sample AS g
-            WHERE g.tick_id = (SELECT tick_id FROM tick
-                               WHERE ts_ms >= ? AND ts_ms < ?
-                               ORDER BY ts_ms DESC LIMIT 1)
-            """,
-            (lo, hi),
-        ).fetchall()
-    )
+    last = conn.execute("SELECT tick_id, ts_ms FROM tick WHERE ts_ms >= ? AND ts_ms < ? ORDER BY ts_ms DESC LIMIT 1",
+                        (lo, hi)).fetchone()
+    if last is None:
+        return {}
+    ensure(conn, last[1], last[1] + 1)  # that tick's hour only, if compacted
+    return dict(conn.execute("SELECT gpu_id, status FROM gpu_sample WHERE tick_id = ?", (last[0],)).fetchall())
 
 
 # ---------------------------------------------------------------- runs and events

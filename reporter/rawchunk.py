@@ -18,6 +18,9 @@ from itertools import accumulate
 MAGIC = b"GUA\x01"
 FLAG_NULLS = 1
 FLAG_DELTA = 2
+# No hour of rows comes near this (1 s ticks, 64 GPUs, 10 processes each:
+# ~200 MiB); a blob that unpacks to more is not the collector's.
+MAX_PAYLOAD = 1 << 30
 _LEN = struct.Struct("<I")
 
 
@@ -45,7 +48,12 @@ def decode_flat(blob: bytes) -> list[Flat]:
     assignment rather than a tuple per row.
     """
     try:
-        payload = zlib.decompress(blob)
+        inflate = zlib.decompressobj()
+        payload = inflate.decompress(blob, MAX_PAYLOAD)
+        if inflate.unconsumed_tail:
+            raise ChunkError(f"larger than {MAX_PAYLOAD >> 20} MiB unpacked")
+        if not inflate.eof or inflate.unused_data:
+            raise ChunkError("not a zlib stream (truncated, or bytes after its end)")
     except (zlib.error, TypeError) as error:
         raise ChunkError(f"not a zlib stream ({error})") from None
     if payload[:4] != MAGIC or len(payload) < 8:

@@ -105,6 +105,7 @@ DAMAGED = {
     "unknown column flags": _payload({"tables": [{"name": "t", "columns": ["a"], "rows": 1}]}, b"\x08" + bytes(8)),
     "bytes after the last column": _payload({"tables": [{"name": "t", "columns": ["a"], "rows": 1}]}, b"\x02" + bytes(9)),
     "truncated": _good_blob()[:-7],
+    "bytes after the stream": _good_blob() + b"\x00",
     "NULL mask not 0 or 1": _payload({"tables": [{"name": "t", "columns": ["a"], "rows": 2}]},
                                      b"\x03\x01\x02" + bytes(16)),
 }
@@ -127,3 +128,15 @@ def test_every_flipped_byte_is_caught():
         bad[i] ^= 0x5A
         with pytest.raises(reader.ChunkError):
             reader.decode(bytes(bad))
+
+
+def test_a_blob_that_unpacks_too_large_is_refused_before_it_fills_memory(monkeypatch):
+    blob = _good_blob()
+    for module in (writer, reader):
+        monkeypatch.setattr(module, "MAX_PAYLOAD", 1000)
+    with pytest.raises(writer.ChunkError, match="larger than 0 MiB unpacked"):
+        writer.decode(blob)
+    with pytest.raises(reader.ChunkError, match="larger than 0 MiB unpacked"):
+        reader.decode(blob)
+    with pytest.raises(writer.ChunkError, match="larger than a chunk may be"):
+        writer.encode(random_tables(random.Random(99), 30, 2))
