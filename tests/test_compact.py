@@ -310,3 +310,22 @@ def test_a_long_raw_range_is_read_a_slice_at_a_time(twins, monkeypatch):
         assert loaded <= max(most, 1) + 1
     assert results[0] == results[1] == results[2]
     assert len(results[0][0]) == 8 and len(results[0][1]) > 3  # per GPU (no heatmap cells); per holder
+
+
+def test_a_backlog_of_rows_is_compacted_by_the_running_collector(twins, tmp_path):
+    """An upgraded database holds every hour as rows: the service compacts them between its next ticks."""
+    db = str(tmp_path / "gua.db")
+    shutil.copy(twins[0], db)
+    r = run_collector("--db", db, "--backend", "simulate:lab8", "--interval", "10s", "--ticks", "3", "--retention", "1000d",
+                      "--unit-retention", "1000d",
+                      timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows, procs, chunks, newest = hours_of(db)
+    # The run continued after the last stored tick (2024): the whole backlog is more than a day old.
+    assert chunks == list(range(START // HOUR, END // HOUR))
+    assert rows == procs == {newest}
+    window = (*WINDOWS["partial edges"], "--no-rollups", "--tz", "Australia/Adelaide")
+    a, b = report_json(twins[0], *window), report_json(db, *window)
+    for doc in (a, b):  # the new run's start and stop are later than the window, its gap is not
+        doc["data_quality"].pop("runs", None)
+    assert without_path(a) == without_path(b)
