@@ -114,7 +114,8 @@ def churn_year(days_per_step: int, interval_s: int, retention: str, unit_retenti
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ticks", type=int, default=8640, help="ticks per scenario (default: one day at 10 s)")
+    parser.add_argument("--ticks", type=int, default=60480,
+                        help="ticks per scenario (default: a week at 10 s, of which the last day stays rows)")
     parser.add_argument("--year", action="store_true", help="also a year of simulate:churn8 (minutes)")
     parser.add_argument("--step-days", type=int, default=30, help="with --year: days per collector run")
     parser.add_argument("--interval", type=int, default=60, help="with --year: tick interval in seconds")
