@@ -1,6 +1,6 @@
 """The compacted form of an hour's raw rows (schema 5): encode, and decode to check.
 
-An hour that is rolled up and more than an hour old is read again only by
+An hour that is rolled up and more than a day old is read again only by
 a report that needs raw rows (a window's partial edge hours, a threshold the
 histograms cannot answer). Its gpu_sample and proc_sample rows then move
 into one raw_chunk blob (compact.py): as rows, a GPU-tick costs ~55 B; as a

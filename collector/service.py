@@ -454,8 +454,9 @@ class Service:
             if step is None:
                 return True
             if step.kept:
-                hour = time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(step.hour * 3600))
-                self._log.warning(f"raw rows of the hour {hour} kept as rows, not compacted: {step.kept}")
+                hour = f"the hour {time.strftime('%Y-%m-%dT%H:00Z', time.gmtime(step.hour * 3600))}" \
+                    if step.hour >= 0 else "a tick"
+                self._log.warning(f"raw rows of {hour} kept as rows, not compacted: {step.kept}")
             if time.monotonic() >= deadline:
                 return False
 
