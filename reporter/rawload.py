@@ -31,7 +31,8 @@ LOADED = "gua_loaded_hour"  # the UTC hours whose rows the temp tables hold
 # Probes that fail with "no such table" on a schema 1-4 database (no
 # raw_chunk) and before the first load (no temp tables): no catalogue scan.
 Q_ANY_CHUNK_AT_ALL = "SELECT 1 FROM main.raw_chunk LIMIT 1"
-Q_TICK_SPAN = "SELECT min(ts_ms), max(ts_ms) FROM main.tick"  # both ends of tick_ts
+# Both ends of tick_ts, a seek each (min() and max() in one SELECT scan the index).
+Q_TICK_SPAN = "SELECT (SELECT min(ts_ms) FROM main.tick), (SELECT max(ts_ms) FROM main.tick)"
 # The clipped queries look back from a tick by its duration (query._CLIPPED_ROWS).
 Q_LONGEST_TICK = "SELECT max(duration_ms) FROM main.tick WHERE ts_ms >= ? AND ts_ms < ?"
 Q_ANY_CHUNK = "SELECT 1 FROM main.raw_chunk WHERE hour >= ? AND hour < ? LIMIT 1"  # raw_chunk_hour

@@ -329,3 +329,19 @@ def test_a_backlog_of_rows_is_compacted_by_the_running_collector(twins, tmp_path
     for doc in (a, b):  # the new run's start and stop are later than the window, its gap is not
         doc["data_quality"].pop("runs", None)
     assert without_path(a) == without_path(b)
+
+
+def test_the_loaders_probes_seek(twins):
+    """rawload runs before every raw query: its probes must seek, never walk tick_ts (3 M entries a year)."""
+    from gua_report import rawload
+
+    conn = sqlite3.connect(f"file:{twins[1]}?mode=ro", uri=True)
+    conn.execute(f"CREATE TEMP TABLE {rawload.LOADED} (hour INTEGER PRIMARY KEY)")
+    probes = {rawload.Q_TICK_SPAN: (), rawload.Q_LONGEST_TICK: (START, END), rawload.Q_ANY_CHUNK: (1, 2),
+              rawload.Q_LOADED: (1, 2), rawload.Q_CHUNKS: (1, 2)}
+    for sql, params in probes.items():
+        plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+        assert not [step for step in plan if step.startswith("SCAN") and "CONSTANT ROW" not in step], (sql, plan)
+    plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + rawload.Q_ANY_CHUNK_AT_ALL)]
+    assert len(plan) == 1 and plan[0].startswith("SCAN main.raw_chunk")  # LIMIT 1: the first entry only
+    conn.close()
