@@ -79,10 +79,12 @@ def per_gpu_tick(ticks: int) -> None:
             top = ", ".join(f"{n} {s / gpu_ticks:.1f}" for n, s in list(tables.items())[:6])
             head = sum(tables.get(t, 0) for t in ("gpu_sample", "proc_sample"))
             chunks = tables.get("raw_chunk", 0) + tables.get("raw_chunk_hour", 0)
-            # A compacted GPU-tick: its share of the chunks, plus everything but the rows kept as rows.
-            compacted = (all_in(db) - head - chunks) / gpu_ticks + chunks / max(gpu_chunked, 1)
+            # A compacted GPU-tick: its share of the chunks, plus everything but the rows kept as rows
+            # ("-": a run shorter than the day kept as rows compacts nothing).
+            compacted = (f"{(all_in(db) - head - chunks) / gpu_ticks + chunks / gpu_chunked:.1f}"
+                         if gpu_chunked else "-")
             print(f"{scenario:<9}{(proc_rows + proc_chunked) / gpu_ticks:>10.2f}{all_in(db) / gpu_ticks:>12.1f}"
-                  f"{head / gpu_ticks:>7.1f}{chunks / gpu_ticks:>8.1f}{compacted:>11.1f}  {top}")
+                  f"{head / gpu_ticks:>7.1f}{chunks / gpu_ticks:>8.1f}{compacted:>11}  {top}")
 
 
 def churn_year(days_per_step: int, interval_s: int, retention: str, unit_retention: str) -> None:
