@@ -15,7 +15,7 @@ import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from datetime import tzinfo
 
-from . import opendb, query
+from . import opendb, query, rawload
 from .errors import Exit, ReportError
 from .window import HOUR_MS, QUARTER_MS, Segment, WindowError, fmt_local, offset_segments
 
@@ -830,9 +830,19 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
             for lo, hi in subtract(((plan.h0 * HOUR_MS, raw_to * HOUR_MS),), plan.clip_ranges):
                 take(query.gpu_state_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids, segments, gpm),
                      totals=False, cells=True)
+    sm_since_ms = sm_recorded_since(meta, schema_version)
+    cpu_busy_pm = cpu_busy_rule(meta)
+    # The raw ranges' identity rows are read here, with their GPU states and
+    # a slice at a time: compacted hours (schema 5) are then decoded once
+    # for the three queries, not once per query (rawload.slices).
+    raw_identities: dict[bool, list[tuple]] = {False: [], True: []}
     for lo, hi in plan.raw_ranges:
-        take(query.gpu_state_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids, segments, gpm),
-             totals=True, cells=True)
+        for a, b in rawload.slices(conn, lo, hi):
+            take(query.gpu_state_raw(conn, a, b, opts.active_pm, opts.held_bytes, gpu_ids, segments, gpm),
+                 totals=True, cells=True)
+            for by_unit, rows in raw_identities.items():
+                rows += query.identity_raw(conn, a, b, opts.active_pm, opts.held_bytes, gpu_ids, by_unit,
+                                           sm_since_ms, cpu_busy_pm, schema_version >= 2, gpm)
     for lo, hi in plan.clip_ranges:
         take(query.gpu_state_clipped(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids, segments, gpm),
              totals=True, cells=True)
@@ -869,10 +879,8 @@ def _build(conn: sqlite3.Connection, db_path: str, schema_version: int, opts: Op
     # for rolled-up hours whose raw rows retention removed.
     heat_unplaced = headline.known_ms - sum(v[1] for v in heat.values())
 
-    sm_since_ms = sm_recorded_since(meta, schema_version)
-    cpu_busy_pm = cpu_busy_rule(meta)
     users, units = _identities(conn, plan, opts, gpu_ids, all_gpus, sm_since_ms, schema_version >= 2,
-                               cpu_busy_pm, gpm)
+                               cpu_busy_pm, raw_identities, gpm)
     first, last_ts = query.first_last_tick(conn, since, until)
     holes, holes_total = _holes(conn, plan, since, until, overlap.hours, cover)
     gap_rows = query.gap_events(conn, since, until, GAP_EVENTS_KEPT)
@@ -942,8 +950,10 @@ def sm_recorded_since(meta: dict[str, str], schema_version: int) -> int:
 
 def _identities(
     conn: sqlite3.Connection, plan: Plan, opts: Options, gpu_ids: list[int] | None, all_gpus: list[int],
-    sm_since_ms: int, has_sm_unknown: bool, cpu_busy_pm: int, gpm: query.Gpm | None = None,
+    sm_since_ms: int, has_sm_unknown: bool, cpu_busy_pm: int, raw_rows: dict[bool, list[tuple]],
+    gpm: query.Gpm | None = None,
 ) -> tuple[list[Identity], list[Identity]]:
+    """Users and units; raw_rows: query.identity_raw's rows of plan.raw_ranges by by_unit, read already."""
     names = query.accounts(conn)
     wanted = {u.strip() for u in opts.users}
 
@@ -964,9 +974,7 @@ def _identities(
         elif plan.h1 > plan.h0:
             parts.append(query.identity_rollup(conn, plan.h0, plan.h1, gpu_ids, by_unit,
                                                sm_since_ms, has_sm_unknown, plan.skip_hours, gpm))
-        for lo, hi in plan.raw_ranges:
-            parts.append(query.identity_raw(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids,
-                                            by_unit, sm_since_ms, cpu_busy_pm, has_sm_unknown, gpm))
+        parts.append(raw_rows[by_unit])
         for lo, hi in plan.clip_ranges:
             parts.append(query.identity_clipped(conn, lo, hi, opts.active_pm, opts.held_bytes, gpu_ids,
                                                 by_unit, sm_since_ms, cpu_busy_pm, has_sm_unknown, gpm))

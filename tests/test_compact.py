@@ -345,3 +345,29 @@ def test_the_loaders_probes_seek(twins):
     plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + rawload.Q_ANY_CHUNK_AT_ALL)]
     assert len(plan) == 1 and plan[0].startswith("SCAN main.raw_chunk")  # LIMIT 1: the first entry only
     conn.close()
+
+
+def test_a_long_raw_report_decodes_each_hour_once_a_slice_at_a_time(twins, monkeypatch, capsys):
+    """A report read raw (7.5 %) in 5-hour slices: the same JSON, each chunk decoded once for its three queries."""
+    from gua_report import cli, rawchunk, rawload
+
+    decoded: list[int] = []
+    real = rawchunk.decode_flat
+
+    def counting(blob: bytes):
+        decoded.append(len(blob))
+        return real(blob)
+
+    argv = ["--db", twins[1], *WINDOWS["partial edges"], "--active-threshold", "7.5", "--tz", "UTC", "--format", "json"]
+    docs = []
+    for most in (rawload.MAX_LOADED_HOURS, 5):
+        monkeypatch.setattr(rawload, "MAX_LOADED_HOURS", most)
+        monkeypatch.setattr(rawchunk, "decode_flat", counting)
+        decoded.clear()
+        assert cli.run(argv) == 0
+        docs.append(json.loads(capsys.readouterr().out))
+        # 22 hours in the window, a chunk each; slices of 5 hours put the window's
+        # edge hours and the hole's in a second slice at most once more.
+        assert 22 <= len(decoded) <= 22 + 5, (most, len(decoded))
+    assert docs[0]["source"]["rollups"] == "none"
+    assert without_path(docs[0]) == without_path(docs[1]) == without_path(report_json(twins[0], *argv[2:-2]))
