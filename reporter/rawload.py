@@ -58,10 +58,11 @@ def slices(conn: sqlite3.Connection, lo: int, hi: int) -> Iterator[tuple[int, in
     """[lo, hi) in parts of at most MAX_LOADED_HOURS when it reaches compacted hours, else whole.
 
     For the queries whose rows add up over any split of the range (query.py's
-    _state_raw and identity_raw): the rows loaded for one part are dropped
-    before the next, so a year read raw holds a month in temp tables, not a
-    year (~2 GB). A range of a month or less stays loaded for the queries
-    after it.
+    _state_raw and identity_raw; classify runs its three over each part in
+    turn, so each hour is decoded once): the rows loaded for one part are
+    dropped before the next, so a year read raw holds a month in temp
+    tables, not a year (~2 GB). A range of a month or less stays loaded for
+    the queries after it.
     """
     if hi - lo <= MAX_LOADED_HOURS * HOUR_MS or _absent(conn, Q_ANY_CHUNK, (lo // HOUR_MS, -(-hi // HOUR_MS))):
         yield lo, hi
