@@ -20,7 +20,7 @@ import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import schema
+from . import compact, schema
 from .backend import Backend, BackendInitError, Cursor, DeviceError
 from .procinfo import proc_hidden
 
@@ -238,7 +238,7 @@ def _user_name(uid: int) -> str:
 def _contents(path: str, interval_ms: int, now_ms: int, host: Host) -> list[Finding]:
     held = _held_by_collector(path)
     try:
-        version, application, last_ms = _read_facts(path)
+        version, application, last_ms, oldest_row_ms = _read_facts(path)
     except PermissionError:
         return [Finding(WARN, "schema", "cannot read the database",
                         f"run as root or as a member of the {host.service_user} group")]
@@ -258,7 +258,18 @@ def _contents(path: str, interval_ms: int, now_ms: int, host: Host) -> list[Find
     else:
         out.append(Finding(OK, "schema", f"version {version}"))
     out.append(_writer(held, last_ms, interval_ms, now_ms))
+    if oldest_row_ms is not None and last_ms is not None:
+        out.append(_compaction(oldest_row_ms, last_ms))
     return out
+
+
+def _compaction(oldest_row_ms: int, last_ms: int) -> Finding:
+    """Schema 5: how many hours of raw rows wait to be compacted (an upgraded database's backlog)."""
+    waiting = last_ms // compact.HOUR_MS - compact.HEAD_HOURS - oldest_row_ms // compact.HOUR_MS + 1
+    if waiting <= 0:
+        return Finding(OK, "raw rows", f"compacted once a day old; the last {compact.HEAD_HOURS} h are rows")
+    return Finding(OK, "raw rows", f"{waiting} h older than a day not compacted yet: the running collector "
+                                   "compacts them between ticks, oldest first")
 
 
 def _held_by_collector(path: str) -> bool | None:
@@ -279,8 +290,17 @@ def _held_by_collector(path: str) -> bool | None:
     return False
 
 
-def _read_facts(path: str) -> tuple[int, str | None, int | None]:
-    """(user_version, meta application, newest tick ms), read-only."""
+# The tick of the oldest row compaction has not passed yet: primary-key seeks.
+Q_OLDEST_UNCOMPACTED = """
+SELECT ts_ms FROM tick
+WHERE tick_id = (SELECT min(tick_id) FROM gpu_sample
+                 WHERE tick_id >= coalesce((SELECT CAST(value AS INTEGER) FROM meta
+                                            WHERE key = 'compact_next_tick'), 0))
+"""
+
+
+def _read_facts(path: str) -> tuple[int, str | None, int | None, int | None]:
+    """(user_version, meta application, newest tick ms, schema 5: the oldest tick left to compact), read-only."""
     if not os.access(path, os.R_OK):
         raise PermissionError(errno.EACCES, "permission denied", path)
     uri = f"file:{path}?mode=ro"
@@ -297,10 +317,12 @@ def _read_facts(path: str) -> tuple[int, str | None, int | None]:
             application = row[0] if row else None
         elif tables:
             application = ""
-        last = None
+        last = oldest = None
         if "tick" in tables:
             last = conn.execute("SELECT max(ts_ms) FROM tick").fetchone()[0]
-        return version, application, last
+        if "raw_chunk" in tables and application == schema.APPLICATION:
+            oldest = conn.execute(Q_OLDEST_UNCOMPACTED).fetchone()[0]
+        return version, application, last, oldest
     finally:
         conn.close()
 

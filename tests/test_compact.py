@@ -371,3 +371,25 @@ def test_a_long_raw_report_decodes_each_hour_once_a_slice_at_a_time(twins, monke
         assert 22 <= len(decoded) <= 22 + 5, (most, len(decoded))
     assert docs[0]["source"]["rollups"] == "none"
     assert without_path(docs[0]) == without_path(docs[1]) == without_path(report_json(twins[0], *argv[2:-2]))
+
+
+def test_check_says_how_many_hours_wait_to_be_compacted(twins, tmp_path):
+    """gua-collector --check on an upgraded database: the backlog in hours, then that it is done."""
+    from gua_collector import check
+    from gua_collector.clock import RealClock
+    from gua_collector.simulate import SimBackend
+
+    db = str(tmp_path / "gua.db")
+    shutil.copy(twins[0], db)
+    host = check.Host(proc_root="/proc", clock_synchronised=lambda: True, service_user="root")
+
+    def line() -> check.Finding:
+        found = check.run_checks(db, 60_000, "", SimBackend("lab8", RealClock()), END, host)
+        return next(f for f in found if f.subject == "raw rows")
+
+    waiting = line()
+    assert waiting.level == check.OK
+    assert waiting.detail.startswith(f"{30 - compact.HEAD_HOURS} h older than a day not compacted yet")
+    compact_all(db, now_ms=END)
+    done = line()
+    assert done.level == check.OK and done.detail.startswith("compacted once a day old")
