@@ -265,7 +265,7 @@ def _contents(path: str, interval_ms: int, now_ms: int, host: Host) -> list[Find
 
 def _compaction(oldest_row_ms: int, last_ms: int) -> Finding:
     """Schema 5: how many hours of raw rows wait to be compacted (an upgraded database's backlog)."""
-    waiting = last_ms // compact.HOUR_MS - compact.HEAD_HOURS - oldest_row_ms // compact.HOUR_MS + 1
+    waiting = compact.last_compactable_hour(last_ms) - oldest_row_ms // compact.HOUR_MS + 1
     if waiting <= 0:
         return Finding(OK, "raw rows", f"compacted once a day old; the last {compact.HEAD_HOURS} h are rows")
     return Finding(OK, "raw rows", f"{waiting} h older than a day not compacted yet: the running collector "
@@ -290,15 +290,6 @@ def _held_by_collector(path: str) -> bool | None:
     return False
 
 
-# The tick of the oldest row compaction has not passed yet: primary-key seeks.
-Q_OLDEST_UNCOMPACTED = """
-SELECT ts_ms FROM tick
-WHERE tick_id = (SELECT min(tick_id) FROM gpu_sample
-                 WHERE tick_id >= coalesce((SELECT CAST(value AS INTEGER) FROM meta
-                                            WHERE key = 'compact_next_tick'), 0))
-"""
-
-
 def _read_facts(path: str) -> tuple[int, str | None, int | None, int | None]:
     """(user_version, meta application, newest tick ms, schema 5: the oldest tick left to compact), read-only."""
     if not os.access(path, os.R_OK):
@@ -321,7 +312,8 @@ def _read_facts(path: str) -> tuple[int, str | None, int | None, int | None]:
         if "tick" in tables:
             last = conn.execute("SELECT max(ts_ms) FROM tick").fetchone()[0]
         if "raw_chunk" in tables and application == schema.APPLICATION:
-            oldest = conn.execute(Q_OLDEST_UNCOMPACTED).fetchone()[0]
+            left = compact.oldest_left(conn)  # the collector's own walk, read-only
+            oldest = None if left is None else left[1]
         return version, application, last, oldest
     finally:
         conn.close()

@@ -15,8 +15,8 @@ import sqlite3
 from dataclasses import dataclass
 
 from . import rawchunk
+from .rollup import HOUR_MS, UPSERT_META, read_meta
 
-HOUR_MS = 3_600_000
 # The last day stays rows (see the docstring): on a 90-day database about 1 %
 # of the ticks, ~0.6 B more per GPU-tick than compacting all but the last hour.
 HEAD_HOURS = 24
@@ -34,9 +34,6 @@ SELECT min(tick_id) FROM (
 SELECT_TICK_TS = "SELECT ts_ms FROM tick WHERE tick_id = ?"
 SELECT_NEWEST_TS = "SELECT max(ts_ms) FROM tick"
 SELECT_HOUR_TICKS = "SELECT tick_id FROM tick WHERE ts_ms >= ? AND ts_ms < ? ORDER BY tick_id"
-SELECT_META = "SELECT value FROM meta WHERE key = ?"
-UPSERT_META = ("INSERT INTO meta (key, value) VALUES (?, ?) "
-               "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
 # Rows in primary-key order, the order they read back in.
 SELECT_ROWS = {
     "gpu_sample": "SELECT {columns} FROM gpu_sample WHERE tick_id IN (SELECT value FROM json_each(?)) "
@@ -44,6 +41,7 @@ SELECT_ROWS = {
     "proc_sample": "SELECT {columns} FROM proc_sample WHERE tick_id IN (SELECT value FROM json_each(?)) "
                    "ORDER BY tick_id, gpu_id, proc_id",
 }
+# A JSON list of tick_ids' rows, fact tables by primary key (retention's too: store.DELETE_PRUNE).
 DELETE_ROWS = (
     "DELETE FROM proc_sample WHERE tick_id IN (SELECT value FROM json_each(?))",
     "DELETE FROM gpu_sample WHERE tick_id IN (SELECT value FROM json_each(?))",
@@ -64,23 +62,37 @@ class Compacted:
     kept: str = ""
 
 
+def last_compactable_hour(newest_ms: int, head_hours: int = HEAD_HOURS) -> int:
+    """The newest UTC hour that may be compacted (once rolled up) when the newest tick is at newest_ms."""
+    return newest_ms // HOUR_MS - head_hours
+
+
+def oldest_left(conn: sqlite3.Connection) -> tuple[int, int | None] | None:
+    """(tick_id, its ts_ms; None without a tick row) of the oldest row compaction has not passed; None: none."""
+    start = int(read_meta(conn, "compact_next_tick") or 0)
+    oldest = conn.execute(SELECT_OLDEST_LEFT, {"from": start}).fetchone()[0]
+    if oldest is None:
+        return None
+    ts = conn.execute(SELECT_TICK_TS, (oldest,)).fetchone()
+    return oldest, None if ts is None else ts[0]
+
+
 def compact_oldest(conn: sqlite3.Connection, head_hours: int = HEAD_HOURS) -> Compacted | None:
     """Compact the oldest hour that may be; None when none may. Runs in the caller's transaction.
 
     head_hours: how many hours up to the newest tick's stay rows (tests compact all with 0).
     """
-    start = int(_meta(conn, "compact_next_tick") or 0)
-    oldest = conn.execute(SELECT_OLDEST_LEFT, {"from": start}).fetchone()[0]
-    rolled = _meta(conn, "rollup_next_hour")
+    left = oldest_left(conn)
+    rolled = read_meta(conn, "rollup_next_hour")
     newest = conn.execute(SELECT_NEWEST_TS).fetchone()[0]
-    if oldest is None or rolled is None or newest is None:
+    if left is None or rolled is None or newest is None:
         return None
-    ts = conn.execute(SELECT_TICK_TS, (oldest,)).fetchone()
+    oldest, ts = left
     if ts is None:  # rows without a tick: nothing reads them; leave them to retention
         _set_meta(conn, "compact_next_tick", oldest + 1)
         return Compacted(-1, 0, "rows without a tick row")
-    hour = ts[0] // HOUR_MS
-    if hour >= int(rolled) or hour > newest // HOUR_MS - head_hours:
+    hour = ts // HOUR_MS
+    if hour >= int(rolled) or hour > last_compactable_hour(newest, head_hours):
         return None
     ticks = [row[0] for row in conn.execute(SELECT_HOUR_TICKS, (hour * HOUR_MS, (hour + 1) * HOUR_MS))]
     ids = "[" + ",".join(map(str, ticks)) + "]"
@@ -104,11 +116,6 @@ def compact_oldest(conn: sqlite3.Connection, head_hours: int = HEAD_HOURS) -> Co
 
 def _columns(conn: sqlite3.Connection, table: str) -> tuple[str, ...]:
     return tuple(row[1] for row in conn.execute(f"PRAGMA table_info({table})"))
-
-
-def _meta(conn: sqlite3.Connection, key: str) -> str | None:
-    row = conn.execute(SELECT_META, (key,)).fetchone()
-    return None if row is None else str(row[0])
 
 
 def _set_meta(conn: sqlite3.Connection, key: str, value: int) -> None:

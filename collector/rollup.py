@@ -332,7 +332,7 @@ class Rollups:
         self._conn.execute(UPSERT_META, (key, value))
 
     def _load(self) -> None:
-        next_hour = _meta(self._conn, "rollup_next_hour")
+        next_hour = read_meta(self._conn, "rollup_next_hour")
         self._next = int(next_hour) if next_hour is not None else None
         self._thresholds = thresholds(self._conn)
         self._loaded = True
@@ -394,9 +394,9 @@ def _backfill(conn: sqlite3.Connection, statements: tuple[str, ...], since_key: 
     # them all. (Only a wall clock set back between two prunes could make the
     # meta value smaller than an earlier cut; the hour above it would then get
     # too small an sm_unknown_ms, and still never a changed held_ms.)
-    pruned = _meta(conn, "raw_pruned_before_ms")
+    pruned = read_meta(conn, "raw_pruned_before_ms")
     first = -(-int(pruned) // HOUR_MS) if pruned else 0
-    next_hour = _meta(conn, "rollup_next_hour")
+    next_hour = read_meta(conn, "rollup_next_hour")
     if next_hour is not None and int(next_hour) > first:
         params = {"lo": first * HOUR_MS, "hi": int(next_hour) * HOUR_MS, **thresholds(conn)}
         for statement in statements:
@@ -404,7 +404,8 @@ def _backfill(conn: sqlite3.Connection, statements: tuple[str, ...], since_key: 
     conn.execute(UPSERT_META, (since_key, str(first)))
 
 
-def _meta(conn: sqlite3.Connection, key: str) -> str | None:
+def read_meta(conn: sqlite3.Connection, key: str) -> str | None:
+    """A meta value; None when the key is absent."""
     row = conn.execute(SELECT_META, (key,)).fetchone()
     return None if row is None else str(row[0])
 
@@ -412,7 +413,7 @@ def _meta(conn: sqlite3.Connection, key: str) -> str | None:
 def thresholds(conn: sqlite3.Connection) -> dict[str, int]:
     """The rollups' classification parameters (:active permille, :held bytes, :cpu_busy permille)."""
     return {
-        "active": int(_meta(conn, "rollup_active_permille") or schema.ROLLUP_ACTIVE_PERMILLE),
-        "held": int(_meta(conn, "rollup_held_bytes") or schema.ROLLUP_HELD_BYTES),
-        "cpu_busy": int(_meta(conn, "rollup_cpu_busy_permille") or schema.ROLLUP_CPU_BUSY_PERMILLE),
+        "active": int(read_meta(conn, "rollup_active_permille") or schema.ROLLUP_ACTIVE_PERMILLE),
+        "held": int(read_meta(conn, "rollup_held_bytes") or schema.ROLLUP_HELD_BYTES),
+        "cpu_busy": int(read_meta(conn, "rollup_cpu_busy_permille") or schema.ROLLUP_CPU_BUSY_PERMILLE),
     }

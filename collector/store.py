@@ -1,7 +1,8 @@
 """The collector's only writer to SQLite: open safely, write ticks, roll up, compact, prune.
 
-All of the collector's data-changing SQL is in this module; the DDL is in
-schema.py. Every write is one short transaction: nothing is held across a
+The collector's data-changing SQL is here, beside the statements of the two
+jobs it runs in its transactions: rollup.py (hourly rollups) and compact.py
+(compacting old raw hours); the DDL is in schema.py. Every write is one short transaction: nothing is held across a
 sleep, so readers and the WAL checkpointer are never starved.
 """
 
@@ -94,8 +95,7 @@ LIMIT 1
 # with tick_id, so each DELETE is a handful of index range seeks.
 SELECT_PRUNE_BATCH = "SELECT tick_id FROM tick WHERE ts_ms < ? ORDER BY ts_ms LIMIT ?"
 DELETE_PRUNE = (
-    "DELETE FROM proc_sample WHERE tick_id IN (SELECT value FROM json_each(?))",
-    "DELETE FROM gpu_sample WHERE tick_id IN (SELECT value FROM json_each(?))",
+    *compact.DELETE_ROWS,
     "DELETE FROM tick WHERE tick_id IN (SELECT value FROM json_each(?))",
 )
 # proc_gpu_state keeps a (GPU, process) while it was seen after :before (the
