@@ -19,26 +19,31 @@ def parse_cgroup_file(text: str) -> str:
     return paths.shown if paths is not None else ""
 
 
+def _stat_fields(text: str) -> list[str]:
+    """The fields after comm (field 3 on), split: comm itself may hold spaces and parentheses."""
+    return text[text.rindex(")") + 2 :].split()
+
+
 def parse_stat_starttime(text: str) -> int:
     """Field 22 of /proc/PID/stat (clock ticks after boot); comm may hold spaces and ')'."""
-    rest = text[text.rindex(")") + 2 :].split()
-    return int(rest[19])
+    return int(_stat_fields(text)[19])
+
+
+def _cpu_with_reaped(rest: list[str]) -> int:
+    """utime + stime + cutime + cstime (fields 14-17, clock ticks): a process's CPU with its reaped children's."""
+    return int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])
 
 
 def parse_stat_usage(text: str) -> tuple[int, int, int]:
-    """(utime + stime + cutime + cstime in clock ticks, rss in pages, starttime in ticks): fields 14-17, 24, 22.
-
-    The CPU is the process's with the children it has reaped (parse_stat_tree_cpu's).
-    """
-    rest = text[text.rindex(")") + 2 :].split()
-    return int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14]), int(rest[21]), int(rest[19])
+    """(CPU with reaped children in clock ticks, rss in pages, starttime in ticks): fields 14-17, 24, 22."""
+    rest = _stat_fields(text)
+    return _cpu_with_reaped(rest), int(rest[21]), int(rest[19])
 
 
 def parse_stat_tree_cpu(text: str) -> tuple[int, int]:
-    """(utime + stime + cutime + cstime, ppid): fields 14-17 in clock ticks, a process's CPU with its
-    reaped children's, and field 4."""
-    rest = text[text.rindex(")") + 2 :].split()
-    return int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14]), int(rest[1])
+    """(CPU with reaped children in clock ticks, ppid): fields 14-17 and 4."""
+    rest = _stat_fields(text)
+    return _cpu_with_reaped(rest), int(rest[1])
 
 
 def parse_host_cpu(stat_text: str) -> tuple[int, int] | None:
