@@ -393,3 +393,43 @@ def test_check_says_how_many_hours_wait_to_be_compacted(twins, tmp_path):
     compact_all(db, now_ms=END)
     done = line()
     assert done.level == check.OK and done.detail.startswith("compacted once a day old")
+
+
+def test_a_chunk_naming_a_hostile_table_is_reported_escaped(twins, tmp_path):
+    """The error quotes a name from the blob's header: terminal controls in it reach stderr escaped."""
+    import zlib
+
+    from gua_collector import rawchunk as writer
+
+    db = str(tmp_path / "gua.db")
+    shutil.copy(twins[1], db)
+    head = json.dumps({"tables": [{"name": "gpu_sample\x1b[2J\x1b]0;owned\x07", "columns": ["tick_id"], "rows": 0}]})
+    blob = zlib.compress(writer.MAGIC + len(head).to_bytes(4, "little") + head.encode() + b"\x02")
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE raw_chunk SET data = ? WHERE hour = ?", (blob, START // HOUR + 3))
+    conn.commit()
+    conn.close()
+    r = run_report("--db", db, "--since", "2024-04-05T15:10Z", "--until", "2024-04-05T15:50Z")
+    assert r.returncode == 7, r.stderr
+    assert "rows of an unknown table or column" in r.stderr
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_write_failing_inside_compaction_loses_nothing_and_the_collector_goes_on(twins, tmp_path):
+    """A full disk (here a trigger failing the row deletes) rolls the whole step back; ticks keep being written."""
+    db = str(tmp_path / "gua.db")
+    shutil.copy(twins[0], db)
+    conn = sqlite3.connect(db)
+    rows_before = conn.execute("SELECT count(*) FROM gpu_sample").fetchone()[0]
+    conn.execute("CREATE TRIGGER full BEFORE DELETE ON gpu_sample BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END")
+    conn.commit()
+    conn.close()
+    r = run_collector("--db", db, "--backend", "simulate:lab8", "--interval", "10s", "--ticks", "3", "--retention",
+                      "1000d", "--unit-retention", "1000d", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "compacting raw rows failed: database or disk is full" in r.stderr
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT count(*) FROM raw_chunk").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM gpu_sample").fetchone()[0] == rows_before + 3 * 8
+    assert conn.execute("SELECT value FROM meta WHERE key = 'compact_next_tick'").fetchone() is None
+    conn.close()
